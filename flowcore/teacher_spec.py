@@ -1,0 +1,74 @@
+"""Teacher SPEC strings -> Teacher objects (local files only; URLs are fetched by the callers).
+
+    gmm:ring2d | gmm:latent10         built-in analytic GMM presets
+    gmm:/path/spec.json               a GMM from a JSON spec (see flowcore.gmm.GMMSpec)
+    flownet:/path/net.safetensors     a small flow net saved by flowcore.flownets.save_flow_net
+    diffusers:/path/model[:subfolder] a diffusers flow-matching transformer from a local folder
+
+``pipeline`` and ``trajflow`` resolve remote URLs (s3://, gs://, ...) to a local cached copy
+before calling ``build_teacher``: flowcore stays free of object-storage code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+KINDS = ("gmm", "flownet", "diffusers")
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """A parsed teacher SPEC: ``kind`` in KINDS, ``target`` (preset name, path or URL), optional ``variant``."""
+
+    kind: str
+    target: str
+    variant: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.target}" + (f":{self.variant}" if self.variant else "")
+
+
+def parse_teacher_spec(spec: str) -> TeacherSpec:
+    """Parse 'kind:target[:variant]' with errors that show the accepted forms."""
+    help_ = "expected gmm:ring2d, gmm:latent10, gmm:FILE.json, flownet:FILE.safetensors or diffusers:PATH[:subfolder]"
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ValueError(f"bad teacher spec {spec!r}: {help_}")
+    kind, rest = spec.split(":", 1)
+    if kind not in KINDS:
+        raise ValueError(f"unknown teacher kind {kind!r} in {spec!r}: {help_}")
+    if not rest:
+        raise ValueError(f"teacher spec {spec!r} names no preset or path: {help_}")
+    variant = None
+    if kind == "diffusers":
+        # 'diffusers:/path:transformer' or 'diffusers:s3://bucket/model:transformer'
+        head, sep, tail = rest.rpartition(":")
+        if sep and tail and "/" not in tail and not head.endswith(("s3", "gs", "gcs", "file", "memory")):
+            rest, variant = head, tail
+    return TeacherSpec(kind, rest, variant)
+
+
+def build_teacher(spec: str | TeacherSpec, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Build a Teacher from a SPEC whose target is a preset or a LOCAL path."""
+    s = parse_teacher_spec(spec) if isinstance(spec, str) else spec
+    if s.kind == "gmm":
+        from flowcore.gmm import PRESETS, GMMSpec, GMMTeacher, load_preset
+
+        gspec = load_preset(s.target) if s.target in PRESETS else GMMSpec.load(s.target)
+        return GMMTeacher(gspec, device=device)
+    if s.kind == "flownet":
+        from pathlib import Path
+
+        from flowcore.flownets import FlowNetTeacher, load_flow_net
+
+        net, _ = load_flow_net(s.target, device=device)
+        if dtype is not None:
+            net = net.to(dtype)
+        return FlowNetTeacher(net, name=Path(s.target).stem)
+    from flowcore.diffusers_teacher import DiffusersFlowTeacher
+
+    kwargs = {"subfolder": s.variant or "transformer"}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    return DiffusersFlowTeacher.from_pretrained(s.target, **kwargs).to(device)
