@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from flowcore.flownets import FlowNet, FlowNetConfig, FlowNetTeacher, fit_flow_net, load_flow_net, save_flow_net
+from flowcore.flownets import (
+    FlowNet,
+    FlowNetConfig,
+    FlowNetTeacher,
+    fit_flow_net,
+    load_flow_net,
+    save_flow_net,
+)
 from flowcore.gmm import GMMTeacher, load_preset
 from flowcore.schedules import shifted_sigmas
 from flowcore.solvers import seeded_noise, solve_teacher

@@ -1,0 +1,465 @@
+"""A diffusers SD3-class transformer as a trajflow Teacher.
+
+diffusers' ``SD3Transformer2DModel`` (SD3, SD3.5) predicts exactly trajflow's velocity
+v = eps - x0 at x_sigma = (1 - sigma) x0 + sigma eps when called with ``timestep = sigma * 1000``
+(``num_train_timesteps``), so the adapter is a thin, exact wrapper:
+
+    teacher = DiffusersFlowTeacher.from_pretrained("/models/sd3", torch_dtype=torch.bfloat16)
+    v_BCHW = teacher.velocity(x_BCHW, sigma_B, PromptCondition(embeds, pooled, neg, neg_pooled), 7.0)
+
+Classifier-free guidance is evaluated as diffusers' ``StableDiffusion3Pipeline`` does it: one
+batched call of size 2B with the *negative* (unconditional) half first, then
+``v_u + w (v_c - v_u)`` in the transformer's output dtype. The unconditional half is skipped
+when every guidance weight is exactly 1; rows with w == 1 in a mixed batch return the
+conditional velocity exactly.
+
+Prompts are encoded outside flowcore (text encoders are large and belong to whoever builds the
+prompt set); the teacher consumes ``PromptCondition`` embeddings. Only local paths are loaded
+(``local_files_only=True``): flowcore never downloads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from flowcore.guidance import combine_cfg
+from flowcore.teacher import as_guidance_batch, as_sigma_batch, fingerprint_of
+
+__all__ = [
+    "PromptCondition",
+    "DiffusersFlowTeacher",
+    "tiny_sd3_transformer",
+    "random_prompt_condition",
+    "TINY_SD3_CONFIG",
+]
+
+#: the tiny SD3 transformer used by tests and demos (random weights, ~30k parameters)
+TINY_SD3_CONFIG: dict[str, Any] = {
+    "sample_size": 8,
+    "patch_size": 2,
+    "in_channels": 4,
+    "num_layers": 2,
+    "attention_head_dim": 8,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "caption_projection_dim": 16,  # must equal num_attention_heads * attention_head_dim
+    "pooled_projection_dim": 16,
+    "out_channels": 4,
+    "pos_embed_max_size": 16,  # in patches: latents up to 32x32 with patch_size 2
+}
+
+
+def _select(t: torch.Tensor, sel) -> torch.Tensor:
+    if isinstance(sel, int):
+        sel = slice(sel, sel + 1 if sel != -1 else None)
+    if isinstance(sel, (list, tuple)):
+        sel = torch.as_tensor(sel, dtype=torch.long)
+    if isinstance(sel, torch.Tensor):
+        sel = sel.to(t.device)
+    return t[sel]
+
+
+@dataclass
+class PromptCondition:
+    """A batch of SD3-style prompt embeddings.
+
+    prompt_embeds: [B, L, D] (joint text embeddings: CLIP-L/G padded + T5, concatenated on L);
+    pooled_prompt_embeds: [B, P] (pooled CLIP-L + CLIP-G).
+    negative_prompt_embeds / negative_pooled_prompt_embeds: optional unconditional (negative-prompt)
+    embeddings for CFG, either per row ([B, L, D] / [B, P]) or shared ([1, L, D] / [1, P]);
+    both or neither. ``L`` and ``D`` must match the positive embeddings (one batched 2B call).
+    """
+
+    prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None = None
+    negative_pooled_prompt_embeds: torch.Tensor | None = None
+
+    def __post_init__(self):
+        pe, pp = self.prompt_embeds, self.pooled_prompt_embeds
+        if pe.ndim != 3:
+            raise ValueError(f"prompt_embeds must be [B, L, D], got shape {tuple(pe.shape)}")
+        if pp.ndim != 2:
+            raise ValueError(f"pooled_prompt_embeds must be [B, P], got shape {tuple(pp.shape)}")
+        if pp.shape[0] != pe.shape[0]:
+            raise ValueError(
+                f"prompt_embeds and pooled_prompt_embeds disagree on the batch: {pe.shape[0]} vs {pp.shape[0]}"
+            )
+        ne, npool = self.negative_prompt_embeds, self.negative_pooled_prompt_embeds
+        if (ne is None) != (npool is None):
+            raise ValueError("give both negative_prompt_embeds and negative_pooled_prompt_embeds, or neither")
+        if ne is not None:
+            if ne.ndim != 3 or ne.shape[1:] != pe.shape[1:]:
+                raise ValueError(
+                    f"negative_prompt_embeds must be [B or 1, {pe.shape[1]}, {pe.shape[2]}] like prompt_embeds, "
+                    f"got {tuple(ne.shape)}"
+                )
+            if npool.ndim != 2 or npool.shape[1:] != pp.shape[1:]:
+                raise ValueError(
+                    f"negative_pooled_prompt_embeds must be [B or 1, {pp.shape[1]}], got {tuple(npool.shape)}"
+                )
+            for name, t in (("negative_prompt_embeds", ne), ("negative_pooled_prompt_embeds", npool)):
+                if t.shape[0] not in (1, pe.shape[0]):
+                    raise ValueError(f"{name} must have batch 1 or {pe.shape[0]}, got {t.shape[0]}")
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.prompt_embeds.shape[0])
+
+    @property
+    def has_negative(self) -> bool:
+        return self.negative_prompt_embeds is not None
+
+    def index(self, sel) -> PromptCondition:
+        """Rows ``sel`` (int, slice, list of ints, long or bool tensor); an int keeps the batch dim.
+        Shared (batch-1) negatives stay shared."""
+        def pick(t):
+            if t is None:
+                return None
+            if t.shape[0] == 1 and self.batch_size != 1:
+                return t
+            return _select(t, sel)
+
+        return PromptCondition(
+            _select(self.prompt_embeds, sel),
+            _select(self.pooled_prompt_embeds, sel),
+            pick(self.negative_prompt_embeds),
+            pick(self.negative_pooled_prompt_embeds),
+        )
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> PromptCondition:
+        """Move (and optionally cast) every tensor."""
+        def mv(t):
+            return None if t is None else t.to(device=device, dtype=dtype)
+
+        return PromptCondition(*(mv(getattr(self, f.name)) for f in fields(self)))
+
+    def expand(self, batch: int) -> PromptCondition:
+        """Broadcast a batch-1 condition (and shared negatives) to ``batch`` rows."""
+        def ex(t):
+            if t is None or t.shape[0] == batch:
+                return t
+            if t.shape[0] != 1:
+                raise ValueError(f"cannot broadcast a batch of {t.shape[0]} conditions to {batch}")
+            return t.expand(batch, *t.shape[1:])
+
+        return PromptCondition(*(ex(getattr(self, f.name)) for f in fields(self)))
+
+    @staticmethod
+    def cat(conditions: Sequence[PromptCondition]) -> PromptCondition:
+        """Concatenate along the batch; negatives must be present in all or none."""
+        if not conditions:
+            raise ValueError("nothing to concatenate")
+        has = {c.has_negative for c in conditions}
+        if len(has) != 1:
+            raise ValueError("cannot concatenate conditions with and without negative embeddings")
+        parts = [c.expand(c.batch_size) for c in conditions]
+        out = [torch.cat([c.prompt_embeds for c in parts]), torch.cat([c.pooled_prompt_embeds for c in parts])]
+        if has == {True}:
+            out += [
+                torch.cat([c.negative_prompt_embeds for c in parts]),
+                torch.cat([c.negative_pooled_prompt_embeds for c in parts]),
+            ]
+        return PromptCondition(*out)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Named tensors (for safetensors files and fingerprints); absent negatives are omitted."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> PromptCondition:
+        """Inverse of ``tensors()``."""
+        return cls(**{f.name: tensors.get(f.name) for f in fields(cls)})
+
+
+def _json_clean(config: dict[str, Any]) -> dict[str, Any]:
+    """A diffusers config without private bookkeeping keys (``_class_name``, ``_name_or_path``,
+    ``_diffusers_version``, ``_use_default_values``, ...), normalised through JSON (tuples -> lists)."""
+    public = {k: v for k, v in dict(config).items() if not str(k).startswith("_")}
+    return json.loads(json.dumps(public, sort_keys=True))
+
+
+def _dtype_of(torch_dtype) -> torch.dtype | None:
+    if torch_dtype is None or isinstance(torch_dtype, torch.dtype):
+        return torch_dtype
+    name = str(torch_dtype).removeprefix("torch.")
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"unknown torch dtype {torch_dtype!r}")
+    return dt
+
+
+class DiffusersFlowTeacher:
+    """Teacher protocol adapter for an ``SD3Transformer2DModel``-like diffusers transformer.
+
+    ``transformer`` is called as ``transformer(hidden_states=x, encoder_hidden_states=E,
+    pooled_projections=P, timestep=sigma * num_train_timesteps, return_dict=False)[0]``.
+
+    ``null_condition``: unconditional embeddings (typically the empty prompt's, [1, L, D] /
+    [1, P] in ``prompt_embeds`` / ``pooled_prompt_embeds``) used for CFG when a condition has no
+    negative embeddings of its own, and as the condition when ``cond`` is None.
+
+    ``config_for_card``: provenance written into ``config()["source"]`` (e.g. the local path and
+    subfolder it was loaded from) so the dataset card can rebuild the teacher; it is *not* part of
+    the fingerprint, which identifies the function (architecture, weights, dtype, null condition),
+    not where it was read from.
+    """
+
+    kind = "diffusers"
+    num_classes: int | None = None
+
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        *,
+        sample_shape: Sequence[int],
+        null_condition: PromptCondition | None = None,
+        num_train_timesteps: int = 1000,
+        config_for_card: dict[str, Any] | None = None,
+    ):
+        self.transformer = transformer.eval()
+        self.sample_shape = tuple(int(s) for s in sample_shape)
+        if len(self.sample_shape) != 3:
+            raise ValueError(f"sample_shape must be (C, H, W), got {self.sample_shape}")
+        self.null_condition = null_condition
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.config_for_card = dict(config_for_card) if config_for_card else None
+        if config_for_card is not None:
+            json.dumps(config_for_card)  # fail early on non-JSON data
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> DiffusersFlowTeacher:
+        """Move the transformer (and null condition) in place; returns self."""
+        self.transformer.to(device=device, dtype=dtype)
+        if self.null_condition is not None:
+            self.null_condition = self.null_condition.to(device=device)
+        return self
+
+    # ------------------------------------------------------------------ velocity
+    def _forward(self, x: torch.Tensor, sigma_B: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor):
+        dt = self.dtype
+        return self.transformer(
+            hidden_states=x.to(dt),
+            encoder_hidden_states=embeds.to(device=x.device, dtype=dt),
+            pooled_projections=pooled.to(device=x.device, dtype=dt),
+            timestep=sigma_B * self.num_train_timesteps,
+            return_dict=False,
+        )[0]
+
+    def _negatives(self, cond: PromptCondition, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if cond.has_negative:
+            neg = cond.expand(batch)
+            return neg.negative_prompt_embeds, neg.negative_pooled_prompt_embeds
+        if self.null_condition is None:
+            raise ValueError(
+                "guidance != 1 needs unconditional embeddings: give the PromptCondition negative_prompt_embeds "
+                "(+ negative_pooled_prompt_embeds) or build the teacher with null_condition="
+            )
+        null = self.null_condition.expand(batch)
+        if null.prompt_embeds.shape[1:] != cond.prompt_embeds.shape[1:]:
+            raise ValueError(
+                f"null_condition embeddings {tuple(null.prompt_embeds.shape[1:])} do not match the prompt "
+                f"embeddings {tuple(cond.prompt_embeds.shape[1:])} (same sequence length and width are needed "
+                "for the batched CFG call)"
+            )
+        return null.prompt_embeds, null.pooled_prompt_embeds
+
+    def velocity(
+        self,
+        x: torch.Tensor,
+        sigma: float | torch.Tensor,
+        cond: PromptCondition | None = None,
+        guidance: float | torch.Tensor = 1.0,
+    ) -> torch.Tensor:
+        """v_BCHW at states x [B, C, H, W], sigma scalar or [B], guidance scalar or [B].
+
+        Runs under ``torch.no_grad()`` (not ``inference_mode``: the result is used as a training
+        target, and inference tensors cannot be saved for backward) in the transformer's dtype;
+        the timestep sigma * num_train_timesteps is computed in float32, as the pipeline's
+        scheduler does. The result is returned in **x's dtype** (so a float32 ODE state stays
+        float32 around a bf16 transformer).
+        """
+        if x.ndim != 4:
+            raise ValueError(f"x must be [B, C, H, W], got shape {tuple(x.shape)}")
+        B = x.shape[0]
+        if cond is None:
+            if self.null_condition is None:
+                raise ValueError("cond is None and the teacher has no null_condition")
+            cond = PromptCondition(self.null_condition.prompt_embeds, self.null_condition.pooled_prompt_embeds)
+        if not isinstance(cond, PromptCondition):
+            raise TypeError(f"cond must be a PromptCondition, got {type(cond).__name__}")
+        cond = cond.expand(B)
+        sigma_B = as_sigma_batch(sigma, B, x.device, torch.float32)
+        g_B = as_guidance_batch(guidance, B, x.device, torch.float32)
+        with torch.no_grad():
+            if bool(torch.all(g_B == 1.0)):
+                v = self._forward(x, sigma_B, cond.prompt_embeds, cond.pooled_prompt_embeds)
+            else:
+                neg, neg_pooled = self._negatives(cond, B)
+                dev = x.device
+                v2 = self._forward(
+                    torch.cat([x, x]),
+                    torch.cat([sigma_B, sigma_B]),
+                    torch.cat([neg.to(dev), cond.prompt_embeds.to(dev)]),
+                    torch.cat([neg_pooled.to(dev), cond.pooled_prompt_embeds.to(dev)]),
+                )
+                v_uncond, v_cond = v2.chunk(2)  # the pipeline's order: negative first
+                v = combine_cfg(v_uncond, v_cond, g_B)
+                # rows with w == 1 are the conditional velocity exactly
+                keep = (g_B == 1.0).reshape(-1, *([1] * (v.ndim - 1)))
+                v = torch.where(keep, v_cond, v)
+        return v.to(x.dtype)
+
+    # ------------------------------------------------------------------ description
+    def _model_config(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "model_class": type(self.transformer).__name__,
+            "transformer_config": _json_clean(getattr(self.transformer, "config", {})),
+            "sample_shape": list(self.sample_shape),
+            "num_train_timesteps": self.num_train_timesteps,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "null_condition": self.null_condition is not None,
+        }
+
+    def config(self) -> dict[str, Any]:
+        """JSON data: kind "diffusers", model class, the transformer's public config, sample
+        shape, timestep scale, dtype, and ``source`` (``config_for_card``, e.g. path/subfolder)."""
+        cfg = self._model_config()
+        cfg["source"] = self.config_for_card
+        return cfg
+
+    def fingerprint(self) -> str:
+        """sha256 over ``config()`` minus ``source`` and the transformer's state_dict (+ the null
+        condition's tensors when present). Stable across save_pretrained/from_pretrained."""
+        tensors = dict(self.transformer.state_dict())
+        if self.null_condition is not None:
+            tensors.update({f"null_condition.{k}": v for k, v in self.null_condition.tensors().items()})
+        return fingerprint_of(self._model_config(), tensors)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        subfolder: str | None = "transformer",
+        torch_dtype: torch.dtype | str | None = None,
+        *,
+        sample_shape: Sequence[int] | None = None,
+        null_condition: PromptCondition | None = None,
+        num_train_timesteps: int | None = None,
+        device: str | torch.device | None = None,
+    ) -> DiffusersFlowTeacher:
+        """Load an ``SD3Transformer2DModel`` from a LOCAL diffusers folder (never a hub download).
+
+        ``path`` is a pipeline folder (``subfolder="transformer"``, the default) or the transformer
+        folder itself (``subfolder=None``). ``sample_shape`` defaults to (in_channels, sample_size,
+        sample_size) of the transformer config (the latent size the model was trained at);
+        ``num_train_timesteps`` to the pipeline's ``scheduler/scheduler_config.json`` when present,
+        else 1000.
+        """
+        from diffusers import SD3Transformer2DModel
+
+        root = os.fspath(path)
+        folder = os.path.join(root, subfolder) if subfolder else root
+        if not os.path.isdir(root):
+            raise FileNotFoundError(
+                f"diffusers teacher path {root!r} does not exist (only local folders are loaded; download "
+                "the model to a local folder first)"
+            )
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            hint = "" if subfolder is None else f" (is {root!r} the transformer folder itself? pass subfolder=None)"
+            raise FileNotFoundError(f"no diffusers transformer at {folder!r}: config.json missing{hint}")
+        dtype = _dtype_of(torch_dtype)
+        model = SD3Transformer2DModel.from_pretrained(
+            root, subfolder=subfolder, torch_dtype=dtype, local_files_only=True
+        )
+        if device is not None:
+            model.to(device)
+        if num_train_timesteps is None:
+            num_train_timesteps = 1000
+            sched_cfg = os.path.join(root, "scheduler", "scheduler_config.json")
+            if subfolder and os.path.isfile(sched_cfg):
+                with open(sched_cfg) as f:
+                    num_train_timesteps = int(json.load(f).get("num_train_timesteps", 1000))
+        if sample_shape is None:
+            c = model.config
+            sample_shape = (c.in_channels, c.sample_size, c.sample_size)
+        source = {
+            "path": root,
+            "subfolder": subfolder,
+            "torch_dtype": None if dtype is None else str(dtype).removeprefix("torch."),
+        }
+        return cls(
+            model,
+            sample_shape=sample_shape,
+            null_condition=null_condition,
+            num_train_timesteps=num_train_timesteps,
+            config_for_card=source,
+        )
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], **kwargs) -> DiffusersFlowTeacher:
+        """Rebuild from ``config()`` output: needs ``source.path`` (weights are not in the card)."""
+        source = config.get("source") or {}
+        if not source.get("path"):
+            raise ValueError("this diffusers teacher config has no source.path to load weights from")
+        kwargs.setdefault("sample_shape", config.get("sample_shape"))
+        kwargs.setdefault("num_train_timesteps", config.get("num_train_timesteps"))
+        return cls.from_pretrained(
+            source["path"],
+            subfolder=source.get("subfolder"),
+            torch_dtype=source.get("torch_dtype") or config.get("dtype"),
+            **kwargs,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"DiffusersFlowTeacher({type(self.transformer).__name__}, sample_shape={self.sample_shape}, "
+            f"dtype={self.dtype}, null_condition={self.null_condition is not None})"
+        )
+
+
+def tiny_sd3_transformer(seed: int = 0, **overrides):
+    """A tiny ``SD3Transformer2DModel`` with random weights (``TINY_SD3_CONFIG`` + overrides), in
+    eval mode. The global RNG state is left untouched."""
+    from diffusers import SD3Transformer2DModel
+
+    cfg = {**TINY_SD3_CONFIG, **overrides}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SD3Transformer2DModel(**cfg)
+    return model.eval()
+
+
+def random_prompt_condition(
+    transformer,
+    batch: int,
+    *,
+    seq_len: int = 8,
+    seed: int = 0,
+    negative: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> PromptCondition:
+    """Random prompt embeddings shaped for ``transformer``'s config (tests, demos, benchmarks)."""
+    cfg = transformer.config
+    g = torch.Generator().manual_seed(seed)
+    D, P = cfg.joint_attention_dim, cfg.pooled_projection_dim
+    parts = [torch.randn(batch, seq_len, D, generator=g), torch.randn(batch, P, generator=g)]
+    if negative:
+        parts += [torch.randn(batch, seq_len, D, generator=g), torch.randn(batch, P, generator=g)]
+    return PromptCondition(*(p.to(dtype) for p in parts))

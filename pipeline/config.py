@@ -1,0 +1,171 @@
+"""The generation run config: data, with typed fields, validation, a config file and CLI overrides."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from flowcore.schedules import StageSchedule, solver_sigmas
+from flowcore.teacher_spec import parse_teacher_spec
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def parse_guidance(value: Any) -> float | tuple[float, float]:
+    """'3' -> 3.0; '1.5:4.5' or [1.5, 4.5] -> (1.5, 4.5): a range sampled per trajectory."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        lo, hi = float(value[0]), float(value[1])
+    elif isinstance(value, dict) and set(value) == {"min", "max"}:
+        lo, hi = float(value["min"]), float(value["max"])
+    elif isinstance(value, str):
+        parts = value.split(":")
+        try:
+            if len(parts) == 1:
+                return float(parts[0])
+            if len(parts) != 2:
+                raise ValueError
+            lo, hi = float(parts[0]), float(parts[1])
+        except ValueError:
+            raise ValueError(f"guidance must be a number like 3.0 or a range like 1.5:4.5, got {value!r}") from None
+    else:
+        raise ValueError(f"guidance must be a number or a [min, max] range, got {value!r}")
+    if lo > hi:
+        raise ValueError(f"guidance range needs min <= max, got {lo}:{hi}")
+    return (lo, hi)
+
+
+@dataclass
+class GenerateConfig:
+    """Everything `trajflow generate` needs. Fields marked (data) determine the bytes of the corpus
+    and go into the dataset card; re-running against an existing corpus requires them unchanged."""
+
+    #: teacher SPEC, e.g. gmm:latent10, flownet:s3://b/net.safetensors, diffusers:/models/sd3 (data)
+    teacher: str
+    #: corpus root URL (s3://bucket/prefix, gs://..., /local/path, memory://...)
+    out: str
+    #: number of trajectories to generate (data)
+    num_trajectories: int
+    #: trajectories per shard (data)
+    shard_size: int = 256
+    #: base seed; sample i's noise seed is a hash of (base_seed, i) (data)
+    base_seed: int = 0
+    #: ODE solver: euler | heun (data)
+    solver: str = "euler"
+    #: solver steps S; a multiple of the finest stage's window count (data)
+    num_steps: int = 32
+    #: SD3-style time shift of the sigma grid (1.0 = none; 3.0 for SD3) (data)
+    shift: float = 1.0
+    #: progressive window stages, finest first (data); the saved sigmas default to the finest's boundaries
+    stages: tuple[int, ...] = (8, 4, 2)
+    #: explicit saved sigmas (each a solver grid point); default: boundaries of the finest stage (data)
+    saved_sigmas: tuple[float, ...] | None = None
+    #: CFG weight: a float, or (min, max) sampled uniformly per trajectory (data)
+    guidance: float | tuple[float, float] = 1.0
+    #: class ids to cycle through (default: all of the teacher's classes); -1 = unconditional (data)
+    classes: tuple[int, ...] | None = None
+    #: prompt file (.jsonl or .parquet with prompt_id, prompt) for prompt-conditioned teachers (data)
+    prompts: str | None = None
+    #: dtype of stored states (data)
+    dtype: str = "float32"
+    #: trajectories per solver batch (data: batch composition can change the low bits of network teachers)
+    batch_size: int = 64
+    #: number of worker actors
+    num_workers: int = 1
+    #: GPUs per worker actor (None: 1 when the Ray cluster has GPUs, else 0)
+    gpus_per_worker: float | None = None
+    #: CPUs per worker actor (also its torch thread count)
+    cpus_per_worker: float = 1.0
+    #: attempts per shard before the job fails
+    max_retries: int = 3
+    #: Ray address (None: start an embedded local Ray; "auto": the cluster this process runs on)
+    address: str | None = None
+    #: fsspec storage options (JSON), e.g. {"client_kwargs": {"endpoint_url": ...}}
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    #: show a progress bar
+    progress: bool = True
+
+    def __post_init__(self):
+        parse_teacher_spec(self.teacher)
+        if not self.out:
+            raise ValueError("--out is required: a corpus root URL or path")
+        for name in ("num_trajectories", "shard_size", "num_steps", "batch_size", "num_workers", "max_retries"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        if not isinstance(self.base_seed, int) or not 0 <= self.base_seed < 2**62:
+            raise ValueError(f"base-seed must be an integer in [0, 2**62), got {self.base_seed!r}")
+        if self.solver not in ("euler", "heun"):
+            raise ValueError(f"solver must be euler or heun, got {self.solver!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        self.stages = tuple(int(s) for s in self.stages)
+        self.schedule = StageSchedule(self.stages, float(self.shift))
+        self.grid = solver_sigmas(self.num_steps, float(self.shift), self.schedule.finest)
+        if self.saved_sigmas is None:
+            self.saved = self.schedule.saved_sigmas()
+        else:
+            self.saved = [float(s) for s in self.saved_sigmas]
+            missing = [s for s in self.saved if not any(abs(s - g) <= 1e-9 for g in self.grid)]
+            if missing:
+                raise ValueError(f"saved sigmas {missing} are not points of the {self.num_steps}-step solver grid")
+        self.guidance = parse_guidance(self.guidance)
+        if self.classes is not None:
+            self.classes = tuple(int(c) for c in self.classes)
+            if not self.classes:
+                raise ValueError("classes must not be empty")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise ValueError("gpus-per-worker must be >= 0")
+        if self.cpus_per_worker <= 0:
+            raise ValueError("cpus-per-worker must be > 0")
+        if not isinstance(self.storage_options, dict):
+            raise ValueError("storage-options must be a JSON object")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stages"] = list(self.stages)
+        return d
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_trajectories // self.shard_size)
+
+
+def config_fields() -> dict[str, Any]:
+    return {f.name: f for f in fields(GenerateConfig)}
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """A JSON or TOML file of GenerateConfig fields (snake_case or kebab-case keys)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file not found: {p}")
+    text = p.read_text()
+    try:
+        raw = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"config file {p} is not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"config file {p} must hold an object of settings")
+    known = config_fields()
+    out = {}
+    for k, v in raw.items():
+        name = k.replace("-", "_")
+        if name not in known:
+            raise ValueError(f"config file {p}: unknown setting {k!r}; known: {', '.join(sorted(known))}")
+        out[name] = v
+    return out
+
+
+def build_config(file_values: dict[str, Any], flag_values: dict[str, Any]) -> GenerateConfig:
+    """Config file values overridden by the flags that were given (None = not given)."""
+    merged = dict(file_values)
+    merged.update({k: v for k, v in flag_values.items() if v is not None})
+    for f in fields(GenerateConfig):
+        if f.default is MISSING and f.default_factory is MISSING and f.name not in merged:
+            raise ValueError(f"--{f.name.replace('_', '-')} is required (as a flag or in the config file)")
+    return GenerateConfig(**merged)

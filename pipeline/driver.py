@@ -1,0 +1,287 @@
+"""The generation driver: Ray at the edge.
+
+The driver writes (or checks) the dataset card, works out which shards still lack a commit record,
+wraps ``GenerationWorker`` as GPU actors and runs its own ``ray.wait`` loop: it hands out shard
+numbers (two in flight per actor, so uploads overlap solves), replaces actors that die, retries a
+failed shard a bounded number of times, and fails the job with a clear message past that. At the
+end it writes ``manifest.parquet`` from the commit records (finalize).
+
+Re-running the same command resumes: committed shards are skipped. A different config against an
+existing corpus is refused (the card's fingerprint differs).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import GenerateConfig
+from pipeline.storage import ObjectStore, describe_options
+from storage_schemas import (
+    COMMITS_DIR,
+    DATASET_CARD,
+    MANIFEST,
+    CorpusFormatError,
+    DatasetCard,
+    ShardCommit,
+    manifest_to_parquet_bytes,
+    shard_id,
+)
+
+log = logging.getLogger(__name__)
+IN_FLIGHT_PER_WORKER = 2
+
+
+def created_by() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"trajflow {version('trajflow')}"
+    except PackageNotFoundError:
+        return "trajflow (source checkout)"
+
+
+class GenerationFailed(RuntimeError):
+    """The job cannot finish: a shard failed past its retries, or the corpus refuses this config."""
+
+
+@dataclass
+class GenerationSummary:
+    url: str
+    num_shards: int
+    num_samples: int
+    committed_now: int
+    skipped: int
+    retries: int
+    actors_replaced: int
+    seconds: float
+    trajectories_per_second: float
+
+    def line(self) -> str:
+        return (f"generated {self.url}: {self.num_shards} shards / {self.num_samples} trajectories "
+                f"({self.committed_now} committed now, {self.skipped} already committed), "
+                f"{self.retries} retries, {self.actors_replaced} workers replaced, "
+                f"{self.seconds:.1f}s, {self.trajectories_per_second:.1f} traj/s")
+
+
+def build_card(cfg: GenerateConfig, described: dict[str, Any], prompts_sha: str | None) -> DatasetCard:
+    num_classes = described["num_classes"]
+    if cfg.prompts:
+        conditioning = {"kind": "prompt"}
+    elif num_classes is not None:
+        conditioning = {"kind": "class", "num_classes": num_classes}
+    else:
+        conditioning = {"kind": "none"}
+    guidance = cfg.guidance if isinstance(cfg.guidance, float) else {"min": cfg.guidance[0], "max": cfg.guidance[1]}
+    run = {
+        "num_trajectories": cfg.num_trajectories,
+        "shard_size": cfg.shard_size,
+        "base_seed": cfg.base_seed,
+        "batch_size": cfg.batch_size,
+        "teacher_spec": cfg.teacher,
+        "classes": described["classes"],
+        "prompts": None if not cfg.prompts else {"url": cfg.prompts, "sha256": prompts_sha},
+        "shift": cfg.shift,
+        "seed_rule": "sha256('trajflow-seed:{base_seed}:{index}')[:8] & (2**63-1)",
+    }
+    return DatasetCard(
+        teacher=described["teacher"],
+        solver={"name": cfg.solver, "num_steps": cfg.num_steps, "sigmas": list(cfg.grid), "guidance": guidance},
+        saved_sigmas=list(cfg.saved),
+        sample_shape=described["sample_shape"],
+        dtype=cfg.dtype,
+        conditioning=conditioning,
+        run=run,
+        created_by=created_by(),
+        stages=list(cfg.stages) if cfg.saved_sigmas is None else None,
+    )
+
+
+def _card_diff(old: DatasetCard, new: DatasetCard) -> list[str]:
+    a, b = old.to_dict(), new.to_dict()
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if k == "created_by":
+            continue
+        if a.get(k) != b.get(k):
+            if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+                out += [f"{k}.{kk}" for kk in sorted(set(a[k]) | set(b[k])) if a[k].get(kk) != b[k].get(kk)]
+            else:
+                out.append(k)
+    return out
+
+
+def prepare_corpus(store: ObjectStore, card: DatasetCard) -> dict[str, ShardCommit]:
+    """Write the card, or check an existing one; return the valid commit records already there."""
+    fp = card.fingerprint()
+    if store.exists(DATASET_CARD):
+        try:
+            existing = DatasetCard.from_json(store.read_bytes(DATASET_CARD))
+        except CorpusFormatError as e:
+            raise GenerationFailed(f"{store.url} holds an unreadable dataset card: {e}") from None
+        if existing.fingerprint() != fp:
+            diff = ", ".join(_card_diff(existing, card)) or "content"
+            raise GenerationFailed(
+                f"{store.url} already holds a corpus generated with a different config (differs in: {diff}). "
+                "Use a new --out, or re-run with the original settings to resume."
+            )
+    else:
+        store.write_bytes(DATASET_CARD, card.to_json().encode())
+    committed: dict[str, ShardCommit] = {}
+    for name in store.list(COMMITS_DIR):
+        if not name.endswith(".json"):
+            continue
+        try:
+            commit = ShardCommit.from_json(store.read_bytes(f"{COMMITS_DIR}/{name}"))
+        except (CorpusFormatError, FileNotFoundError) as e:
+            log.warning("ignoring unreadable commit record %s: %s (its shard will be regenerated)", name, e)
+            continue
+        if commit.card_fingerprint == fp:
+            committed[commit.shard_id] = commit
+    return committed
+
+
+def finalize(store: ObjectStore, card: DatasetCard, commits: dict[str, ShardCommit]) -> None:
+    """Write manifest.parquet from the commit records of every planned shard."""
+    store.write_bytes(MANIFEST, manifest_to_parquet_bytes(commits.values()))
+
+
+def _ensure_ray(address: str | None):
+    import ray
+
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(include_dashboard=False, log_to_driver=True)
+    return ray
+
+
+def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = None) -> GenerationSummary:
+    """Generate (or resume) the corpus described by ``cfg`` on a Ray cluster."""
+    import ray
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+
+    from pipeline.worker import GenerationWorker
+
+    t_start = time.perf_counter()
+    store = ObjectStore(cfg.out, cfg.storage_options)
+    ray = _ensure_ray(cfg.address)
+    gpus = cfg.gpus_per_worker
+    if gpus is None:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    prompts_sha = None
+    if cfg.prompts:
+        from pipeline.prompts import load_prompts
+
+        _, prompts_sha = load_prompts(cfg.prompts, cfg.storage_options)
+    actor_cls = ray.remote(GenerationWorker).options(
+        num_gpus=gpus, num_cpus=cfg.cpus_per_worker, max_concurrency=IN_FLIGHT_PER_WORKER, max_restarts=0,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cfg.cpus_per_worker))), **(worker_env or {})}},
+    )
+    config_dict = cfg.to_dict()
+    actors = [actor_cls.remote(config_dict) for _ in range(cfg.num_workers)]
+    try:
+        described = ray.get(actors[0].describe.remote())
+    except (RayTaskError, RayActorError) as e:
+        for a in actors:
+            ray.kill(a)
+        raise GenerationFailed(f"the worker could not load teacher {cfg.teacher!r}: {e}") from None
+    card = build_card(cfg, described, prompts_sha)
+    fp = card.fingerprint()
+    committed = prepare_corpus(store, card)
+    ray.get([a.set_card_fingerprint.remote(fp) for a in actors])
+    planned = [shard_id(n) for n in range(cfg.num_shards)]
+    pending = deque(n for n in range(cfg.num_shards) if planned[n] not in committed)
+    skipped = cfg.num_shards - len(pending)
+    attempts: dict[int, int] = {}
+    retries = replaced = 0
+    done_samples = sum(c.num_samples for c in committed.values())
+    in_flight: dict[Any, tuple[int, Any]] = {}
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.num_trajectories, initial=done_samples, unit="traj", desc="generate",
+                   dynamic_ncols=True, smoothing=0.1)
+        bar.set_postfix(shards=f"{len(committed)}/{cfg.num_shards}", retries=0)
+    log.info("generating %d shards into %s (%d already committed; storage options %s)",
+             len(pending), cfg.out, skipped, describe_options(cfg.storage_options))
+
+    def submit(actor):
+        n = pending.popleft()
+        attempts[n] = attempts.get(n, 0) + 1
+        in_flight[actor.process_shard.remote(n)] = (n, actor)
+
+    def fill():
+        for actor in list(actors):
+            busy = sum(1 for _, a in in_flight.values() if a is actor)
+            while pending and busy < IN_FLIGHT_PER_WORKER:
+                submit(actor)
+                busy += 1
+
+    committed_now = new_samples = 0
+    try:
+        fill()
+        while in_flight:
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            ref = ready[0]
+            n, actor = in_flight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
+                # the worker died (node lost, OOM, killed): replace it, requeue everything it held
+                retries += 1
+                if actor in actors:
+                    actors.remove(actor)
+                    replaced += 1
+                    log.warning("worker died (%s); starting a replacement", type(e).__name__)
+                    new = actor_cls.remote(config_dict, fp)
+                    actors.append(new)
+                for ref2, (n2, a2) in list(in_flight.items()):
+                    if a2 is actor:
+                        del in_flight[ref2]
+                        pending.appendleft(n2)
+                pending.appendleft(n)
+                if attempts[n] >= cfg.max_retries + 1:
+                    raise GenerationFailed(
+                        f"shard {planned[n]} failed {attempts[n]} times (last: worker died: {e}); giving up"
+                    ) from None
+            except RayTaskError as e:
+                retries += 1
+                cause = getattr(e, "cause", None) or e
+                if attempts[n] >= cfg.max_retries + 1:
+                    raise GenerationFailed(
+                        f"shard {planned[n]} failed {attempts[n]} times; last error: {type(cause).__name__}: {cause}. "
+                        f"Committed shards are kept; fix the cause and re-run the same command to resume."
+                    ) from None
+                log.warning("shard %s failed (%s: %s); retrying", planned[n], type(cause).__name__, cause)
+                pending.appendleft(n)
+            else:
+                commit = ShardCommit(**{k: v for k, v in result.items() if not k.startswith("_")})
+                committed[commit.shard_id] = commit
+                committed_now += 1
+                new_samples += commit.num_samples
+                if bar is not None:
+                    bar.update(commit.num_samples)
+            if bar is not None:
+                bar.set_postfix(shards=f"{len(committed)}/{cfg.num_shards}", retries=retries)
+            fill()
+    finally:
+        for ref in in_flight:
+            ray.cancel(ref, force=True)
+        for a in actors:
+            ray.kill(a)
+        if bar is not None:
+            bar.close()
+    missing = [s for s in planned if s not in committed]
+    if missing:
+        raise GenerationFailed(f"shards {missing[:5]} have no commit record after the run")
+    finalize(store, card, {s: committed[s] for s in planned})
+    seconds = time.perf_counter() - t_start
+    total = sum(committed[s].num_samples for s in planned)
+    return GenerationSummary(cfg.out, cfg.num_shards, total, committed_now, skipped, retries, replaced,
+                             seconds, new_samples / max(seconds, 1e-9))

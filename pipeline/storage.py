@@ -1,0 +1,215 @@
+"""Object storage at the edge: fsspec URLs with retries, backoff and verified uploads.
+
+``s3://`` goes through s3fs (endpoint and credentials from the standard AWS environment —
+AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ... — or ``storage_options``), ``gs://`` through gcsfs if
+installed, plain paths and ``file://`` through the local filesystem, ``memory://`` for tests.
+Credentials are never printed: ``describe_options`` masks them for logs and errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import fsspec
+from fsspec.core import url_to_fs
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_SECRET_HINTS = ("secret", "token", "password", "key", "credential")
+
+
+class StorageError(RuntimeError):
+    """An object-storage operation failed for good (after retries), with the object named."""
+
+
+class UploadVerificationError(OSError):
+    """A read-back of an uploaded object did not match what was written (transient: retried)."""
+
+
+def describe_options(options: dict[str, Any] | None) -> dict[str, Any]:
+    """storage_options with every secret-looking value masked, safe to print."""
+
+    def mask(k, v):
+        if isinstance(v, dict):
+            return {kk: mask(kk, vv) for kk, vv in v.items()}
+        if any(h in str(k).lower() for h in _SECRET_HINTS) and "endpoint" not in str(k).lower():
+            return "***"
+        return v
+
+    return {k: mask(k, v) for k, v in (options or {}).items()}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Throttling, 5xx, timeouts, dropped connections and failed verifications are worth retrying;
+    missing objects, permissions and bad arguments are not."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                        FileExistsError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError, UploadVerificationError)):
+        return True
+    name = type(exc).__name__
+    if name in ("ClientError", "ResponseParserError", "EndpointConnectionError", "ReadTimeoutError",
+                "ConnectTimeoutError", "ServerDisconnectedError", "ClientPayloadError",
+                "ClientOSError", "IncompleteReadError", "ConnectionClosedError"):
+        code = ""
+        resp = getattr(exc, "response", None)
+        if isinstance(resp, dict):
+            code = str(resp.get("Error", {}).get("Code", ""))
+        return code not in ("NoSuchKey", "NoSuchBucket", "AccessDenied", "InvalidAccessKeyId",
+                            "SignatureDoesNotMatch", "404", "403")
+    if isinstance(exc, OSError):
+        return True  # s3fs maps 5xx / SlowDown / unknown errors to plain OSError
+    return False
+
+
+def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 6, base_delay: float = 0.2,
+                 max_delay: float = 8.0, sleep: Callable[[float], None] = time.sleep) -> T:
+    """Call ``fn`` until it succeeds, retrying transient errors with jittered exponential backoff.
+
+    Raises StorageError naming ``what`` once ``attempts`` are spent or on a permanent error
+    (FileNotFoundError is re-raised as is, so callers can test for absence).
+    """
+    last: BaseException | None = None
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified below
+            last = exc
+            if not is_transient(exc) or attempt == attempts:
+                break
+            delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * (0.5 + random.random())
+            log.warning("storage: %s failed (%s: %s); retry %d/%d in %.2fs", what, type(exc).__name__,
+                        exc, attempt, attempts - 1, delay)
+            sleep(delay)
+    raise StorageError(f"{what} failed after {attempt} attempt(s): {type(last).__name__}: {last}") from last
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class ObjectStore:
+    """A corpus root on any fsspec filesystem; all paths below are relative to the root."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *, attempts: int = 6):
+        self.url = url.rstrip("/") if url not in ("/",) else url
+        self.storage_options = dict(storage_options or {})
+        self.attempts = attempts
+        try:
+            self.fs, self.root = url_to_fs(self.url, **self.storage_options)
+        except (ImportError, ValueError) as exc:
+            raise StorageError(f"cannot open {url!r}: {exc} (options {describe_options(storage_options)})") from None
+        self.is_local = "file" in _protocols(self.fs)
+
+    def __repr__(self) -> str:
+        return f"ObjectStore({self.url!r})"
+
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def _retry(self, fn: Callable[[], T], what: str) -> T:
+        return with_retries(fn, what=what, attempts=self.attempts)
+
+    def _refresh(self, rel: str = "") -> None:
+        try:
+            self.fs.invalidate_cache(self.path(rel))
+        except Exception:  # noqa: BLE001 - cache invalidation is best effort
+            pass
+
+    # -- reads -----------------------------------------------------------------------------
+    def exists(self, rel: str) -> bool:
+        self._refresh(rel)
+        return self._retry(lambda: self.fs.exists(self.path(rel)), f"checking {self.url}/{rel}")
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self._retry(lambda: self.fs.cat_file(self.path(rel)), f"reading {self.url}/{rel}")
+
+    def size(self, rel: str) -> int:
+        self._refresh(rel)
+        return int(self._retry(lambda: self.fs.info(self.path(rel))["size"], f"stat {self.url}/{rel}"))
+
+    def list(self, rel_dir: str) -> list[str]:
+        """Names (not paths) of the files directly under ``rel_dir``; [] when it does not exist."""
+        self._refresh(rel_dir)
+
+        def ls():
+            try:
+                entries = self.fs.ls(self.path(rel_dir), detail=True)
+            except FileNotFoundError:
+                return []
+            return [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") != "directory"]
+
+        return sorted(self._retry(ls, f"listing {self.url}/{rel_dir}"))
+
+    def walk_files(self) -> list[str]:
+        """Every object under the root, as paths relative to it."""
+        self._refresh()
+        found = self._retry(lambda: self.fs.find(self.root), f"listing {self.url}")
+        prefix = self.root.rstrip("/") + "/"
+        return sorted(p[len(prefix):] if p.startswith(prefix) else p for p in found)
+
+    # -- writes ----------------------------------------------------------------------------
+    def _pipe(self, rel: str, data: bytes) -> None:
+        full = self.path(rel)
+        if self.is_local:
+            self.fs.makedirs(full.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.pipe_file(full, data)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        self._retry(lambda: self._pipe(rel, data), f"writing {self.url}/{rel}")
+
+    def put_verified(self, rel: str, data: bytes) -> tuple[str, int]:
+        """Upload ``data`` and read it back: returns (sha256, num_bytes) only once the stored object
+        has exactly that size and hash. A mismatch is retried; past the retries, StorageError."""
+        expected = sha256_hex(data)
+
+        def upload_and_verify():
+            self._pipe(rel, data)
+            self._refresh(rel)
+            stored = self.fs.cat_file(self.path(rel))
+            if len(stored) != len(data) or sha256_hex(stored) != expected:
+                raise UploadVerificationError(
+                    f"read-back of {rel} gave {len(stored)} bytes / sha256 {sha256_hex(stored)[:12]}, "
+                    f"expected {len(data)} / {expected[:12]}"
+                )
+
+        self._retry(upload_and_verify, f"uploading {self.url}/{rel}")
+        return expected, len(data)
+
+    def remove(self, rel: str) -> None:
+        def rm():
+            try:
+                self.fs.rm_file(self.path(rel))
+            except FileNotFoundError:
+                pass
+
+        self._retry(rm, f"removing {self.url}/{rel}")
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    p = fs.protocol
+    return (p,) if isinstance(p, str) else tuple(p)
+
+
+def fetch_to_local(url: str, cache_dir: str, storage_options: dict[str, Any] | None = None) -> str:
+    """Return a local path for ``url`` (downloading remote objects once into ``cache_dir``)."""
+    import os
+
+    fs, path = url_to_fs(url, **(storage_options or {}))
+    if "file" in _protocols(fs):
+        return path
+    os.makedirs(cache_dir, exist_ok=True)
+    local = os.path.join(cache_dir, hashlib.sha256(url.encode()).hexdigest()[:16] + "-" + os.path.basename(path))
+    if not os.path.exists(local):
+        tmp = local + ".part"
+        with_retries(lambda: fs.get_file(path, tmp), what=f"downloading {url}")
+        os.replace(tmp, local)
+    return local

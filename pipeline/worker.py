@@ -1,0 +1,172 @@
+"""The generation worker: a plain class (no Ray here), wrapped as an actor by the driver.
+
+It loads the teacher once, solves a shard's trajectories in batches, packs them into a
+deterministic WebDataset tar, uploads it, verifies the stored size and sha256 and only then writes
+the shard's commit record. ``process_shard`` holds a lock only around the solve, so when the
+driver keeps two shards in flight on one worker (actor ``max_concurrency=2``) serialisation,
+hashing and upload of one shard overlap with the solve of the next: the GPU does not wait on storage.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+import torch
+
+from flowcore.solvers import seeded_noise, solve_teacher
+from flowcore.teacher_spec import build_teacher, parse_teacher_spec
+from pipeline.config import GenerateConfig
+from pipeline.plan import ShardPlan
+from pipeline.storage import ObjectStore, fetch_to_local
+from storage_schemas import (
+    SampleRecord,
+    ShardCommit,
+    commit_relpath,
+    sample_key,
+    shard_relpath,
+    utc_now_iso,
+    write_shard_bytes,
+)
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CACHE_DIR = os.environ.get("TRAJFLOW_CACHE", os.path.expanduser("~/.cache/trajflow"))
+
+
+def resolve_teacher(spec: str, storage_options: dict[str, Any] | None, device: str):
+    """Build a teacher, fetching a remote flownet/diffusers target into the local cache first."""
+    s = parse_teacher_spec(spec)
+    target = s.target
+    if "://" in target and not target.startswith("file://"):
+        if s.kind == "diffusers":
+            raise ValueError(
+                "diffusers teachers load from a local folder (or a hub on your cluster); copy the "
+                f"model next to the workers and pass diffusers:/local/path, got {spec!r}"
+            )
+        target = fetch_to_local(target, os.path.join(CACHE_DIR, "teachers"), storage_options)
+    elif target.startswith("file://"):
+        target = target[len("file://"):]
+    return build_teacher(type(s)(s.kind, target, s.variant), device=device)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class GenerationWorker:
+    """Solves and commits shards of one run (see module docstring). Testable without Ray."""
+
+    def __init__(self, config: dict[str, Any], card_fingerprint: str | None = None, device: str | None = None):
+        self.cfg = GenerateConfig(**config)
+        threads = max(1, int(self.cfg.cpus_per_worker))
+        torch.set_num_threads(threads)
+        self.device = device or default_device()
+        self.teacher = resolve_teacher(self.cfg.teacher, self.cfg.storage_options, self.device)
+        self.store = ObjectStore(self.cfg.out, self.cfg.storage_options)
+        self.card_fingerprint = card_fingerprint
+        self.prompts = None
+        if self.cfg.prompts:
+            from pipeline.prompts import load_prompts
+
+            self.prompts, _ = load_prompts(self.cfg.prompts, self.cfg.storage_options)
+        self.plan = make_plan(self.cfg, self.teacher, self.prompts)
+        self._solve_lock = threading.Lock()
+        self.solve_seconds = 0.0
+
+    # -- description used by the driver to write the dataset card ---------------------------
+    def describe(self) -> dict[str, Any]:
+        t = self.teacher
+        return {
+            "teacher": {"kind": t.config()["kind"], "fingerprint": t.fingerprint(), "config": t.config()},
+            "sample_shape": list(t.sample_shape),
+            "num_classes": t.num_classes,
+            "classes": None if self.plan.classes is None else list(self.plan.classes),
+            "device": self.device,
+            "pid": os.getpid(),
+        }
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def set_card_fingerprint(self, fingerprint: str) -> None:
+        self.card_fingerprint = fingerprint
+
+    # -- the work ---------------------------------------------------------------------------
+    def solve_shard(self, number: int) -> list[SampleRecord]:
+        """Authentic trajectories of shard ``number``, in index order."""
+        cfg, dtype = self.cfg, TORCH_DTYPES[self.cfg.dtype]
+        specs = self.plan.shard_samples(number)
+        records: list[SampleRecord] = []
+        sigmas = torch.tensor(cfg.saved, dtype=torch.float32)
+        for start in range(0, len(specs), cfg.batch_size):
+            batch = specs[start:start + cfg.batch_size]
+            noise = seeded_noise([s.seed for s in batch], self.teacher.sample_shape, torch.float32, self.device)
+            guidance = torch.tensor([s.guidance for s in batch], dtype=torch.float32, device=self.device)
+            cond = self._condition(batch)
+            traj = solve_teacher(self.teacher, noise, cfg.grid, cond=cond, guidance=guidance,
+                                 method=cfg.solver, capture_sigmas=cfg.saved)
+            states = traj.states_BKX.to("cpu", dtype)
+            if not bool(torch.isfinite(states).all()):
+                raise FloatingPointError(
+                    f"teacher produced non-finite states in shard {number} (indices {batch[0].index}.."
+                    f"{batch[-1].index}); try dtype float32 or a smaller guidance"
+                )
+            for s, st in zip(batch, states):
+                meta: dict[str, Any] = {"index": s.index, "seed": s.seed, "guidance": s.guidance}
+                if s.class_id is not None:
+                    meta["class_id"] = s.class_id
+                if s.prompt_id is not None:
+                    meta["prompt_id"], meta["prompt"] = s.prompt_id, s.prompt
+                records.append(SampleRecord(sample_key(s.index), st.clone(), sigmas, meta))
+        return records
+
+    def _condition(self, batch):
+        if batch[0].class_id is not None:
+            return torch.tensor([s.class_id for s in batch], dtype=torch.long, device=self.device)
+        if batch[0].prompt is not None:
+            encode = getattr(self.teacher, "encode_prompts", None)
+            if encode is None:
+                raise ValueError(f"teacher {self.cfg.teacher} cannot encode prompts (it has no text encoders)")
+            return encode([s.prompt for s in batch])
+        return None
+
+    def shard_bytes(self, number: int) -> bytes:
+        return write_shard_bytes(self.solve_shard(number))
+
+    def process_shard(self, number: int) -> dict[str, Any]:
+        """Solve, pack, upload, verify, commit. Returns the commit record as a dict."""
+        if self.card_fingerprint is None:
+            raise RuntimeError("the dataset card must be written before shards are committed")
+        t0 = time.perf_counter()
+        with self._solve_lock:  # one solve at a time; uploads of other shards run meanwhile
+            records = self.solve_shard(number)
+        solve_s = time.perf_counter() - t0
+        data = write_shard_bytes(records)
+        sid = self.plan.shard_id(number)
+        sha, nbytes = self.store.put_verified(shard_relpath(sid), data)
+        commit = ShardCommit(
+            shard_id=sid, path=shard_relpath(sid), sha256=sha, num_bytes=nbytes,
+            num_samples=len(records), first_index=records[0].index, last_index=records[-1].index,
+            seed=records[0].seed, card_fingerprint=self.card_fingerprint, committed_at=utc_now_iso(),
+        )
+        # the commit record is written only after the verified upload: it is the commit point
+        self.store.write_bytes(commit_relpath(sid), commit.to_json().encode())
+        out = commit.to_dict()
+        out["_solve_seconds"] = solve_s
+        return out
+
+
+def make_plan(cfg: GenerateConfig, teacher, prompts) -> ShardPlan:
+    classes = cfg.classes
+    if prompts is None and teacher.num_classes is not None:
+        if classes is None:
+            classes = tuple(range(teacher.num_classes))
+        bad = [c for c in classes if not 0 <= c < teacher.num_classes]
+        if bad:
+            raise ValueError(f"classes {bad} are outside the teacher's {teacher.num_classes} classes")
+    elif classes is not None and prompts is None:
+        raise ValueError(f"teacher {cfg.teacher} is not class-conditional; drop --classes")
+    return ShardPlan(cfg.num_trajectories, cfg.shard_size, cfg.base_seed, cfg.guidance,
+                     None if prompts is not None else classes, prompts)

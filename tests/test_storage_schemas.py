@@ -1,0 +1,708 @@
+"""Tests of the on-storage corpus format (storage_schemas): round trips, determinism, and that every
+bad input is refused with the right, clearly worded error."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import safetensors.torch
+import torch
+import webdataset
+
+import storage_schemas as ss
+from storage_schemas import (
+    CorpusFormatError,
+    CorpusLayout,
+    DatasetCard,
+    NonFiniteError,
+    SampleRecord,
+    SchemaError,
+    ShapeMismatchError,
+    ShardCommit,
+    UnsafeMemberError,
+    UnsupportedSchemaVersion,
+)
+
+SHARD = "shard-000007"
+
+
+def shifted_grid(num_steps: int, shift: float = 3.0) -> list[float]:
+    """shift(linspace(1, 0, S + 1)): the teacher's solver grid (docs/math.md)."""
+    us = [1.0 - i / num_steps for i in range(num_steps + 1)]
+    return [shift * u / (1.0 + (shift - 1.0) * u) for u in us]
+
+
+def make_card(**overrides) -> DatasetCard:
+    """K = 5 saved states of shape [4, 8, 8] (every second point of an 8-step solver grid)."""
+    solver_sigmas = shifted_grid(8)
+    fields = dict(
+        teacher={
+            "kind": "gmm",
+            "fingerprint": "gmm-latent-4x8x8-v1",
+            "config": {"preset": "latent10", "seed": 0},
+        },
+        solver={
+            "name": "euler",
+            "num_steps": 8,
+            "sigmas": solver_sigmas,
+            "guidance": {"min": 1.0, "max": 4.0},
+        },
+        saved_sigmas=solver_sigmas[::2],
+        sample_shape=[4, 8, 8],
+        dtype="float32",
+        conditioning={"kind": "class", "num_classes": 10},
+        run={"num_trajectories": 12, "shard_size": 4, "base_seed": 1234},
+        created_by="trajflow 0.1.0",
+        stages=[4, 2],
+    )
+    fields.update(overrides)
+    return DatasetCard(**fields)
+
+
+def make_record(index: int, card: DatasetCard, **meta_overrides) -> SampleRecord:
+    generator = torch.Generator().manual_seed(index)
+    states = torch.randn(card.states_shape, generator=generator).to(ss.TORCH_DTYPES[card.dtype])
+    meta = {"index": index, "seed": card.base_seed + index, "guidance": 2.5, "class_id": index % 10}
+    meta.update(meta_overrides)
+    return SampleRecord(key=ss.sample_key(index), states=states, sigmas=list(card.saved_sigmas), meta=meta)
+
+
+def make_records(card: DatasetCard, start: int = 0, count: int = 4) -> list[SampleRecord]:
+    return [make_record(i, card) for i in range(start, start + count)]
+
+
+def assert_same_record(a: SampleRecord, b: SampleRecord) -> None:
+    assert a.key == b.key
+    assert a.meta == b.meta
+    assert a.states.dtype == b.states.dtype
+    assert torch.equal(a.states, b.states)
+    assert torch.equal(a.sigmas, b.sigmas)
+
+
+def tar_bytes(entries: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
+    """A tar written with the stdlib, for members our writer would never produce."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, payload in entries:
+            if payload is None:
+                tar.addfile(info)
+            else:
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return buffer.getvalue()
+
+
+def sample_entries(record: SampleRecord) -> list[tuple[tarfile.TarInfo, bytes]]:
+    return [
+        (tarfile.TarInfo(f"{record.key}.{suffix}"), payload)
+        for suffix, payload in sorted(ss.encode_sample(record).items())
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# dataset card
+
+
+def test_card_round_trip_is_exact_and_canonical():
+    card = make_card()
+    text = card.to_json()
+    assert DatasetCard.from_json(text) == card
+    assert DatasetCard.from_json(text).to_json() == text
+    assert DatasetCard.from_json(text).fingerprint() == card.fingerprint()
+    assert text == json.dumps(json.loads(text), sort_keys=True, indent=2) + "\n"
+    assert card.states_shape == (5, 4, 8, 8)
+    assert card.solver.sigmas[0] == 1.0 and card.saved_sigmas[-1] == 0.0
+
+
+def test_card_fixed_guidance_and_no_stages_round_trip():
+    card = make_card(
+        solver={"name": "heun", "num_steps": 4, "sigmas": shifted_grid(4), "guidance": 3.0},
+        saved_sigmas=shifted_grid(4),
+        conditioning={"kind": "prompt"},
+        stages=None,
+        sample_shape=[2],
+    )
+    assert "stages" not in json.loads(card.to_json())
+    assert DatasetCard.from_json(card.to_json()) == card
+    assert card.solver.guidance == 3.0
+
+
+def test_card_fingerprint_covers_the_data_but_not_created_by():
+    card = make_card()
+    assert len(card.fingerprint()) == 64
+    assert make_card(created_by="trajflow 9.9.9").fingerprint() == card.fingerprint()
+    assert (
+        make_card(run={"num_trajectories": 12, "shard_size": 4, "base_seed": 1}).fingerprint()
+        != card.fingerprint()
+    )
+    assert make_card(dtype="float16").fingerprint() != card.fingerprint()
+
+
+def card_dict() -> dict:
+    return json.loads(make_card().to_json())
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error", "needle"),
+    [
+        (lambda d: d.update(schema_version=2), UnsupportedSchemaVersion, "schema_version 2"),
+        (lambda d: d.update(schema_version="1"), UnsupportedSchemaVersion, "schema_version '1'"),
+        (lambda d: d.pop("schema_version"), UnsupportedSchemaVersion, "no schema_version"),
+        (lambda d: d.pop("dtype"), SchemaError, "missing field 'dtype'"),
+        (lambda d: d.update(colour="blue"), SchemaError, "unknown field 'colour'"),
+        (lambda d: d["solver"].update(order=2), SchemaError, "unknown field 'solver.order'"),
+        (lambda d: d["teacher"].pop("fingerprint"), SchemaError, "missing field 'teacher.fingerprint'"),
+        (lambda d: d["solver"].update(num_steps="8"), SchemaError, "'solver.num_steps' must be an integer"),
+        (lambda d: d["solver"].update(num_steps=True), SchemaError, "'solver.num_steps' must be an integer"),
+        (lambda d: d["solver"].update(name="rk4"), SchemaError, "'solver.name' must be one of"),
+        (lambda d: d.update(dtype="float64"), SchemaError, "'dtype' must be one of"),
+        (lambda d: d.update(sample_shape=[4, 0, 8]), SchemaError, "'sample_shape[1]' must be >= 1"),
+        (lambda d: d.update(saved_sigmas=[1.0, 0.123, 0.0]), SchemaError, "'saved_sigmas[1]'"),
+        (
+            lambda d: d.update(saved_sigmas=d["saved_sigmas"][::-1]),
+            SchemaError,
+            "'saved_sigmas' must start at 1.0",
+        ),
+        (
+            lambda d: d.update(saved_sigmas=d["saved_sigmas"][:-1]),
+            SchemaError,
+            "'saved_sigmas' must end at 0.0",
+        ),
+        (lambda d: d["solver"].update(sigmas=d["solver"]["sigmas"][:-2]), SchemaError, "num_steps + 1 = 9"),
+        (lambda d: d["solver"].update(guidance={"min": 5.0, "max": 1.0}), SchemaError, "min <= max"),
+        (lambda d: d["solver"].update(guidance="high"), SchemaError, "'solver.guidance' must be a number"),
+        (lambda d: d["conditioning"].pop("num_classes"), SchemaError, "'conditioning.num_classes'"),
+        (
+            lambda d: d.update(conditioning={"kind": "none", "num_classes": 3}),
+            SchemaError,
+            "only allowed with kind 'class'",
+        ),
+        (lambda d: d["run"].pop("base_seed"), SchemaError, "missing field 'run.base_seed'"),
+        (lambda d: d.update(stages=[8, 4, 2]), SchemaError, "finest window count 8"),
+        (lambda d: d.update(stages=[4, 3]), SchemaError, "each stage dividing the previous"),
+        (lambda d: d.update(created_by=""), SchemaError, "'created_by' must be a non-empty string"),
+    ],
+)
+def test_card_rejects_bad_documents_naming_the_field(mutate, error, needle):
+    document = card_dict()
+    mutate(document)
+    with pytest.raises(error) as caught:
+        DatasetCard.from_json(json.dumps(document))
+    assert needle in str(caught.value)
+    assert "dataset.json" in str(caught.value)
+
+
+def test_card_version_error_says_found_and_supported():
+    document = card_dict()
+    document["schema_version"] = 99
+    with pytest.raises(UnsupportedSchemaVersion) as caught:
+        DatasetCard.from_json(json.dumps(document))
+    assert caught.value.found == 99 and caught.value.supported == (1,)
+    assert "99" in str(caught.value) and "reads schema_version 1" in str(caught.value)
+
+
+@pytest.mark.parametrize("text", ["{not json", "", "[1, 2]", '{"schema_version": NaN}', b"\xff\xfe\x00"])
+def test_card_rejects_unparseable_text(text):
+    with pytest.raises(CorpusFormatError, match="dataset.json"):
+        DatasetCard.from_json(text)
+
+
+# --------------------------------------------------------------------------------------------------
+# sample record
+
+
+@pytest.mark.parametrize(
+    ("dtype", "sample_shape"), [("float32", [4, 8, 8]), ("bfloat16", [4, 8, 8]), ("float16", [2])]
+)
+def test_record_round_trip(dtype, sample_shape):
+    card = make_card(dtype=dtype, sample_shape=sample_shape)
+    record = make_record(3, card, prompt="a ring of eight gaussians", prompt_id=17)
+    members = ss.encode_sample(record)
+    assert sorted(members) == ["json", "traj.safetensors"]
+    decoded = ss.decode_sample(record.key, members, card)
+    assert_same_record(record, decoded)
+    assert decoded.states.shape == (5, *sample_shape)
+    assert decoded.sigmas.dtype == torch.float32
+    assert (decoded.index, decoded.seed, decoded.guidance) == (3, 1237, 2.5)
+    assert ss.encode_sample(decoded) == members  # encoding is deterministic
+
+
+def test_sample_keys():
+    assert ss.sample_key(42) == "0000000042"
+    assert ss.validate_key("0000000042") == "0000000042"
+    for bad in ["", "a.b", "a/b", "..", "../x", "clé", "a b", 5]:
+        with pytest.raises(SchemaError, match="invalid sample key"):
+            ss.validate_key(bad)
+    with pytest.raises(SchemaError, match="index"):
+        ss.sample_key(-1)
+
+
+def safetensors_member(states: torch.Tensor, sigmas: torch.Tensor, **extra: torch.Tensor) -> bytes:
+    return safetensors.torch.save({"states": states, "sigmas": sigmas, **extra})
+
+
+def members_with(record: SampleRecord, **replace: bytes) -> dict[str, bytes]:
+    members = ss.encode_sample(record)
+    members.update({k.replace("_", "."): v for k, v in replace.items()})
+    return members
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), float("-inf")])
+def test_decode_rejects_non_finite_states_naming_the_key(bad_value):
+    card = make_card()
+    record = make_record(1, card)
+    states = record.states.clone()
+    states[2, 0, 3, 3] = bad_value
+    members = members_with(record, traj_safetensors=safetensors_member(states, record.sigmas))
+    with pytest.raises(NonFiniteError) as caught:
+        ss.decode_sample(record.key, members, card, shard_id=SHARD)
+    assert "'0000000001'" in str(caught.value) and SHARD in str(caught.value)
+    assert "1 non-finite" in str(caught.value)
+
+
+def test_decode_checks_the_record_against_the_card():
+    card = make_card()
+    record = make_record(1, card)
+
+    wrong_shape = safetensors_member(torch.zeros(5, 4, 8, 4), record.sigmas)
+    with pytest.raises(ShapeMismatchError, match=r"\[5, 4, 8, 4\].*\[5, 4, 8, 8\]"):
+        ss.decode_sample(record.key, members_with(record, traj_safetensors=wrong_shape), card)
+
+    wrong_k = safetensors_member(torch.zeros(3, 4, 8, 8), torch.tensor([1.0, 0.5, 0.0]))
+    with pytest.raises(ShapeMismatchError, match=r"\[3, 4, 8, 8\]"):
+        ss.decode_sample(record.key, members_with(record, traj_safetensors=wrong_k), card)
+
+    wrong_dtype = safetensors_member(record.states.to(torch.float16), record.sigmas)
+    with pytest.raises(SchemaError, match="dtype float16 does not match the card's dtype float32"):
+        ss.decode_sample(record.key, members_with(record, traj_safetensors=wrong_dtype), card)
+
+    other_sigmas = record.sigmas.clone()
+    other_sigmas[2] = 0.61
+    wrong_sigmas = safetensors_member(record.states, other_sigmas)
+    with pytest.raises(SchemaError, match=r"'sigmas\[2\]' = 0.6.* saved_sigmas\[2\]"):
+        ss.decode_sample(record.key, members_with(record, traj_safetensors=wrong_sigmas), card)
+
+    # Without the card those records are self-consistent and decode.
+    ss.decode_sample(record.key, members_with(record, traj_safetensors=wrong_sigmas))
+
+
+@pytest.mark.parametrize(
+    ("meta_change", "needle"),
+    [
+        ({"class_id": 10}, "'class_id' must be <= 9"),
+        ({"guidance": 7.5}, "'guidance' = 7.5 is not allowed"),
+    ],
+)
+def test_decode_checks_metadata_against_the_card(meta_change, needle):
+    card = make_card()
+    record = make_record(2, card, **meta_change)
+    with pytest.raises(SchemaError, match=needle):
+        ss.decode_sample(record.key, ss.encode_sample(record), card)
+
+
+def meta_bytes(**meta) -> bytes:
+    return json.dumps(meta).encode()
+
+
+@pytest.mark.parametrize(
+    ("replace", "error", "needle"),
+    [
+        ({"json": meta_bytes(index=1, guidance=1.0)}, SchemaError, "missing field 'seed'"),
+        ({"json": meta_bytes(index=1, seed="7", guidance=1.0)}, SchemaError, "'seed' must be an integer"),
+        (
+            {"json": meta_bytes(index=2, seed=7, guidance=1.0)},
+            SchemaError,
+            "sample_key(index) = '0000000002'",
+        ),
+        ({"json": b"{oops"}, CorpusFormatError, "not valid JSON"),
+        ({"json": b"[]"}, SchemaError, "must be a JSON object"),
+        (
+            {"traj.safetensors": b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}"},
+            CorpusFormatError,
+            "safetensors",
+        ),
+    ],
+)
+def test_decode_rejects_bad_members(replace, error, needle):
+    record = make_record(1, make_card())
+    members = ss.encode_sample(record)
+    members.update(replace)
+    with pytest.raises(error) as caught:
+        ss.decode_sample(record.key, members)
+    assert needle in str(caught.value) and "'0000000001'" in str(caught.value)
+
+
+def test_decode_rejects_unknown_or_missing_tensors_and_members():
+    record = make_record(1, make_card())
+    extra = safetensors_member(record.states, record.sigmas, noise=torch.zeros(2))
+    with pytest.raises(SchemaError, match=r"unknown \['noise'\]"):
+        ss.decode_sample(record.key, members_with(record, traj_safetensors=extra))
+    missing = safetensors.torch.save({"states": record.states})
+    with pytest.raises(SchemaError, match=r"missing \['sigmas'\]"):
+        ss.decode_sample(record.key, members_with(record, traj_safetensors=missing))
+    wrong_sigma_dtype = safetensors_member(record.states, record.sigmas.double())
+    with pytest.raises(SchemaError, match="'sigmas' must be stored as float32"):
+        ss.decode_sample(record.key, members_with(record, traj_safetensors=wrong_sigma_dtype))
+    with pytest.raises(SchemaError, match=r"missing member '0000000001.traj.safetensors'"):
+        ss.decode_sample(record.key, {"json": ss.encode_sample(record)["json"]})
+    with pytest.raises(UnsafeMemberError, match=r"'0000000001.pickle'"):
+        ss.decode_sample(record.key, {**ss.encode_sample(record), "pickle": b"\x80\x04N."})
+
+
+def test_record_construction_validates():
+    card = make_card()
+    good = make_record(0, card)
+    with pytest.raises(ShapeMismatchError, match=r"'sigmas' must have shape \[K\] = \[5\]"):
+        SampleRecord(key=good.key, states=good.states, sigmas=[1.0, 0.0], meta=good.meta)
+    with pytest.raises(SchemaError, match="strictly decreasing"):
+        SampleRecord(key=good.key, states=good.states, sigmas=[1.0, 0.5, 0.5, 0.2, 0.0], meta=good.meta)
+    with pytest.raises(SchemaError, match="'states' dtype"):
+        SampleRecord(key=good.key, states=good.states.double(), sigmas=good.sigmas, meta=good.meta)
+    with pytest.raises(SchemaError, match="plain JSON"):
+        SampleRecord(key=good.key, states=good.states, sigmas=good.sigmas, meta={**good.meta, "x": object()})
+
+
+# --------------------------------------------------------------------------------------------------
+# shards
+
+
+def test_shard_round_trip_and_byte_identical_rewrites():
+    card = make_card()
+    records = make_records(card, start=8, count=4)
+    first = ss.write_shard_bytes(records, card)
+    second = ss.write_shard_bytes(make_records(card, start=8, count=4), card)
+    assert first == second
+    decoded = list(ss.iter_shard_samples(first, SHARD, card))
+    assert [r.key for r in decoded] == [r.key for r in records]
+    for original, back in zip(records, decoded, strict=True):
+        assert_same_record(original, back)
+    names = [m.name for m in tarfile.open(fileobj=io.BytesIO(first))]
+    assert names[:2] == ["0000000008.json", "0000000008.traj.safetensors"]
+    headers = {
+        (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in tarfile.open(fileobj=io.BytesIO(first))
+    }
+    assert headers == {(0, 0, 0, "trajflow", "trajflow", 0o444)}
+
+
+def test_shard_written_to_a_file_is_read_by_plain_webdataset(tmp_path: Path):
+    card = make_card()
+    records = make_records(card, count=6)
+    shard_file = tmp_path / "shard-000000.tar"
+    shard_file.write_bytes(ss.write_shard_bytes(records))
+    samples = list(webdataset.WebDataset(str(shard_file), shardshuffle=False, empty_check=False))
+    assert [s["__key__"] for s in samples] == [r.key for r in records]
+    for sample, record in zip(samples, records, strict=True):
+        tensors = safetensors.torch.load(sample["traj.safetensors"])
+        assert tensors["states"].shape == (5, 4, 8, 8)
+        assert torch.equal(tensors["states"], record.states)
+        assert json.loads(sample["json"])["index"] == record.index
+    with shard_file.open("rb") as stream:  # and our reader streams from a file object
+        assert [r.key for r in ss.iter_shard_samples(stream, SHARD, card)] == [r.key for r in records]
+
+
+def test_large_shard_streams_from_a_file_object():
+    card = make_card()
+    data = ss.write_shard_bytes(make_records(card, count=40))  # ~220 KB: more than the reader's tail window
+    assert sum(1 for _ in ss.iter_shard_members(io.BytesIO(data), SHARD)) == 40
+    with pytest.raises(CorpusFormatError, match="no end-of-archive marker"):
+        list(ss.iter_shard_members(io.BytesIO(data[: member_end_offset(data, 20)]), SHARD))
+
+
+def test_writer_refuses_duplicates_empty_shards_and_card_mismatches():
+    card = make_card()
+    record = make_record(0, card)
+    with pytest.raises(SchemaError, match="duplicate sample key '0000000000'"):
+        ss.write_shard_bytes([record, record])
+    with pytest.raises(SchemaError, match="at least one sample"):
+        ss.write_shard_bytes([])
+    with pytest.raises(SchemaError, match="dtype"):
+        ss.write_shard_bytes([record], make_card(dtype="bfloat16"))
+
+
+class CreatesFileWhenUnpickled:
+    """A real pickle payload with a side effect: unpickling it creates ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_pickle_member_is_rejected_and_never_unpickled(tmp_path: Path):
+    marker = tmp_path / "unpickled.txt"
+    payload = pickle.dumps(CreatesFileWhenUnpickled(marker))
+    card = make_card()
+    good = [make_record(0, card), make_record(1, card)]
+    pickle_info = tarfile.TarInfo("0000000001.pickle")
+    data = tar_bytes(sample_entries(good[0]) + [(pickle_info, payload)] + sample_entries(good[1]))
+
+    with pytest.raises(UnsafeMemberError) as caught:
+        list(ss.iter_shard_samples(data, SHARD, card))
+    assert caught.value.member == "0000000001.pickle" and caught.value.shard_id == SHARD
+    assert "'0000000001.pickle'" in str(caught.value) and SHARD in str(caught.value)
+
+    unsafe: list[UnsafeMemberError] = []
+    decoded = list(ss.iter_shard_samples(data, SHARD, card, collect_unsafe=unsafe))
+    assert [r.key for r in decoded] == ["0000000000", "0000000001"]
+    assert [e.member for e in unsafe] == ["0000000001.pickle"]
+    assert not marker.exists()
+
+
+def regular(name: str) -> tuple[tarfile.TarInfo, bytes]:
+    return tarfile.TarInfo(name), b"{}"
+
+
+def special(name: str, kind: bytes, linkname: str = "") -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    return info, None
+
+
+@pytest.mark.parametrize(
+    ("entry", "needle"),
+    [
+        (regular("0000000001.pt"), "suffix 'pt'"),
+        (regular("0000000001.npy"), "suffix 'npy'"),
+        (regular("0000000001.pyd"), "suffix 'pyd'"),
+        (regular("0000000001.traj.safetensors.pickle"), "suffix 'traj.safetensors.pickle'"),
+        (regular("../../x"), "path traversal"),
+        (regular("../../0000000001.json"), "path traversal"),
+        (regular("/etc/0000000001.json"), "absolute path"),
+        (regular("/0000000001.json"), "absolute path"),
+        (regular("sub/0000000001.json"), "nested path"),
+        (regular("0000000001"), "no '.<suffix>'"),
+        (regular("bad key.json"), "invalid sample key"),
+        (special("0000000001.json", tarfile.SYMTYPE, "/etc/passwd"), "symbolic link (to '/etc/passwd')"),
+        (special("0000000001.json", tarfile.LNKTYPE, "0000000000.json"), "hard link"),
+        (special("0000000001", tarfile.DIRTYPE), "directory"),
+        (special("0000000001.json", tarfile.CHRTYPE), "device file"),
+        (special("0000000001.json", tarfile.FIFOTYPE), "FIFO"),
+    ],
+)
+def test_unsafe_members_are_named_and_rejected(entry, needle):
+    good = make_record(0, make_card())
+    data = tar_bytes(sample_entries(good) + [entry])
+    with pytest.raises(UnsafeMemberError) as caught:
+        list(ss.iter_shard_members(data, SHARD))
+    assert needle in str(caught.value)
+    assert repr(entry[0].name) in str(caught.value) and SHARD in str(caught.value)
+    unsafe: list[UnsafeMemberError] = []
+    assert [k for k, _ in ss.iter_shard_members(data, SHARD, collect_unsafe=unsafe)] == ["0000000000"]
+    assert len(unsafe) == 1
+
+
+def member_end_offset(data: bytes, count: int) -> int:
+    """Byte offset just past the payload of the ``count``-th member."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        info = tar.getmembers()[count - 1]
+    return info.offset_data + -(-info.size // 512) * 512
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        (lambda d: d[: len(d) // 2], "truncated"),
+        (lambda d: d[: member_end_offset(d, 4)], "no end-of-archive marker"),
+        (lambda d: d[: member_end_offset(d, 4) + 100], "truncated"),
+        (lambda d: b"\x07" + d[1:], "truncated or corrupt"),  # first header's checksum no longer matches
+        (
+            lambda d: d[: member_end_offset(d, 2)] + b"x" * 512 + d[member_end_offset(d, 2) + 512 :],
+            "corrupt tar",
+        ),
+        (lambda d: d + b"trailing garbage", "non-zero data after the end-of-archive"),
+        (lambda d: b"", "not a readable tar"),
+        (lambda d: b"this is not a tar file at all" * 40, "not a readable tar"),
+    ],
+)
+def test_truncated_or_corrupt_shards_are_format_errors(damage, needle):
+    data = ss.write_shard_bytes(make_records(make_card(), count=3))
+    with pytest.raises(CorpusFormatError) as caught:
+        list(ss.iter_shard_samples(damage(data), SHARD))
+    assert needle in str(caught.value) and SHARD in str(caught.value)
+
+
+def test_members_of_a_sample_must_be_consecutive():
+    card = make_card()
+    a, b = make_record(0, card), make_record(1, card)
+    entries_a, entries_b = sample_entries(a), sample_entries(b)
+    data = tar_bytes([entries_a[0], entries_b[0], entries_a[1], entries_b[1]])
+    with pytest.raises(SchemaError, match="'0000000000' appears again"):
+        list(ss.iter_shard_members(data, SHARD))
+
+
+# --------------------------------------------------------------------------------------------------
+# commit records and the manifest
+
+
+def make_commit(number: int, **overrides) -> ShardCommit:
+    fields = dict(
+        shard_id=ss.shard_id(number),
+        path=ss.shard_relpath(ss.shard_id(number)),
+        sha256=f"{number:064x}",
+        num_bytes=30720,
+        num_samples=4,
+        first_index=4 * number,
+        last_index=4 * number + 3,
+        seed=1234 + 4 * number,
+        card_fingerprint=make_card().fingerprint(),
+        committed_at="2025-01-31T12:00:00+00:00",
+    )
+    fields.update(overrides)
+    return ShardCommit(**fields)
+
+
+def test_commit_round_trip():
+    commit = make_commit(3)
+    assert commit.path == "shards/shard-000003.tar"
+    assert ShardCommit.from_json(commit.to_json()) == commit
+    assert json.loads(commit.to_json())["schema_version"] == ss.SCHEMA_VERSION
+    assert ShardCommit(**{**commit.to_dict(), "committed_at": ss.utc_now_iso()}).shard_id == "shard-000003"
+
+
+def commit_dict() -> dict:
+    return make_commit(3).to_dict()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error", "needle"),
+    [
+        (lambda d: d.update(schema_version=2), UnsupportedSchemaVersion, "schema_version 2"),
+        (lambda d: d.pop("schema_version"), UnsupportedSchemaVersion, "no schema_version"),
+        (lambda d: d.pop("sha256"), SchemaError, "missing field 'sha256'"),
+        (lambda d: d.update(uploaded_by="me"), SchemaError, "unknown field 'uploaded_by'"),
+        (lambda d: d.update(num_bytes="30720"), SchemaError, "'num_bytes' must be an integer"),
+        (lambda d: d.update(sha256="ABC"), SchemaError, "'sha256' must be 64 lowercase hex"),
+        (lambda d: d.update(num_samples=5), SchemaError, "num_samples 5 does not match"),
+        (lambda d: d.update(path="../../etc/passwd"), SchemaError, "invalid relative path"),
+        (lambda d: d.update(path="s3://other/bucket.tar"), SchemaError, "invalid relative path"),
+        (lambda d: d.update(shard_id="shard-3"), SchemaError, "invalid shard id 'shard-3'"),
+        (lambda d: d.update(committed_at="2025-01-31 12:00"), SchemaError, "'committed_at'"),
+        (lambda d: d.update(seed=-1), SchemaError, "'seed' must be >= 0"),
+    ],
+)
+def test_commit_rejects_bad_documents(mutate, error, needle):
+    document = commit_dict()
+    mutate(document)
+    with pytest.raises(error, match="commit record") as caught:
+        ShardCommit.from_json(json.dumps(document))
+    assert needle in str(caught.value)
+
+
+def test_manifest_round_trip_sorted_by_shard_number():
+    commits = [make_commit(n) for n in (12, 0, 1_000_000, 3)]
+    data = ss.manifest_to_parquet_bytes(commits)
+    back = ss.manifest_from_parquet_bytes(data)
+    assert [c.shard_id for c in back] == ["shard-000000", "shard-000003", "shard-000012", "shard-1000000"]
+    assert back == sorted(commits, key=lambda c: ss.shard_number(c.shard_id))
+    table = pq.read_table(pa.BufferReader(data))
+    assert table.schema.metadata[b"schema_version"] == b"1"
+    assert table.column_names == ss.MANIFEST_SCHEMA.names
+    assert ss.manifest_from_parquet_bytes(ss.manifest_to_parquet_bytes([])) == []
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def manifest_table() -> pa.Table:
+    return pq.read_table(pa.BufferReader(ss.manifest_to_parquet_bytes([make_commit(0), make_commit(1)])))
+
+
+def test_manifest_rejects_bad_files():
+    with pytest.raises(CorpusFormatError, match="not a readable Parquet file"):
+        ss.manifest_from_parquet_bytes(b"PAR1 but really just garbage bytes")
+    table = manifest_table()
+
+    without_seed = table.drop_columns(["seed"])
+    with pytest.raises(SchemaError, match=r"missing column\(s\) \['seed'\]"):
+        ss.manifest_from_parquet_bytes(parquet_bytes(without_seed))
+
+    extra = table.append_column("note", pa.array(["a", "b"]))
+    with pytest.raises(SchemaError, match=r"unknown column\(s\) \['note'\]"):
+        ss.manifest_from_parquet_bytes(parquet_bytes(extra))
+
+    narrow = table.set_column(
+        table.schema.get_field_index("seed"), "seed", table.column("seed").cast(pa.int32())
+    )
+    with pytest.raises(SchemaError, match="column 'seed' must be int64, found int32"):
+        ss.manifest_from_parquet_bytes(parquet_bytes(narrow))
+
+    with pytest.raises(UnsupportedSchemaVersion, match="schema_version '2'|schema_version 2"):
+        ss.manifest_from_parquet_bytes(parquet_bytes(table.replace_schema_metadata({"schema_version": "2"})))
+    with pytest.raises(UnsupportedSchemaVersion, match="no schema_version"):
+        ss.manifest_from_parquet_bytes(parquet_bytes(table.replace_schema_metadata(None)))
+
+    duplicated = pa.concat_tables([table, table.slice(0, 1)])
+    with pytest.raises(SchemaError, match="'shard-000000' appears more than once"):
+        ss.manifest_from_parquet_bytes(parquet_bytes(duplicated))
+
+    traversal = table.set_column(1, "path", pa.array(["shards/shard-000000.tar", "../outside.tar"]))
+    with pytest.raises(SchemaError, match="row 1.*invalid relative path '../outside.tar'"):
+        ss.manifest_from_parquet_bytes(parquet_bytes(traversal))
+
+
+# --------------------------------------------------------------------------------------------------
+# layout, errors, import rule
+
+
+def test_layout_paths():
+    layout = CorpusLayout("s3://bucket/corpus/")
+    assert layout.root == "s3://bucket/corpus"
+    assert layout.card_path == "s3://bucket/corpus/dataset.json"
+    assert layout.manifest_path == "s3://bucket/corpus/manifest.parquet"
+    assert layout.shards_dir == "s3://bucket/corpus/shards"
+    assert layout.commits_dir == "s3://bucket/corpus/commits"
+    assert layout.shard_path("shard-000003") == "s3://bucket/corpus/shards/shard-000003.tar"
+    assert layout.commit_path("shard-000003") == "s3://bucket/corpus/commits/shard-000003.json"
+    assert layout.relative(layout.shard_path("shard-000003")) == "shards/shard-000003.tar"
+    assert layout.relative("bucket/corpus/commits/shard-000003.json") == "commits/shard-000003.json"
+    assert CorpusLayout("/data/c").card_path == "/data/c/dataset.json"
+    assert ss.shard_id(3) == "shard-000003" and ss.shard_number("shard-000003") == 3
+    with pytest.raises(ValueError, match="not below the corpus root"):
+        layout.relative("s3://bucket/other/x.tar")
+    for bad in ["shard-3", "shard-0000003", "shard_000003", "shard-00000a", "../shard-000003"]:
+        with pytest.raises(SchemaError, match="invalid shard id"):
+            ss.validate_shard_id(bad)
+    with pytest.raises(ValueError):
+        CorpusLayout("/")
+
+
+def test_every_error_is_a_corpus_format_value_error():
+    for error in (
+        UnsupportedSchemaVersion,
+        SchemaError,
+        ShapeMismatchError,
+        NonFiniteError,
+        UnsafeMemberError,
+    ):
+        assert issubclass(error, CorpusFormatError) and issubclass(error, ValueError)
+    # Structured errors survive a copy between processes (Ray transports exceptions).
+    error = UnsafeMemberError("x.pickle", "suffix 'pickle'", SHARD)
+    assert str(pickle.loads(pickle.dumps(error))) == str(error)
+
+
+def test_storage_schemas_imports_neither_ray_nor_upper_layers_nor_pickle():
+    source = "\n".join(p.read_text() for p in Path(ss.__file__).parent.glob("*.py"))
+    assert not re.search(r"^\s*(import|from)\s+(pickle|dill|cloudpickle)\b", source, re.MULTILINE)
+    assert not re.search(r"(?<!safetensors\.)torch\.load\(|numpy\.load\(|np\.load\(", source)
+    code = (
+        "import sys, storage_schemas; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'ray', 'pipeline', 'trainer', 'trajflow'}); "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,189 @@
+"""The `trajflow` command line: one subcommand per user job (see `trajflow --help`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from trajflow import __version__
+
+EPILOG = """\
+examples:
+  trajflow demo --out ./demo_out
+  trajflow generate --teacher gmm:latent10 --num-trajectories 4096 --shard-size 256 --out s3://bucket/corpus
+  trajflow submit --address http://HEAD:8265 --wait -- --teacher gmm:latent10 --num-trajectories 4096 --out s3://b/c
+
+URLs are fsspec URLs (s3://, gs://, file://, plain paths). S3 endpoints and credentials come from the
+standard AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) or --storage-options JSON.
+"""
+
+
+class UsageError(Exception):
+    """Bad flags or values: exit status 2 with a one-line message."""
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    """The generate flags (also parsed by `trajflow submit` before it sends them to the cluster)."""
+    g = p.add_argument_group("what to generate (these determine the corpus bytes)")
+    g.add_argument("--teacher", help="teacher SPEC: gmm:ring2d | gmm:latent10 | gmm:FILE.json | "
+                   "flownet:URL.safetensors | diffusers:PATH[:subfolder]")
+    g.add_argument("--num-trajectories", type=int, help="number of trajectories (samples)")
+    g.add_argument("--shard-size", type=int, help="trajectories per WebDataset shard (default 256)")
+    g.add_argument("--base-seed", type=int, help="base seed; sample i's noise seed is a hash of (base, i) (default 0)")
+    g.add_argument("--solver", choices=["euler", "heun"], help="ODE solver (default euler)")
+    g.add_argument("--num-steps", type=int, help="solver steps, a multiple of the finest stage (default 32)")
+    g.add_argument("--shift", type=float, help="time shift of the sigma grid (default 1.0; SD3 uses 3.0)")
+    g.add_argument("--stages", type=_int_list, help="window stages finest first; saved sigmas default to the "
+                   "finest's boundaries (default 8,4,2)")
+    g.add_argument("--saved-sigmas", type=_float_list, help="explicit saved sigmas (solver grid points), e.g. 1,0.5,0")
+    g.add_argument("--guidance", help="CFG weight, fixed (3.0) or a per-trajectory range (1.5:4.5) (default 1.0)")
+    g.add_argument("--classes", type=_int_list, help="class ids to cycle through (default: all classes)")
+    g.add_argument("--prompts", help="prompt file (.jsonl/.parquet with prompt_id, prompt) for prompt teachers")
+    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="stored state dtype (default float32)")
+    g.add_argument("--batch-size", type=int, help="trajectories per solver batch (default 64)")
+    r = p.add_argument_group("where and how to run")
+    r.add_argument("--out", help="corpus root URL: s3://bucket/prefix, gs://..., /local/dir")
+    r.add_argument("--config", help="JSON or TOML file of settings; flags given on the command line override it")
+    r.add_argument("--num-workers", type=int, help="worker actors (default 1)")
+    r.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default: 1 if the cluster has GPUs, else 0)")
+    r.add_argument("--cpus-per-worker", type=float, help="CPUs (and torch threads) per worker (default 1)")
+    r.add_argument("--max-retries", type=int, help="retries per shard before the job fails (default 3)")
+    r.add_argument("--address", help="Ray address (default: start an embedded local Ray; 'auto' inside a cluster)")
+    r.add_argument("--storage-options", type=_json_object, help="fsspec storage options as JSON")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+
+
+GENERATE_KEYS = ("teacher", "num_trajectories", "shard_size", "base_seed", "solver", "num_steps", "shift", "stages",
+                 "saved_sigmas", "guidance", "classes", "prompts", "dtype", "batch_size", "out", "num_workers",
+                 "gpus_per_worker", "cpus_per_worker", "max_retries", "address", "storage_options")
+
+
+def generate_config_from_args(args: argparse.Namespace):
+    from pipeline.config import build_config, load_config_file
+
+    file_values = load_config_file(args.config) if args.config else {}
+    flags = {k: getattr(args, k) for k in GENERATE_KEYS}
+    if args.no_progress:
+        flags["progress"] = False
+    return build_config(file_values, flags)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pipeline.driver import GenerationFailed, run_generation
+    from pipeline.storage import StorageError
+
+    try:
+        cfg = generate_config_from_args(args)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from None
+    try:
+        summary = run_generation(cfg)
+    except (GenerationFailed, StorageError) as e:
+        print(f"trajflow generate: error: {e}", file=sys.stderr)
+        return 1
+    print(summary.line())
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline.submit import submit_generate
+
+    return submit_generate(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from trajflow.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trajflow", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Few-step distillation of flow-matching image models: generate authentic teacher ODE "
+                    "trajectories into WebDataset shards on object storage.")
+    parser.add_argument("--version", action="version", version=f"trajflow {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more (INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="the whole job on embedded defaults (local Ray, local files, built-in teacher)",
+                       description="Generate a small latent10 corpus on an embedded local Ray cluster, "
+                                   "check it against its manifest, and write a summary.")
+    p.add_argument("--out", default="demo_out", help="output directory (default ./demo_out)")
+    p.add_argument("--num-trajectories", type=int, default=2048, help="corpus size (default 2048)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("generate", help="solve the teacher's ODE from seeded noise into a sharded corpus",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Generate authentic teacher trajectories on a Ray cluster and commit them as "
+                                   "WebDataset shards with a Parquet manifest. Re-running the same command resumes.",
+                       epilog="example:\n  trajflow generate --teacher gmm:latent10 --num-trajectories 4096 "
+                              "--shard-size 256 --out s3://bucket/latent10 --guidance 1.5:4.5")
+    add_generate_arguments(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("submit", help="submit `generate` to a Ray cluster through the Ray Jobs API",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Submit a generate job to a running Ray cluster (Ray Jobs API). Everything after "
+                                   "`--` is passed to `trajflow generate` on the cluster.",
+                       epilog="example:\n  trajflow submit --address http://127.0.0.1:8265 --wait -- "
+                              "--teacher gmm:latent10 --num-trajectories 4096 --out s3://bucket/c")
+    p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
+    p.add_argument("--wait", action="store_true", help="stream the job's logs and exit with its status")
+    p.add_argument("--working-dir", help="ship this directory as the job's working_dir (default: none; the "
+                   "cluster image has trajflow installed)")
+    p.add_argument("--runtime-env", help="runtime_env YAML/JSON file (e.g. cluster/runtime_env.yaml)")
+    p.add_argument("--submission-id", help="job id (default: stable hash of the generate arguments)")
+    p.add_argument("generate_args", nargs=argparse.REMAINDER, help="-- then the `trajflow generate` arguments")
+    p.set_defaults(func=cmd_submit)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as e:
+        print(f"trajflow {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; committed work is kept, re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
