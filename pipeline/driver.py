@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -155,15 +156,21 @@ def _ensure_ray(address: str | None):
     if not ray.is_initialized():
         if address:
             ray.init(address=address, log_to_driver=True)
-        else:
-            ray.init(include_dashboard=False, log_to_driver=True)
+        else:  # "local": always an embedded cluster, never an unrelated `ray start` one on this machine
+            ray.init(address="local", include_dashboard=False, log_to_driver=True)
     return ray
 
 
-def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = None) -> GenerationSummary:
-    """Generate (or resume) the corpus described by ``cfg`` on a Ray cluster."""
-    import ray
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = None,
+                   run_name: str | None = None, start_timeout_s: float = 600.0) -> GenerationSummary:
+    """Generate (or resume) the corpus described by ``cfg`` on a Ray cluster.
+
+    ``worker_env``: extra environment variables for the worker actors (e.g. credentials that the
+    cluster's nodes do not have). ``run_name``: prefix of the workers' actor names (namespace
+    "trajflow"), so operators can find them. ``start_timeout_s``: how long to wait for the first
+    worker to be placed (GPUs may need an autoscaler) before failing with a clear message.
+    """
+    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
     from pipeline.worker import GenerationWorker
 
@@ -173,27 +180,57 @@ def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = N
     gpus = cfg.gpus_per_worker
     if gpus is None:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    have_gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus and have_gpus < gpus * cfg.num_workers:
+        log.warning("%d workers x %s GPUs requested but the cluster has %s GPUs now; workers that cannot be "
+                    "placed wait for capacity (autoscaler) and get no work meanwhile", cfg.num_workers, gpus,
+                    have_gpus)
     prompts_sha = None
     if cfg.prompts:
         from pipeline.prompts import load_prompts
 
         _, prompts_sha = load_prompts(cfg.prompts, cfg.storage_options)
-    actor_cls = ray.remote(GenerationWorker).options(
-        num_gpus=gpus, num_cpus=cfg.cpus_per_worker, max_concurrency=IN_FLIGHT_PER_WORKER, max_restarts=0,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cfg.cpus_per_worker))), **(worker_env or {})}},
-    )
+    env = {"OMP_NUM_THREADS": str(max(1, int(cfg.cpus_per_worker))), **(worker_env or {})}
+    run_name = run_name or f"gen-{uuid.uuid4().hex[:8]}"
+    actor_count = 0
+
+    def new_actor():
+        nonlocal actor_count
+        actor_count += 1
+        return ray.remote(GenerationWorker).options(
+            num_gpus=gpus, num_cpus=cfg.cpus_per_worker, max_concurrency=IN_FLIGHT_PER_WORKER, max_restarts=0,
+            name=f"trajflow-{run_name}-worker-{actor_count}", namespace="trajflow",
+            runtime_env={"env_vars": env},
+        ).remote(config_dict)
+
     config_dict = cfg.to_dict()
-    actors = [actor_cls.remote(config_dict) for _ in range(cfg.num_workers)]
-    try:
-        described = ray.get(actors[0].describe.remote())
-    except (RayTaskError, RayActorError) as e:
-        for a in actors:
-            ray.kill(a)
-        raise GenerationFailed(f"the worker could not load teacher {cfg.teacher!r}: {e}") from None
+    actors = [new_actor() for _ in range(cfg.num_workers)]
+    # the first worker to start describes the teacher (fingerprint, shapes) for the dataset card
+    starting = {a.describe.remote(): a for a in actors}
+    described = None
+    ready: list[Any] = []
+    deadline = time.monotonic() + start_timeout_s
+    while described is None:
+        done, _ = ray.wait(list(starting), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not done:
+            for a in actors:
+                ray.kill(a)
+            raise GenerationFailed(
+                f"no worker could be placed within {start_timeout_s:.0f}s ({gpus} GPU(s) and "
+                f"{cfg.cpus_per_worker} CPU(s) each; the cluster has {ray.cluster_resources()})")
+        actor = starting.pop(done[0])
+        try:
+            described = ray.get(done[0])
+            ready.append(actor)
+        except (RayTaskError, RayActorError) as e:
+            if not starting:
+                for a in actors:
+                    ray.kill(a)
+                raise GenerationFailed(f"the workers could not start teacher {cfg.teacher!r}: {e}") from None
+            actors.remove(actor)
     card = build_card(cfg, described, prompts_sha)
     fp = card.fingerprint()
     committed = prepare_corpus(store, card)
-    ray.get([a.set_card_fingerprint.remote(fp) for a in actors])
     planned = [shard_id(n) for n in range(cfg.num_shards)]
     pending = deque(n for n in range(cfg.num_shards) if planned[n] not in committed)
     skipped = cfg.num_shards - len(pending)
@@ -211,44 +248,61 @@ def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = N
     log.info("generating %d shards into %s (%d already committed; storage options %s)",
              len(pending), cfg.out, skipped, describe_options(cfg.storage_options))
 
-    def submit(actor):
-        n = pending.popleft()
-        attempts[n] = attempts.get(n, 0) + 1
-        in_flight[actor.process_shard.remote(n)] = (n, actor)
-
     def fill():
-        for actor in list(actors):
+        for actor in ready:
             busy = sum(1 for _, a in in_flight.values() if a is actor)
             while pending and busy < IN_FLIGHT_PER_WORKER:
-                submit(actor)
+                n = pending.popleft()
+                attempts[n] = attempts.get(n, 0) + 1
+                in_flight[actor.process_shard.remote(n, fp)] = (n, actor)
                 busy += 1
+
+    def lose_actor(actor, why: str):
+        nonlocal replaced
+        if actor in ready:
+            ready.remove(actor)
+        if actor in actors:
+            actors.remove(actor)
+            replaced += 1
+            log.warning("worker died (%s); starting a replacement", why)
+            fresh = new_actor()
+            actors.append(fresh)
+            starting[fresh.pid.remote()] = fresh
+        for ref2, (n2, a2) in list(in_flight.items()):
+            if a2 is actor:  # requeue what it held; counted against those shards' attempts
+                del in_flight[ref2]
+                pending.appendleft(n2)
 
     committed_now = new_samples = 0
     try:
         fill()
-        while in_flight:
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            ref = ready[0]
+        while in_flight or (pending and starting):
+            waitable = list(in_flight) + list(starting)
+            done, _ = ray.wait(waitable, num_returns=1, timeout=start_timeout_s if not in_flight else None)
+            if not done:
+                raise GenerationFailed(f"no worker became available within {start_timeout_s:.0f}s")
+            ref = done[0]
+            if ref in starting:
+                actor = starting.pop(ref)
+                try:
+                    ray.get(ref)
+                    ready.append(actor)
+                except (RayTaskError, RayActorError) as e:
+                    lose_actor(actor, f"failed to start: {e}")
+                    if replaced > cfg.max_retries * max(1, cfg.num_workers):
+                        raise GenerationFailed(f"workers keep failing to start; last error: {e}") from None
+                fill()
+                continue
             n, actor = in_flight.pop(ref)
             try:
                 result = ray.get(ref)
-            except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
-                # the worker died (node lost, OOM, killed): replace it, requeue everything it held
+            except RayActorError as e:  # the worker died (node lost, OOM, killed)
                 retries += 1
-                if actor in actors:
-                    actors.remove(actor)
-                    replaced += 1
-                    log.warning("worker died (%s); starting a replacement", type(e).__name__)
-                    new = actor_cls.remote(config_dict, fp)
-                    actors.append(new)
-                for ref2, (n2, a2) in list(in_flight.items()):
-                    if a2 is actor:
-                        del in_flight[ref2]
-                        pending.appendleft(n2)
                 pending.appendleft(n)
+                lose_actor(actor, type(e).__name__)
                 if attempts[n] >= cfg.max_retries + 1:
                     raise GenerationFailed(
-                        f"shard {planned[n]} failed {attempts[n]} times (last: worker died: {e}); giving up"
+                        f"shard {planned[n]} failed {attempts[n]} times (last: its worker died: {e}); giving up"
                     ) from None
             except RayTaskError as e:
                 retries += 1
@@ -270,6 +324,8 @@ def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = N
             if bar is not None:
                 bar.set_postfix(shards=f"{len(committed)}/{cfg.num_shards}", retries=retries)
             fill()
+    except GetTimeoutError as e:
+        raise GenerationFailed(f"timed out waiting for workers: {e}") from None
     finally:
         for ref in in_flight:
             ray.cancel(ref, force=True)

@@ -135,8 +135,10 @@ class GenerationWorker:
     def shard_bytes(self, number: int) -> bytes:
         return write_shard_bytes(self.solve_shard(number))
 
-    def process_shard(self, number: int) -> dict[str, Any]:
+    def process_shard(self, number: int, card_fingerprint: str | None = None) -> dict[str, Any]:
         """Solve, pack, upload, verify, commit. Returns the commit record as a dict."""
+        if card_fingerprint is not None:
+            self.card_fingerprint = card_fingerprint
         if self.card_fingerprint is None:
             raise RuntimeError("the dataset card must be written before shards are committed")
         t0 = time.perf_counter()
