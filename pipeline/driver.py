@@ -34,6 +34,7 @@ from storage_schemas import (
 
 log = logging.getLogger(__name__)
 IN_FLIGHT_PER_WORKER = 2
+MAX_UNCOMMITTED_PER_WORKER = 4
 
 
 def created_by() -> str:
@@ -60,6 +61,13 @@ class GenerationSummary:
     actors_replaced: int
     seconds: float
     trajectories_per_second: float
+    #: seconds until the first worker was up (teacher loaded), included in ``seconds``
+    startup_seconds: float = 0.0
+
+    @property
+    def steady_trajectories_per_second(self) -> float:
+        """Throughput after the first worker started: what a long run sustains."""
+        return self.trajectories_per_second * self.seconds / max(self.seconds - self.startup_seconds, 1e-9)
 
     def line(self) -> str:
         return (f"generated {self.url}: {self.num_shards} shards / {self.num_samples} trajectories "
@@ -172,7 +180,7 @@ def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = N
     """
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-    from pipeline.worker import GenerationWorker
+    from pipeline.worker import GenerationWorker, ShardCommitter
 
     t_start = time.perf_counter()
     store = ObjectStore(cfg.out, cfg.storage_options)
@@ -198,10 +206,21 @@ def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = N
         nonlocal actor_count
         actor_count += 1
         return ray.remote(GenerationWorker).options(
-            num_gpus=gpus, num_cpus=cfg.cpus_per_worker, max_concurrency=IN_FLIGHT_PER_WORKER, max_restarts=0,
+            num_gpus=gpus, num_cpus=cfg.cpus_per_worker, max_restarts=0,
             name=f"trajflow-{run_name}-worker-{actor_count}", namespace="trajflow",
             runtime_env={"env_vars": env},
         ).remote(config_dict)
+
+    committer_count = 0
+
+    def new_committer():
+        # I/O bound (pack, hash, upload, read back): no CPU reservation, two uploads at a time
+        nonlocal committer_count
+        committer_count += 1
+        return ray.remote(ShardCommitter).options(
+            num_cpus=0, max_restarts=0, max_concurrency=2, name=f"trajflow-{run_name}-committer-{committer_count}",
+            namespace="trajflow", runtime_env={"env_vars": env},
+        ).remote(cfg.out, cfg.storage_options)
 
     config_dict = cfg.to_dict()
     actors = [new_actor() for _ in range(cfg.num_workers)]
@@ -228,6 +247,7 @@ def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = N
                     ray.kill(a)
                 raise GenerationFailed(f"the workers could not start teacher {cfg.teacher!r}: {e}") from None
             actors.remove(actor)
+    startup_s = time.perf_counter() - t_start
     card = build_card(cfg, described, prompts_sha)
     fp = card.fingerprint()
     committed = prepare_corpus(store, card)
@@ -237,7 +257,10 @@ def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = N
     attempts: dict[int, int] = {}
     retries = replaced = 0
     done_samples = sum(c.num_samples for c in committed.values())
-    in_flight: dict[Any, tuple[int, Any]] = {}
+    # shard n: worker.solve_payload(n) -> ref -> committer.commit(ref, fp); the driver never touches the data
+    solving: dict[Any, tuple[int, Any]] = {}  # solve ref -> (shard, worker)
+    committing: dict[Any, tuple[int, Any, Any]] = {}  # commit ref -> (shard, solve ref, committer)
+    committers = [new_committer() for _ in range(max(1, len(actors)))]
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
@@ -248,37 +271,69 @@ def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = N
     log.info("generating %d shards into %s (%d already committed; storage options %s)",
              len(pending), cfg.out, skipped, describe_options(cfg.storage_options))
 
+    def outstanding(worker) -> int:
+        return sum(1 for _, w in solving.values() if w is worker) + sum(
+            1 for _, sref, _ in committing.values() if sref in worker_of and worker_of[sref] is worker)
+
+    worker_of: dict[Any, Any] = {}  # solve ref -> worker, kept until the shard is committed
+
+    def commit_via(sref, n):
+        committer = committers[n % len(committers)]
+        committing[committer.commit.remote(sref, fp)] = (n, sref, committer)
+
     def fill():
-        for actor in ready:
-            busy = sum(1 for _, a in in_flight.values() if a is actor)
-            while pending and busy < IN_FLIGHT_PER_WORKER:
+        for worker in ready:
+            # two solves queued per worker keep it busy; at most MAX_UNCOMMITTED solved shards wait on storage
+            while pending and sum(1 for _, w in solving.values() if w is worker) < IN_FLIGHT_PER_WORKER \
+                    and outstanding(worker) < MAX_UNCOMMITTED_PER_WORKER:
                 n = pending.popleft()
                 attempts[n] = attempts.get(n, 0) + 1
-                in_flight[actor.process_shard.remote(n, fp)] = (n, actor)
-                busy += 1
+                sref = worker.solve_payload.remote(n)
+                solving[sref] = (n, worker)
+                worker_of[sref] = worker
+                commit_via(sref, n)
 
-    def lose_actor(actor, why: str):
+    def drop_shard(n):
+        """Forget every in-flight ref of shard n (before requeueing it)."""
+        for ref, (n2, _) in list(solving.items()):
+            if n2 == n:
+                del solving[ref]
+        for ref, (n2, sref, _) in list(committing.items()):
+            if n2 == n:
+                del committing[ref]
+                worker_of.pop(sref, None)
+
+    def lose_worker(worker, why: str):
         nonlocal replaced
-        if actor in ready:
-            ready.remove(actor)
-        if actor in actors:
-            actors.remove(actor)
+        if worker in ready:
+            ready.remove(worker)
+        if worker in actors:
+            actors.remove(worker)
             replaced += 1
             log.warning("worker died (%s); starting a replacement", why)
             fresh = new_actor()
             actors.append(fresh)
             starting[fresh.pid.remote()] = fresh
-        for ref2, (n2, a2) in list(in_flight.items()):
-            if a2 is actor:  # requeue what it held; counted against those shards' attempts
-                del in_flight[ref2]
-                pending.appendleft(n2)
+        lost = sorted({n for n, w in solving.values() if w is worker})
+        for n in lost:  # requeue what it was solving; counted against those shards' attempts
+            drop_shard(n)
+            pending.appendleft(n)
+
+    def give_up_or_requeue(n, why: str):
+        if attempts[n] >= cfg.max_retries + 1:
+            raise GenerationFailed(
+                f"shard {planned[n]} failed {attempts[n]} times; last error: {why}. Committed shards are kept; "
+                "fix the cause and re-run the same command to resume.")
+        log.warning("shard %s failed (%s); retrying", planned[n], why)
+        drop_shard(n)
+        pending.appendleft(n)
 
     committed_now = new_samples = 0
     try:
         fill()
-        while in_flight or (pending and starting):
-            waitable = list(in_flight) + list(starting)
-            done, _ = ray.wait(waitable, num_returns=1, timeout=start_timeout_s if not in_flight else None)
+        while solving or committing or (pending and starting):
+            waitable = list(solving) + list(committing) + list(starting)
+            done, _ = ray.wait(waitable, num_returns=1, timeout=None if (solving or committing) else start_timeout_s)
             if not done:
                 raise GenerationFailed(f"no worker became available within {start_timeout_s:.0f}s")
             ref = done[0]
@@ -288,33 +343,48 @@ def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = N
                     ray.get(ref)
                     ready.append(actor)
                 except (RayTaskError, RayActorError) as e:
-                    lose_actor(actor, f"failed to start: {e}")
+                    lose_worker(actor, f"failed to start: {e}")
                     if replaced > cfg.max_retries * max(1, cfg.num_workers):
                         raise GenerationFailed(f"workers keep failing to start; last error: {e}") from None
-                fill()
-                continue
-            n, actor = in_flight.pop(ref)
-            try:
-                result = ray.get(ref)
-            except RayActorError as e:  # the worker died (node lost, OOM, killed)
-                retries += 1
-                pending.appendleft(n)
-                lose_actor(actor, type(e).__name__)
-                if attempts[n] >= cfg.max_retries + 1:
-                    raise GenerationFailed(
-                        f"shard {planned[n]} failed {attempts[n]} times (last: its worker died: {e}); giving up"
-                    ) from None
-            except RayTaskError as e:
-                retries += 1
-                cause = getattr(e, "cause", None) or e
-                if attempts[n] >= cfg.max_retries + 1:
-                    raise GenerationFailed(
-                        f"shard {planned[n]} failed {attempts[n]} times; last error: {type(cause).__name__}: {cause}. "
-                        f"Committed shards are kept; fix the cause and re-run the same command to resume."
-                    ) from None
-                log.warning("shard %s failed (%s: %s); retrying", planned[n], type(cause).__name__, cause)
-                pending.appendleft(n)
-            else:
+            elif ref in solving:
+                n, worker = solving.pop(ref)
+                try:
+                    ray.get(ref)
+                except RayActorError as e:  # the worker died (node lost, OOM, killed)
+                    retries += 1
+                    attempts_n = attempts[n]
+                    solving[ref] = (n, worker)  # so lose_worker requeues it with the rest
+                    lose_worker(worker, type(e).__name__)
+                    if attempts_n >= cfg.max_retries + 1:
+                        raise GenerationFailed(
+                            f"shard {planned[n]} failed {attempts_n} times (last: its worker died); giving up") from None
+                except RayTaskError as e:
+                    retries += 1
+                    cause = getattr(e, "cause", None) or e
+                    give_up_or_requeue(n, f"{type(cause).__name__}: {cause}")
+            elif ref in committing:
+                n, sref, committer = committing.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except (RayTaskError, RayActorError) as e:
+                    if sref in solving or sref not in worker_of:
+                        continue  # the solve itself failed: handled (or about to be) through its own ref
+                    retries += 1
+                    if isinstance(e, RayActorError) and not isinstance(e, RayTaskError):
+                        if committer in committers:  # the committer process died: replace it, keep the solve
+                            committers[committers.index(committer)] = new_committer()
+                            log.warning("committer died; starting a replacement")
+                    cause = getattr(e, "cause", None) or e
+                    if attempts[n] >= cfg.max_retries + 1:
+                        raise GenerationFailed(
+                            f"shard {planned[n]} could not be committed after {attempts[n]} attempts; last error: "
+                            f"{type(cause).__name__}: {cause}. Committed shards are kept; fix the cause and re-run "
+                            "the same command to resume.") from None
+                    attempts[n] += 1
+                    log.warning("committing shard %s failed (%s); retrying the upload", planned[n], cause)
+                    commit_via(sref, n)  # the solved shard is still in the object store: no re-solve
+                    continue
+                worker_of.pop(sref, None)
                 commit = ShardCommit(**{k: v for k, v in result.items() if not k.startswith("_")})
                 committed[commit.shard_id] = commit
                 committed_now += 1
@@ -327,9 +397,12 @@ def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = N
     except GetTimeoutError as e:
         raise GenerationFailed(f"timed out waiting for workers: {e}") from None
     finally:
-        for ref in in_flight:
-            ray.cancel(ref, force=True)
-        for a in actors:
+        for ref in list(solving) + list(committing):
+            try:
+                ray.cancel(ref)
+            except Exception:  # noqa: BLE001 - best effort; the actors are killed next anyway
+                pass
+        for a in actors + committers:
             ray.kill(a)
         if bar is not None:
             bar.close()
@@ -340,4 +413,4 @@ def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = N
     seconds = time.perf_counter() - t_start
     total = sum(committed[s].num_samples for s in planned)
     return GenerationSummary(cfg.out, cfg.num_shards, total, committed_now, skipped, retries, replaced,
-                             seconds, new_samples / max(seconds, 1e-9))
+                             seconds, new_samples / max(seconds, 1e-9), startup_s)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -387,13 +388,35 @@ async def _tail(client, sid: str, printed: list[int]) -> None:
         printed[0] += len(chunk)
 
 
+async def _follow(client, sid: str, printed: list[int], poll_s: float) -> None:
+    """Stream the logs while polling the status: the server closes the stream only a few seconds after
+    the job ends, so stop it ourselves once the job is over (the rest is fetched in one request)."""
+    tail = asyncio.ensure_future(_tail(client, sid, printed))
+    try:
+        while not tail.done():
+            await asyncio.wait({tail}, timeout=poll_s)
+            if tail.done():
+                break
+            status = await asyncio.to_thread(lambda: _status(client.get_job_info(sid)))
+            if _is_terminal(status):
+                await asyncio.wait({tail}, timeout=1.0)
+                break
+    finally:
+        if not tail.done():
+            tail.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await tail
+    if not tail.cancelled() and tail.exception() is not None:
+        raise tail.exception()
+
+
 def wait_for_job(client, sid: str, poll_s: float = 1.0) -> str:
     """Stream the job's logs to stdout until it ends; return its terminal status."""
     printed = [0]
     if not _is_terminal(_status(client.get_job_info(sid))):
         # a finished job's logs come faster in one request than through the tail websocket
         try:
-            asyncio.run(_tail(client, sid, printed))
+            asyncio.run(_follow(client, sid, printed, poll_s))
         except Exception as e:  # the websocket dropped (proxy, head restart): fall back to polling
             _err(f"log stream interrupted ({type(e).__name__}: {e}); polling the job instead")
     while True:
@@ -461,11 +484,11 @@ def _submit(args: argparse.Namespace) -> int:
     digest = gen.digest()
     entrypoint = gen.entrypoint()
 
-    if not getattr(args, "verbose", False):
+    client = connect(address)
+    if not getattr(args, "verbose", False):  # after importing ray, which sets up its loggers
         import logging
 
         logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)
-    client = connect(address)
     from ray.exceptions import AuthenticationError
 
     try:

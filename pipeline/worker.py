@@ -1,16 +1,17 @@
-"""The generation worker: a plain class (no Ray here), wrapped as an actor by the driver.
+"""Generation workers: plain classes (no Ray here), wrapped as actors by the driver.
 
-It loads the teacher once, solves a shard's trajectories in batches, packs them into a
-deterministic WebDataset tar, uploads it, verifies the stored size and sha256 and only then writes
-the shard's commit record. ``process_shard`` holds a lock only around the solve, so when the
-driver keeps two shards in flight on one worker (actor ``max_concurrency=2``) serialisation,
-hashing and upload of one shard overlap with the solve of the next: the GPU does not wait on storage.
+``GenerationWorker`` loads the teacher once and solves a shard's trajectories in batches
+(``solve_payload``): the GPU process does nothing else. ``ShardCommitter`` (a second, I/O-bound
+process) packs a solved shard into a deterministic WebDataset tar, uploads it, verifies the stored
+size and sha256 and only then writes the shard's commit record. The driver pipes one into the other
+through Ray's object store, so serialisation, hashing and upload of shard n overlap with the solve
+of shard n+1 without competing for the solver's GIL. ``GenerationWorker.process_shard`` does both
+in-process (no Ray) for tests, tools and benchmarks.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 import time
 from typing import Any
 
@@ -29,6 +30,9 @@ from storage_schemas import (
     shard_relpath,
     utc_now_iso,
     write_shard_bytes,
+)
+from storage_schemas import (
+    shard_id as format_shard_id,
 )
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -72,8 +76,6 @@ class GenerationWorker:
 
             self.prompts, _ = load_prompts(self.cfg.prompts, self.cfg.storage_options)
         self.plan = make_plan(self.cfg, self.teacher, self.prompts)
-        self._solve_lock = threading.Lock()
-        self.solve_seconds = 0.0
 
     # -- description used by the driver to write the dataset card ---------------------------
     def describe(self) -> dict[str, Any]:
@@ -135,29 +137,53 @@ class GenerationWorker:
     def shard_bytes(self, number: int) -> bytes:
         return write_shard_bytes(self.solve_shard(number))
 
-    def process_shard(self, number: int, card_fingerprint: str | None = None) -> dict[str, Any]:
-        """Solve, pack, upload, verify, commit. Returns the commit record as a dict."""
-        if card_fingerprint is not None:
-            self.card_fingerprint = card_fingerprint
-        if self.card_fingerprint is None:
-            raise RuntimeError("the dataset card must be written before shards are committed")
+    def solve_payload(self, number: int) -> dict[str, Any]:
+        """Solve shard ``number`` -> {number, states [N, K, *X] (stored dtype), sigmas [K], metas, seconds}:
+        what a ShardCommitter needs, as plain tensors + JSON (cheap to move between processes)."""
         t0 = time.perf_counter()
-        with self._solve_lock:  # one solve at a time; uploads of other shards run meanwhile
-            records = self.solve_shard(number)
-        solve_s = time.perf_counter() - t0
+        records = self.solve_shard(number)
+        return {
+            "number": number,
+            "states": torch.stack([r.states for r in records]),
+            "sigmas": records[0].sigmas,
+            "metas": [r.meta for r in records],
+            "solve_seconds": time.perf_counter() - t0,
+        }
+
+    def process_shard(self, number: int, card_fingerprint: str | None = None) -> dict[str, Any]:
+        """Solve, pack, upload, verify and commit in this process. Returns the commit record as a dict."""
+        fp = card_fingerprint or self.card_fingerprint
+        if fp is None:
+            raise RuntimeError("the dataset card must be written before shards are committed")
+        return ShardCommitter(self.cfg.out, self.cfg.storage_options).commit(self.solve_payload(number), fp)
+
+
+class ShardCommitter:
+    """Packs, uploads, verifies and commits solved shards (I/O bound; see module docstring)."""
+
+    def __init__(self, out: str, storage_options: dict[str, Any] | None = None):
+        self.store = ObjectStore(out, storage_options)
+
+    def commit(self, payload: dict[str, Any], card_fingerprint: str) -> dict[str, Any]:
+        """Tar -> upload -> read-back verify (size, sha256) -> commit record. Returns the record as a dict."""
+        states, sigmas, metas = payload["states"], payload["sigmas"], payload["metas"]
+        records = [SampleRecord(sample_key(m["index"]), states[i], sigmas, m) for i, m in enumerate(metas)]
         data = write_shard_bytes(records)
-        sid = self.plan.shard_id(number)
+        sid = format_shard_id(payload["number"])
         sha, nbytes = self.store.put_verified(shard_relpath(sid), data)
         commit = ShardCommit(
             shard_id=sid, path=shard_relpath(sid), sha256=sha, num_bytes=nbytes,
             num_samples=len(records), first_index=records[0].index, last_index=records[-1].index,
-            seed=records[0].seed, card_fingerprint=self.card_fingerprint, committed_at=utc_now_iso(),
+            seed=records[0].seed, card_fingerprint=card_fingerprint, committed_at=utc_now_iso(),
         )
         # the commit record is written only after the verified upload: it is the commit point
         self.store.write_bytes(commit_relpath(sid), commit.to_json().encode())
         out = commit.to_dict()
-        out["_solve_seconds"] = solve_s
+        out["_solve_seconds"] = payload.get("solve_seconds", 0.0)
         return out
+
+    def pid(self) -> int:
+        return os.getpid()
 
 
 def make_plan(cfg: GenerateConfig, teacher, prompts) -> ShardPlan:
