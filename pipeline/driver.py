@@ -248,9 +248,14 @@ def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = N
                 raise GenerationFailed(f"the workers could not start teacher {cfg.teacher!r}: {e}") from None
             actors.remove(actor)
     startup_s = time.perf_counter() - t_start
-    card = build_card(cfg, described, prompts_sha)
-    fp = card.fingerprint()
-    committed = prepare_corpus(store, card)
+    try:
+        card = build_card(cfg, described, prompts_sha)
+        fp = card.fingerprint()
+        committed = prepare_corpus(store, card)
+    except BaseException:
+        for a in actors:
+            ray.kill(a)
+        raise
     planned = [shard_id(n) for n in range(cfg.num_shards)]
     pending = deque(n for n in range(cfg.num_shards) if planned[n] not in committed)
     skipped = cfg.num_shards - len(pending)

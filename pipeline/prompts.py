@@ -15,6 +15,8 @@ def load_prompts(url: str, storage_options: dict[str, Any] | None = None) -> tup
     from fsspec.core import url_to_fs
 
     fs, path = url_to_fs(url, **(storage_options or {}))
+    if not path.endswith((".parquet", ".jsonl", ".json")):
+        raise ValueError(f"prompt file {url} must end in .jsonl or .parquet")
     data = with_retries(lambda: fs.cat_file(path), what=f"reading prompt file {url}")
     digest = hashlib.sha256(data).hexdigest()
     rows: list[dict[str, Any]]

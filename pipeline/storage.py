@@ -163,8 +163,14 @@ class ObjectStore:
             self.fs.makedirs(full.rsplit("/", 1)[0], exist_ok=True)
         self.fs.pipe_file(full, data)
 
+    def _retry_write(self, fn: Callable[[], T], what: str) -> T:
+        try:
+            return self._retry(fn, what)
+        except FileNotFoundError as e:  # on a write this means the bucket (or mount) does not exist
+            raise StorageError(f"{what} failed: the bucket or directory does not exist ({e})") from None
+
     def write_bytes(self, rel: str, data: bytes) -> None:
-        self._retry(lambda: self._pipe(rel, data), f"writing {self.url}/{rel}")
+        self._retry_write(lambda: self._pipe(rel, data), f"writing {self.url}/{rel}")
 
     def put_verified(self, rel: str, data: bytes) -> tuple[str, int]:
         """Upload ``data`` and read it back: returns (sha256, num_bytes) only once the stored object
@@ -181,7 +187,7 @@ class ObjectStore:
                     f"expected {len(data)} / {expected[:12]}"
                 )
 
-        self._retry(upload_and_verify, f"uploading {self.url}/{rel}")
+        self._retry_write(upload_and_verify, f"uploading {self.url}/{rel}")
         return expected, len(data)
 
     def remove(self, rel: str) -> None:
