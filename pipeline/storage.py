@@ -180,7 +180,10 @@ class ObjectStore:
         def upload_and_verify():
             self._pipe(rel, data)
             self._refresh(rel)
-            stored = self.fs.cat_file(self.path(rel))
+            try:
+                stored = self.fs.cat_file(self.path(rel))
+            except FileNotFoundError as e:  # not yet visible (eventual consistency) or raced: upload again
+                raise UploadVerificationError(f"read-back of {rel}: object missing right after upload") from e
             if len(stored) != len(data) or sha256_hex(stored) != expected:
                 raise UploadVerificationError(
                     f"read-back of {rel} gave {len(stored)} bytes / sha256 {sha256_hex(stored)[:12]}, "

@@ -520,8 +520,8 @@ def _submit_or_attach(client, base: str, digest: str, entrypoint: str, runtime_e
         sid, status = latest.submission_id, _status(latest)
         if not _same_command(latest, digest):
             raise SubmitUsageError(
-                f"submission id {sid} is already used by a different command on this cluster "
-                f"(`{latest.entrypoint}`); pick another --submission-id")
+                f"submission id {sid} is already used on this cluster by a different command "
+                f"(see `ray job status --address {address} {sid}`); pick another --submission-id")
         if status not in TERMINAL_BAD:
             _err(f"job {sid} already exists ({status}); attaching to it instead of submitting it again")
             return sid
