@@ -66,7 +66,7 @@ class GenerateConfig:
     saved_sigmas: tuple[float, ...] | None = None
     #: CFG weight: a float, or (min, max) sampled uniformly per trajectory (data)
     guidance: float | tuple[float, float] = 1.0
-    #: class ids to cycle through (default: all of the teacher's classes); -1 = unconditional (data)
+    #: class ids to cycle through, round-robin (default: all of the teacher's classes) (data)
     classes: tuple[int, ...] | None = None
     #: prompt file (.jsonl or .parquet with prompt_id, prompt) for prompt-conditioned teachers (data)
     prompts: str | None = None

@@ -95,6 +95,9 @@ def build_card(cfg: GenerateConfig, described: dict[str, Any], prompts_sha: str 
         "prompts": None if not cfg.prompts else {"url": cfg.prompts, "sha256": prompts_sha},
         "shift": cfg.shift,
         "seed_rule": "sha256('trajflow-seed:{base_seed}:{index}')[:8] & (2**63-1)",
+        "guidance_rule": "fixed, or min + (max-min) * sha256('trajflow-guidance:{base_seed}:{index}')[:8] / 2**64 "
+                         "rounded to 1e-6",
+        "class_rule": "classes[index % len(classes)]",
     }
     return DatasetCard(
         teacher=described["teacher"],

@@ -66,6 +66,9 @@ class GenerationWorker:
         self.cfg = GenerateConfig(**config)
         threads = max(1, int(self.cfg.cpus_per_worker))
         torch.set_num_threads(threads)
+        # TF32 would make GPU-made corpora irreproducible in float32 (audit --replay); solves stay in fp32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
         self.device = device or default_device()
         self.teacher = resolve_teacher(self.cfg.teacher, self.cfg.storage_options, self.device)
         self.store = ObjectStore(self.cfg.out, self.cfg.storage_options)

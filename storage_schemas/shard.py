@@ -50,6 +50,9 @@ ShardData = bytes | bytearray | memoryview | BinaryIO
 """A shard as bytes, or a binary file object positioned at its start (read sequentially)."""
 
 
+#: largest member a reader accepts (one trajectory's states; 1 GiB is far beyond any real sample)
+MAX_MEMBER_BYTES = 1 << 30
+
 def write_shard_bytes(records: Iterable[SampleRecord], card: DatasetCard | None = None) -> bytes:
     """Pack records into a deterministic WebDataset tar.
 
@@ -227,6 +230,9 @@ def iter_shard_members(
                 key, members = member_key, {}
             if suffix in members:
                 raise SchemaError(f"shard {shard_id!r}: member {info.name!r} appears twice")
+            if info.size > MAX_MEMBER_BYTES:  # a forged header must not make readers allocate gigabytes
+                raise UnsafeMemberError(info.name, f"declares {info.size} bytes, more than the "
+                                        f"{MAX_MEMBER_BYTES}-byte limit for one member", shard_id=shard_id)
             try:
                 payload_file = tar.extractfile(info)
                 payload = payload_file.read() if payload_file is not None else b""

@@ -706,3 +706,15 @@ def test_storage_schemas_imports_neither_ray_nor_upper_layers_nor_pickle():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_member_declaring_a_huge_size_is_rejected_before_reading():
+    import tarfile
+
+    from storage_schemas import UnsafeMemberError, iter_shard_members
+
+    info = tarfile.TarInfo("0000000001.json")
+    info.size = 1 << 40  # a forged header: 1 TiB, with no payload behind it
+    data = info.tobuf(format=tarfile.GNU_FORMAT) + b"\0" * 1024
+    with pytest.raises(UnsafeMemberError, match="limit"):
+        list(iter_shard_members(data, "shard-000000"))

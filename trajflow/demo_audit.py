@@ -9,11 +9,11 @@ from typing import Any
 
 def audit_corpus(url: str) -> dict[str, Any]:
     try:
-        from storage_schemas.audit import audit as full_audit  # issue 4's auditor
+        from storage_schemas.audit import audit_corpus as full_audit  # the full auditor
     except ImportError:
         full_audit = None
     if full_audit is not None:
-        return full_audit(url, deep=True).to_json_dict()
+        return full_audit(url, deep=True, replay=8).to_dict()
     import fsspec
 
     from storage_schemas import DatasetCard, iter_shard_samples, manifest_from_parquet_bytes
