@@ -48,6 +48,9 @@ class FlowNetConfig:
     depth: int = 3
     #: sinusoidal frequencies of the sigma embedding
     time_freqs: int = 32
+    #: also condition on the CFG weight (students distilled from corpora with a guidance range);
+    #: the guidance embedding starts at zero, so a teacher's weights load into such a student unchanged
+    guidance_cond: bool = False
 
     def __post_init__(self):
         self.sample_shape = tuple(int(s) for s in self.sample_shape)
@@ -64,7 +67,8 @@ class FlowNetConfig:
 def sigma_embedding(sigma_B: torch.Tensor, num_freqs: int) -> torch.Tensor:
     """[B] sigma -> [B, 2 * num_freqs] sinusoidal features of 1000 * sigma."""
     half = torch.exp(-math.log(1000.0) * torch.arange(num_freqs, device=sigma_B.device) / max(num_freqs - 1, 1))
-    ang = 1000.0 * sigma_B.float()[:, None] * half[None]
+    dtype = sigma_B.dtype if sigma_B.dtype.is_floating_point else torch.float32
+    ang = 1000.0 * sigma_B.to(dtype)[:, None] * half.to(dtype)[None]
     return torch.cat([torch.sin(ang), torch.cos(ang)], dim=1)
 
 
@@ -76,9 +80,17 @@ class _Cond(nn.Module):
         self.cfg = cfg
         self.time = nn.Sequential(nn.Linear(2 * cfg.time_freqs, width), nn.SiLU(), nn.Linear(width, width))
         self.label = nn.Embedding(cfg.num_classes + 1, width) if cfg.num_classes else None
+        self.guidance = None
+        if cfg.guidance_cond:
+            self.guidance = nn.Sequential(nn.Linear(2 * 8, width), nn.SiLU(), nn.Linear(width, width))
+            nn.init.zeros_(self.guidance[2].weight)
+            nn.init.zeros_(self.guidance[2].bias)
 
-    def forward(self, sigma_B, class_B):
+    def forward(self, sigma_B, class_B, guidance_B=None):
         e = self.time(sigma_embedding(sigma_B, self.cfg.time_freqs))
+        if self.guidance is not None:
+            g = torch.ones_like(sigma_B) if guidance_B is None else guidance_B.to(sigma_B.dtype)
+            e = e + self.guidance(sigma_embedding(g / 1000.0 * 50.0, 8))
         if self.label is not None:
             idx = torch.full_like(sigma_B, self.cfg.num_classes, dtype=torch.long) if class_B is None else class_B.long()
             idx = torch.where(idx < 0, torch.full_like(idx, self.cfg.num_classes), idx)
@@ -133,9 +145,9 @@ class FlowNet(nn.Module):
             self.blocks = nn.ModuleList(_ConvBlock(w) for _ in range(cfg.depth))
             self.out = nn.Sequential(nn.GroupNorm(min(8, w), w), nn.SiLU(), nn.Conv2d(w, c, 3, padding=1))
 
-    def forward(self, x, sigma_B, class_B=None):
+    def forward(self, x, sigma_B, class_B=None, guidance_B=None):
         B = x.shape[0]
-        e = self.cond(sigma_B.to(x.dtype), class_B)
+        e = self.cond(sigma_B.to(x.dtype), class_B, guidance_B)
         h = self.inp(x.reshape(B, -1) if self.cfg.arch == "mlp" else x)
         for blk in self.blocks:
             h = blk(h, e)

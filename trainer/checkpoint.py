@@ -1,0 +1,92 @@
+"""Checkpoints on any fsspec URL: safetensors weights, optimizer via torch.save / weights_only load,
+JSON trainer + data state. ``checkpoints/latest.json`` is written last: it is the commit point, so a
+run killed mid-save resumes from the previous complete checkpoint."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import time
+from typing import Any
+
+import torch
+from fsspec.core import url_to_fs
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+LATEST = "checkpoints/latest.json"
+
+
+def _retry(fn, what: str, attempts: int = 5):
+    for i in range(attempts):
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise
+        except OSError as e:  # transient storage errors
+            if i == attempts - 1:
+                raise OSError(f"{what} failed after {attempts} attempts: {e}") from e
+            time.sleep(min(4.0, 0.2 * 2**i) * (0.5 + random.random()))
+
+
+class CheckpointStore:
+    """Reads and writes a run's checkpoints under ``out`` (an fsspec URL or a path)."""
+
+    def __init__(self, out: str, storage_options: dict[str, Any] | None = None):
+        self.fs, self.root = url_to_fs(out, **(storage_options or {}))
+        self.out = out
+
+    def _path(self, rel: str) -> str:
+        return f"{self.root.rstrip('/')}/{rel}"
+
+    def write(self, rel: str, data: bytes) -> None:
+        path = self._path(rel)
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
+        if "file" in protocols:
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        _retry(lambda: self.fs.pipe_file(path, data), f"writing {self.out}/{rel}")
+
+    def read(self, rel: str) -> bytes:
+        return _retry(lambda: self.fs.cat_file(self._path(rel)), f"reading {self.out}/{rel}")
+
+    def exists(self, rel: str) -> bool:
+        try:
+            self.fs.invalidate_cache(self._path(rel))
+        except Exception:  # noqa: BLE001
+            pass
+        return bool(_retry(lambda: self.fs.exists(self._path(rel)), f"checking {self.out}/{rel}"))
+
+    # -- the checkpoint -------------------------------------------------------------------------
+    def save(self, step: int, *, model: dict[str, torch.Tensor], ema: dict[str, torch.Tensor] | None,
+             optimizer: dict[str, Any], state: dict[str, Any], net_config: dict[str, Any]) -> str:
+        rel = f"checkpoints/step-{step:08d}"
+        meta = {"net_config": json.dumps(net_config)}
+        self.write(f"{rel}/model.safetensors", st_save({k: v.detach().cpu().contiguous() for k, v in model.items()}, meta))
+        if ema is not None:
+            self.write(f"{rel}/ema.safetensors", st_save({k: v.detach().cpu().contiguous() for k, v in ema.items()}, meta))
+        buf = io.BytesIO()
+        torch.save(optimizer, buf)
+        self.write(f"{rel}/optimizer.pt", buf.getvalue())
+        self.write(f"{rel}/rng.safetensors", st_save({"torch_cpu": torch.get_rng_state()}))
+        self.write(f"{rel}/state.json", json.dumps({**state, "step": step}, indent=2).encode())
+        self.write(LATEST, json.dumps({"step": step, "path": rel}).encode())  # the commit point
+        return f"{self.out}/{rel}"
+
+    def latest(self) -> dict[str, Any] | None:
+        if not self.exists(LATEST):
+            return None
+        try:
+            return json.loads(self.read(LATEST))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{self.out}/{LATEST} is not valid JSON: {e}") from None
+
+    def load(self, rel: str) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "model": st_load(self.read(f"{rel}/model.safetensors")),
+            "optimizer": torch.load(io.BytesIO(self.read(f"{rel}/optimizer.pt")), weights_only=True),
+            "state": json.loads(self.read(f"{rel}/state.json")),
+            "rng": st_load(self.read(f"{rel}/rng.safetensors")),
+        }
+        out["ema"] = st_load(self.read(f"{rel}/ema.safetensors")) if self.exists(f"{rel}/ema.safetensors") else None
+        return out

@@ -1,0 +1,121 @@
+"""The training run config: a typed dataclass; run configs are data."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from flowcore.windows import WINDOW_POINTS
+
+#: default optimizer steps when neither --max-steps nor --steps-per-stage is given, by teacher kind
+DEFAULT_BUDGET = {"gmm": 1500, "flownet": 1500, "diffusers": 20000}
+
+
+@dataclass
+class TrainConfig:
+    """Everything `trajflow train` needs."""
+
+    #: corpus URL (a finalized corpus: dataset.json + manifest.parquet)
+    data: str
+    #: output URL: checkpoints/, student/ (exported EMA weights + card), logs
+    out: str
+    #: progressive window stages, finest first; each must divide the corpus's finest window count
+    stages: tuple[int, ...] = (8, 4, 2)
+    #: optimizer steps per stage (default: max_steps split equally)
+    steps_per_stage: tuple[int, ...] | None = None
+    #: total optimizer steps (default: a budget for the corpus's teacher kind)
+    max_steps: int | None = None
+    #: weight of the direction term of aligned v-prediction (0 = plain MSE)
+    alpha: float = 1.0
+    #: where training points sit on a window: start | segment | mixed
+    window_points: str = "start"
+    #: samples per rank per step
+    batch_size: int = 128
+    #: AdamW learning rate, warmup steps, weight decay, gradient clipping norm
+    lr: float = 2e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    #: EMA decay of the exported weights (0 disables EMA)
+    ema_decay: float = 0.995
+    #: seed of the data order and of the window draws
+    seed: int = 0
+    #: save a checkpoint every N steps (and at the end)
+    checkpoint_every: int = 250
+    #: log metrics every N steps
+    log_every: int = 10
+    #: student initialisation: "teacher" (teacher weights; for GMM teachers a flow net fitted to the
+    #: same GMM, cached) or "scratch"
+    init: str = "teacher"
+    #: steps of the flow-matching fit that makes a GMM teacher's "pretrained" net
+    teacher_fit_steps: int = 3000
+    #: student architecture (auto: mlp for <= 1024 dims, else conv), width, depth
+    student_arch: str = "auto"
+    student_width: int = 256
+    student_depth: int = 3
+    #: accelerate mixed precision: no | fp16 | bf16 (GPU)
+    mixed_precision: str = "no"
+    #: corrupt shard policy: error (stop, naming the shard) | skip (count and continue)
+    on_corrupt: str = "error"
+    #: DataLoader worker processes per rank
+    num_workers: int = 0
+    #: shuffle buffer (samples)
+    shuffle_buffer: int = 4096
+    #: local shard cache directory (default ~/.cache/trajflow/shards)
+    cache_dir: str | None = None
+    #: fsspec storage options for data and out
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    #: local directory for per-rank consumed-sample logs (JSONL), for audits of the data order
+    consumed_log: str | None = None
+    #: resume from the latest checkpoint under out (default on)
+    resume: bool = True
+    #: progress bar on the main process
+    progress: bool = True
+
+    def __post_init__(self):
+        self.stages = tuple(int(s) for s in self.stages)
+        if not self.stages or any(s < 1 for s in self.stages):
+            raise ValueError(f"stages must be positive window counts like 8,4,2, got {self.stages}")
+        for finer, coarser in zip(self.stages, self.stages[1:]):
+            if finer % coarser != 0 or coarser >= finer:
+                raise ValueError(f"each stage must divide the previous one (e.g. 8,4,2), got {list(self.stages)}")
+        if self.steps_per_stage is not None:
+            self.steps_per_stage = tuple(int(s) for s in self.steps_per_stage)
+            if len(self.steps_per_stage) != len(self.stages) or any(s < 1 for s in self.steps_per_stage):
+                raise ValueError("steps-per-stage needs one positive count per stage")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError("max-steps must be >= 1")
+        if self.alpha < 0:
+            raise ValueError("alpha must be >= 0")
+        if self.window_points not in WINDOW_POINTS:
+            raise ValueError(f"window-points must be one of {', '.join(WINDOW_POINTS)}")
+        for name in ("batch_size", "checkpoint_every", "log_every", "shuffle_buffer"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError("ema-decay must be in [0, 1)")
+        if self.lr <= 0 or self.grad_clip <= 0 or self.warmup_steps < 0:
+            raise ValueError("lr and grad-clip must be > 0, warmup-steps >= 0")
+        if self.init not in ("teacher", "scratch"):
+            raise ValueError("init must be teacher or scratch")
+        if self.student_arch not in ("auto", "mlp", "conv"):
+            raise ValueError("student-arch must be auto, mlp or conv")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError("mixed-precision must be no, fp16 or bf16")
+        if self.on_corrupt not in ("error", "skip"):
+            raise ValueError("on-corrupt must be error or skip")
+        if self.num_workers < 0:
+            raise ValueError("num-workers must be >= 0")
+
+    def stage_steps(self, teacher_kind: str) -> tuple[int, ...]:
+        """Optimizer steps of each stage."""
+        if self.steps_per_stage is not None:
+            return self.steps_per_stage
+        total = self.max_steps or DEFAULT_BUDGET.get(teacher_kind, 2000)
+        base, extra = divmod(total, len(self.stages))
+        return tuple(base + (1 if i < extra else 0) for i in range(len(self.stages)))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stages"] = list(self.stages)
+        return d

@@ -1,0 +1,851 @@
+"""The trainer's streaming dataset: a finalized corpus on object storage, in a global sample order that
+does not depend on the world size, with O(1) exact and elastic resume.
+
+Vocabulary (see ``docs/training_data.md`` for the full story):
+
+- **position**: an integer in ``[0, N)``, N = the number of samples the manifest lists. An epoch
+  consumes positions in increasing order; a training step consumes ``world * batch_size``
+  consecutive positions, position ``p`` going to rank ``(p - cursor) % world``.
+- **global order**: which sample sits at each position in an epoch, a pure function of
+  ``(seed, epoch, manifest)`` (:class:`EpochOrder`): the shards are permuted, their samples
+  concatenated into a stream, and the stream is shuffled in blocks of ``shuffle_buffer`` positions.
+- **cursor**: how many positions of the current epoch all ranks together have consumed. The
+  resume state is ``(corpus fingerprint, seed, epoch, cursor)`` (:class:`StreamState`), so a run
+  resumes exactly, on any number of ranks and DataLoader workers.
+
+The module imports neither Ray nor ``pipeline``; storage is reached through fsspec only
+(:mod:`trainer.shard_cache`), data is decoded by :mod:`storage_schemas`; no pickle.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import itertools
+import json
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+
+from storage_schemas import (
+    COMMITS_DIR,
+    DATASET_CARD,
+    MANIFEST,
+    CorpusFormatError,
+    DatasetCard,
+    SampleRecord,
+    ShardCommit,
+    decode_sample,
+    iter_shard_members,
+    manifest_from_parquet_bytes,
+    sample_key,
+    shard_number,
+)
+
+from .shard_cache import CorruptShardError, ShardCache, ShardFetchError, with_retries
+
+__all__ = [
+    "Corpus",
+    "CorpusNotFinalizedError",
+    "CorpusStream",
+    "CorruptShardError",
+    "EpochOrder",
+    "SampleLocator",
+    "ShardFetchError",
+    "StreamConfig",
+    "StreamState",
+    "StreamStateMismatch",
+    "corpus_fingerprint",
+    "make_dataloader",
+    "open_corpus",
+    "rank_positions",
+    "usable_end",
+]
+
+log = logging.getLogger(__name__)
+
+ON_CORRUPT = ("error", "skip")
+STATE_VERSION = 1
+ORDER_VERSION = "trajflow-order-v1"
+"""Names the order algorithm; part of every generator seed, so a new algorithm gets new seeds."""
+
+
+class CorpusNotFinalizedError(ValueError):
+    """The URL holds no usable corpus: no card, or no ``manifest.parquet`` (e.g. still generating)."""
+
+
+class StreamStateMismatch(ValueError):
+    """A saved :class:`StreamState` does not belong to this corpus / seed / order algorithm."""
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """How a rank streams a corpus. Everything but ``url`` and ``batch_size`` has a default.
+
+    The sample order depends on ``seed`` and ``shuffle_buffer`` (and the manifest) only: changing
+    either changes the order, so a run must resume with the same values (``seed`` is checked).
+    """
+
+    url: str
+    """Corpus root: an fsspec URL (``s3://bucket/corpus``, ``gs://...``, ``memory://...``) or a path."""
+    batch_size: int
+    """Samples per rank per step; a step consumes ``world_size * batch_size`` global positions."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options (e.g. ``{"client_kwargs": {"endpoint_url": ...}}``); never logged."""
+    seed: int = 0
+    """Seed of the global order (shard permutation and block shuffles), >= 0."""
+    shuffle_buffer: int = 4096
+    """Samples per shuffle block: positions are permuted within consecutive blocks of this size.
+    Larger mixes better; each DataLoader worker holds the shards one block spans in memory."""
+    cache_dir: str | None = None
+    """Local shard cache directory; None: ``$TRAJFLOW_SHARD_CACHE`` or ``~/.cache/trajflow/shards``.
+    Share one per node (all ranks and workers) so each shard is downloaded once per node."""
+    cache_max_bytes: int = 20 * 10**9
+    """Bound on the cache directory's total size; least recently used shards are evicted."""
+    verify_sha256: bool = True
+    """Check each downloaded shard's sha256 against the manifest (its size is always checked)."""
+    on_corrupt: str = "error"
+    """``"error"``: a corrupt shard raises :class:`CorruptShardError` naming it (also from a
+    DataLoader worker). ``"skip"``: its positions yield placeholder samples with ``valid=False``."""
+    prefetch_shards: int = 4
+    """Shards fetched ahead, beyond those of the current shuffle block, by a background thread."""
+    drop_remainder: bool = True
+    """The only supported policy: the last ``(N - cursor) % (world * batch_size)`` positions of an
+    epoch are dropped (and counted in ``CorpusStream.dropped_per_epoch``)."""
+    fetch_attempts: int = 6
+    """Tries per shard download for transient storage errors (jittered exponential backoff)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.url, str) or not self.url.strip("/"):
+            raise ValueError(f"StreamConfig.url must be a corpus URL or path, found {self.url!r}")
+        _check_int("batch_size", self.batch_size, minimum=1)
+        if not isinstance(self.storage_options, dict):
+            raise ValueError("StreamConfig.storage_options must be a dict of fsspec options")
+        _check_int("seed", self.seed, minimum=0)
+        _check_int("shuffle_buffer", self.shuffle_buffer, minimum=1)
+        _check_int("cache_max_bytes", self.cache_max_bytes, minimum=1)
+        _check_int("prefetch_shards", self.prefetch_shards, minimum=0)
+        _check_int("fetch_attempts", self.fetch_attempts, minimum=1)
+        if self.cache_dir is not None and not isinstance(self.cache_dir, str):
+            raise ValueError(f"StreamConfig.cache_dir must be a path or None, found {self.cache_dir!r}")
+        if not isinstance(self.verify_sha256, bool):
+            raise ValueError(f"StreamConfig.verify_sha256 must be a bool, found {self.verify_sha256!r}")
+        if self.on_corrupt not in ON_CORRUPT:
+            raise ValueError(f"StreamConfig.on_corrupt must be one of {ON_CORRUPT}, found {self.on_corrupt!r}")
+        if self.drop_remainder is not True:
+            raise ValueError(
+                "StreamConfig.drop_remainder must be True: the only supported remainder policy drops the "
+                "epoch's last (N - cursor) % (world_size * batch_size) positions (counted in dropped_per_epoch); "
+                "padding or a short last step would make ranks disagree on the step count"
+            )
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"StreamConfig.{name} must be an int >= {minimum}, found {value!r}")
+
+
+# --- the corpus ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A finalized corpus: its card and the shards its manifest lists (in manifest order)."""
+
+    url: str
+    card: DatasetCard
+    shards: tuple[ShardCommit, ...]
+    fingerprint: str
+    """:func:`corpus_fingerprint` of the card and the manifest."""
+
+    @property
+    def num_samples(self) -> int:
+        return sum(c.num_samples for c in self.shards)
+
+
+def corpus_fingerprint(card: DatasetCard, shards: Sequence[ShardCommit]) -> str:
+    """sha256 hex of the card's fingerprint and the manifest's ordered (shard_id, sha256) list."""
+    listing = "".join(f"{c.shard_id} {c.sha256}\n" for c in shards)
+    manifest_digest = hashlib.sha256(listing.encode()).hexdigest()
+    return hashlib.sha256(f"trajflow-corpus-v1:{card.fingerprint()}:{manifest_digest}".encode()).hexdigest()
+
+
+def open_corpus(url: str, storage_options: dict[str, Any] | None = None, *, attempts: int = 6) -> Corpus:
+    """Read and check ``dataset.json`` and ``manifest.parquet`` of the corpus at ``url``.
+
+    Only manifest-listed shards are used: anything else under the root (shards without a commit,
+    temporary files) is an orphan and is never read.
+
+    Raises:
+        CorpusNotFinalizedError: no card; or commit records but no manifest (generation has not
+            finished); or neither.
+        CorpusFormatError: an unreadable card or manifest, an empty manifest, or manifest rows
+            that belong to another card.
+        ShardFetchError: storage kept failing.
+    """
+    from fsspec.core import url_to_fs
+
+    url = url.rstrip("/") or url
+    fs, root = url_to_fs(url, **(storage_options or {}))
+    root = root.rstrip("/")
+
+    def read(rel: str) -> bytes:
+        return with_retries(lambda: fs.cat_file(f"{root}/{rel}"), what=f"reading {url}/{rel}", attempts=attempts)
+
+    try:
+        fs.invalidate_cache()
+    except Exception:  # noqa: BLE001 - best effort: s3fs caches listings
+        pass
+    try:
+        card = DatasetCard.from_json(read(DATASET_CARD))
+    except FileNotFoundError:
+        raise CorpusNotFinalizedError(
+            f"{url} is not a trajflow corpus: there is no {DATASET_CARD} (check the URL)"
+        ) from None
+    try:
+        shards = manifest_from_parquet_bytes(read(MANIFEST))
+    except FileNotFoundError:
+        def list_commits() -> list[str]:
+            try:
+                return [p for p in fs.ls(f"{root}/{COMMITS_DIR}", detail=False) if p.endswith(".json")]
+            except FileNotFoundError:
+                return []
+
+        committed = with_retries(list_commits, what=f"listing {url}/{COMMITS_DIR}", attempts=attempts)
+        if committed:
+            raise CorpusNotFinalizedError(
+                f"corpus {url} is not finalized: {len(committed)} shard(s) are committed under {COMMITS_DIR}/ "
+                f"but there is no {MANIFEST}. The trainer reads finalized corpora only (a fixed shard set "
+                "makes the sample order and the resume state well defined): let generation finish, or "
+                "re-run the same `trajflow generate` command, which resumes and finalizes it"
+            ) from None
+        raise CorpusNotFinalizedError(
+            f"corpus {url} has a {DATASET_CARD} but no {MANIFEST} and no commit records: generation has not "
+            "committed anything yet"
+        ) from None
+    if not shards:
+        raise CorpusFormatError(f"corpus {url}: {MANIFEST} lists no shards")
+    card_fp = card.fingerprint()
+    for commit in shards:
+        if commit.card_fingerprint != card_fp:
+            raise CorpusFormatError(
+                f"corpus {url}: manifest row {commit.shard_id!r} belongs to a corpus with card fingerprint "
+                f"{commit.card_fingerprint[:12]}…, but {DATASET_CARD} has {card_fp[:12]}…"
+            )
+    total = sum(c.num_samples for c in shards)
+    if total != card.num_trajectories:
+        log.warning("corpus %s: the manifest lists %d samples, the card plans %d", url, total,
+                    card.num_trajectories)
+    return Corpus(url=url, card=card, shards=tuple(shards), fingerprint=corpus_fingerprint(card, shards))
+
+
+# --- the global order ----------------------------------------------------------------------------
+
+
+def _rng_seed(*parts: object) -> int:
+    text = ":".join([ORDER_VERSION, *(str(p) for p in parts)])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") & (2**63 - 1)
+
+
+def _randperm(n: int, *parts: object) -> list[int]:
+    generator = torch.Generator()
+    generator.manual_seed(_rng_seed(*parts))
+    return torch.randperm(n, generator=generator).tolist()
+
+
+@dataclass(frozen=True)
+class SampleLocator:
+    """Where the sample at a global position lives."""
+
+    position: int
+    shard_index: int
+    """Row of the shard in the manifest."""
+    shard_id: str
+    offset: int
+    """The sample's place inside its shard (0 = first)."""
+    index: int
+    """The sample's global index (``first_index + offset``)."""
+
+
+class EpochOrder:
+    """The global sample order of one epoch: a pure function of (seed, epoch, shard sizes, block size).
+
+    1. The shards are permuted by a ``torch.Generator`` seeded from (seed, epoch).
+    2. Their samples, in shard order, form a stream of N positions (shards may differ in size).
+    3. The stream is cut into blocks of ``shuffle_buffer`` consecutive positions (the last one may be
+       shorter), each permuted by a generator seeded from (seed, epoch, block), generated lazily.
+
+    Setup is O(num_shards); :meth:`locate` costs one cached block permutation lookup and a bisect.
+    """
+
+    _CACHED_BLOCKS = 4
+
+    def __init__(self, shard_sizes: Sequence[int], *, seed: int, epoch: int, shuffle_buffer: int) -> None:
+        if not shard_sizes or any(s < 1 for s in shard_sizes):
+            raise ValueError("EpochOrder needs at least one shard, each with at least one sample")
+        self.seed, self.epoch, self.block_size = seed, epoch, shuffle_buffer
+        self.shard_sizes = tuple(shard_sizes)
+        self.shard_order = _randperm(len(shard_sizes), seed, epoch, "shards")
+        """Stream slot j holds manifest shard ``shard_order[j]``."""
+        starts = [0]
+        for j in self.shard_order:
+            starts.append(starts[-1] + shard_sizes[j])
+        self.slot_starts = starts
+        """Stream position of each slot's first sample; ``slot_starts[-1] == N``."""
+        self.num_positions = starts[-1]
+        self.num_blocks = -(-self.num_positions // shuffle_buffer)
+        self._blocks: OrderedDict[int, list[int]] = OrderedDict()
+        self._max_span: int | None = None
+
+    def block_perm(self, block: int) -> list[int]:
+        """The permutation of block ``block``: position ``block*B + o`` holds stream item ``block*B + perm[o]``."""
+        perm = self._blocks.get(block)
+        if perm is None:
+            if not 0 <= block < self.num_blocks:
+                raise IndexError(f"block {block} out of range [0, {self.num_blocks})")
+            length = min(self.block_size, self.num_positions - block * self.block_size)
+            perm = _randperm(length, self.seed, self.epoch, "block", block)
+            self._blocks[block] = perm
+            while len(self._blocks) > self._CACHED_BLOCKS:
+                self._blocks.popitem(last=False)
+        else:
+            self._blocks.move_to_end(block)
+        return perm
+
+    def stream_item(self, position: int) -> int:
+        """The stream item (before block shuffling) at a position."""
+        if not 0 <= position < self.num_positions:
+            raise IndexError(f"position {position} out of range [0, {self.num_positions})")
+        block, offset = divmod(position, self.block_size)
+        return block * self.block_size + self.block_perm(block)[offset]
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """``(manifest shard row, offset inside the shard)`` of the sample at ``position``."""
+        item = self.stream_item(position)
+        slot = bisect.bisect_right(self.slot_starts, item) - 1
+        return self.shard_order[slot], item - self.slot_starts[slot]
+
+    def block_slots(self, block: int) -> range:
+        """The stream slots (indices into ``shard_order``) whose samples block ``block`` holds."""
+        first = block * self.block_size
+        last = min(first + self.block_size, self.num_positions) - 1
+        return range(bisect.bisect_right(self.slot_starts, first) - 1,
+                     bisect.bisect_right(self.slot_starts, last))
+
+    @property
+    def max_block_span(self) -> int:
+        """The most shards one block touches (what a worker keeps decoded in memory)."""
+        if self._max_span is None:
+            self._max_span = max(len(self.block_slots(b)) for b in range(self.num_blocks))
+        return self._max_span
+
+    def digest(self) -> str:
+        """A short hash of the shard permutation and block 0's permutation: detects an RNG that
+        changed between the run that saved a state and the one that loads it (e.g. a torch upgrade)."""
+        data = json.dumps([self.shard_order, self.block_perm(0)], separators=(",", ":"))
+        return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+
+def usable_end(num_positions: int, global_batch: int, cursor: int) -> int:
+    """End of the positions an epoch uses from ``cursor``: whole steps of ``global_batch`` only."""
+    if not 0 <= cursor <= num_positions:
+        raise ValueError(f"cursor {cursor} out of range [0, {num_positions}]")
+    return cursor + ((num_positions - cursor) // global_batch) * global_batch
+
+
+def rank_positions(num_positions: int, batch_size: int, cursor: int, rank: int, world_size: int) -> range:
+    """The global positions ``rank`` of ``world_size`` consumes from ``cursor`` to the epoch's usable end.
+
+    Step s (from the cursor) takes positions ``[cursor + s*W*b, cursor + (s+1)*W*b)``; position p goes
+    to rank ``(p - cursor) % W``. So the rank's own batch of step s is ``result[s*b:(s+1)*b]``.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+    end = usable_end(num_positions, world_size * batch_size, cursor)
+    return range(cursor + rank, end, world_size)
+
+
+# --- resume state --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamState:
+    """Everything needed to resume exactly: O(1) in size, JSON-able, valid for any world size.
+
+    ``cursor`` counts the global positions of ``epoch`` consumed by all ranks together (ranks move
+    in lockstep). ``order_digest`` (optional) fingerprints the epoch's order to catch an RNG change.
+    """
+
+    corpus_fingerprint: str
+    seed: int
+    epoch: int
+    cursor: int
+    order_digest: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "corpus_fingerprint": self.corpus_fingerprint, "seed": self.seed,
+                "epoch": self.epoch, "cursor": self.cursor, "order_digest": self.order_digest}
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> StreamState:
+        if isinstance(obj, StreamState):
+            return obj
+        if not isinstance(obj, dict):
+            raise StreamStateMismatch(f"a stream state must be a dict, found {type(obj).__name__}")
+        if obj.get("version") != STATE_VERSION:
+            raise StreamStateMismatch(
+                f"stream state version {obj.get('version')!r} is not supported (this trajflow reads {STATE_VERSION})"
+            )
+        for name, kind in (("corpus_fingerprint", str), ("seed", int), ("epoch", int), ("cursor", int)):
+            value = obj.get(name)
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise StreamStateMismatch(f"stream state field {name!r} must be {kind.__name__}, found {value!r}")
+        if obj["epoch"] < 0 or obj["cursor"] < 0 or obj["seed"] < 0:
+            raise StreamStateMismatch(f"stream state has a negative seed, epoch or cursor: {obj}")
+        digest = obj.get("order_digest", "")
+        if not isinstance(digest, str):
+            raise StreamStateMismatch(f"stream state field 'order_digest' must be str, found {digest!r}")
+        unknown = set(obj) - {"version", "corpus_fingerprint", "seed", "epoch", "cursor", "order_digest"}
+        if unknown:
+            raise StreamStateMismatch(f"stream state has unknown field(s) {sorted(unknown)}")
+        return cls(obj["corpus_fingerprint"], obj["seed"], obj["epoch"], obj["cursor"], digest)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> StreamState:
+        return cls.from_dict(json.loads(text))
+
+
+# --- reading shards in a worker ------------------------------------------------------------------
+
+
+class _ShardReader:
+    """One process's access to shards: the disk cache plus, in memory, only this worker's samples of
+    the current shuffle block.
+
+    At the start of a block the worker announces the positions it will read there
+    (:meth:`begin_block`); a shard is then parsed once with
+    :func:`storage_schemas.iter_shard_members` (which rejects unsafe members and truncated or corrupt
+    tars), and only the members of the samples this worker needs are kept. Each is decoded and
+    validated with :func:`storage_schemas.decode_sample` when it is used, and then dropped. A worker
+    uses about ``1 / (world * workers)`` of every shard, so this keeps its memory at about
+    ``shuffle_buffer / (world * workers)`` samples and its decoding work at its own samples.
+    """
+
+    def __init__(self, cfg: StreamConfig, corpus: Corpus) -> None:
+        self.pid = os.getpid()
+        self.corpus = corpus
+        self.cache = ShardCache(corpus.url, cfg.storage_options, cache_dir=cfg.cache_dir,
+                                max_bytes=cfg.cache_max_bytes, verify_sha256=cfg.verify_sha256,
+                                attempts=cfg.fetch_attempts)
+        self._needed: dict[int, set[int]] = {}
+        self._parsed: dict[int, dict[int, tuple[str, dict[str, bytes]]]] = {}
+        self._bad: dict[int, CorruptShardError] = {}
+        self._cache_checked: set[int] = set()
+
+    def close(self) -> None:
+        self.cache.close()
+
+    def begin_block(self, located: Sequence[tuple[int, int]]) -> None:
+        """The ``(shard row, offset)`` of every sample this worker reads in the new block."""
+        self._parsed.clear()
+        self._needed = {}
+        for shard_index, offset in located:
+            self._needed.setdefault(shard_index, set()).add(offset)
+
+    def prefetch(self, shard_indices: Sequence[int]) -> None:
+        self.cache.prefetch([self.corpus.shards[i] for i in shard_indices])
+
+    def _parse(self, shard_index: int) -> dict[int, tuple[str, dict[str, bytes]]]:
+        commit = self.corpus.shards[shard_index]
+        wanted = self._needed.get(shard_index, set())
+        kept: dict[int, tuple[str, dict[str, bytes]]] = {}
+        count = 0
+        with self.cache.open(commit) as f:
+            for offset, (key, members) in enumerate(iter_shard_members(f, commit.shard_id)):
+                expected = sample_key(commit.first_index + offset) if offset < commit.num_samples else None
+                if key != expected:
+                    raise CorpusFormatError(
+                        f"shard {commit.shard_id!r}: sample {offset} has key {key!r}, but the manifest's index "
+                        f"range {commit.first_index}..{commit.last_index} "
+                        + (f"says {expected!r}" if expected else f"holds only {commit.num_samples} samples")
+                    )
+                if offset in wanted:
+                    kept[offset] = (key, members)
+                count += 1
+        if count != commit.num_samples:
+            raise CorpusFormatError(
+                f"shard {commit.shard_id!r} holds {count} samples, the manifest says {commit.num_samples}"
+            )
+        return kept
+
+    def sample(self, shard_index: int, offset: int) -> SampleRecord:
+        """Decode one sample. Raises CorruptShardError (shard-level problems are remembered)."""
+        if shard_index in self._bad:
+            raise self._bad[shard_index]
+        commit = self.corpus.shards[shard_index]
+        for attempt in range(2):
+            try:
+                parsed = self._parsed.get(shard_index)
+                if parsed is None or offset not in parsed:
+                    self._needed.setdefault(shard_index, set()).add(offset)
+                    parsed = self._parsed[shard_index] = self._parse(shard_index)
+                key, payloads = parsed.pop(offset)  # each position is read once: free it now
+                return decode_sample(key, payloads, self.corpus.card, shard_id=commit.shard_id)
+            except CorruptShardError as exc:  # the stored object is missing or disagrees with the manifest
+                self._bad[shard_index] = exc
+                raise
+            except CorpusFormatError as exc:
+                # the bytes were verified when they were cached: if the local copy no longer matches,
+                # it was damaged on this disk; drop it and fetch it again (once)
+                if attempt == 0 and shard_index not in self._cache_checked:
+                    self._cache_checked.add(shard_index)
+                    if not self.cache.verify_cached(commit):
+                        log.warning("shard %s: the cached copy is damaged (%s); fetching it again",
+                                    commit.shard_id, exc)
+                        self.cache.invalidate(commit)
+                        self._parsed.pop(shard_index, None)
+                        continue
+                error = CorruptShardError(commit.shard_id, str(exc))
+                if shard_index not in self._parsed:  # the whole shard is unreadable
+                    self._bad[shard_index] = error
+                raise error from None
+        raise AssertionError("unreachable")
+
+
+# --- the dataset ---------------------------------------------------------------------------------
+
+
+class CorpusStream(IterableDataset):
+    """One rank's stream of a finalized corpus, as a ``torch.utils.data.IterableDataset``.
+
+    Iterating yields exactly this rank's positions of the current epoch, from the cursor to the
+    epoch's usable end (see :func:`rank_positions`), as dicts:
+
+    ========== ======================= ==================================================
+    key        value                   note
+    ========== ======================= ==================================================
+    states     [K, *sample_shape] f32  the teacher's solver states at ``sigmas``
+    sigmas     [K] f32                 strictly decreasing, 1.0 ... 0.0
+    class_id   long                    -1 if the corpus is not class-conditioned
+    guidance   f32                     the CFG scale the trajectory was solved with
+    index      long                    the sample's global index in the corpus
+    seed       long                    its noise seed (-1 for a placeholder)
+    position   long                    the global position it was consumed at
+    shard      long                    the number of the shard it came from
+    valid      bool                    False: a placeholder for a corrupt sample (``on_corrupt="skip"``)
+    prompt     str                     only for prompt-conditioned corpora ("" if none)
+    prompt_id  str                     only for prompt-conditioned corpora ("" if none)
+    ========== ======================= ==================================================
+
+    With ``batched=True`` it yields one collated batch per training step instead (the rank's
+    ``batch_size`` samples of that step, in order); use :func:`make_dataloader` either way.
+
+    In DataLoader workers the rank's positions (or steps, when batched) go round-robin to the
+    workers; the DataLoader (in order) re-interleaves them, so what the trainer sees is identical
+    for any number of workers.
+
+    The trainer owns the cursor: after each optimizer step call :meth:`advance` (all ranks move by
+    ``world_size * batch_size``), at the end of an epoch :meth:`set_epoch`. An iterator created
+    afterwards starts from the new cursor; one already running is not affected.
+
+    Args:
+        cfg: the stream configuration.
+        rank, world_size: this process's place in the job (e.g. ``accelerator.process_index`` and
+            ``accelerator.num_processes``).
+        state: a saved :class:`StreamState` (or its dict) to resume from.
+        batched: yield one collated batch per step rather than single samples.
+        corpus: an already opened :class:`Corpus` (default: read from ``cfg.url``).
+    """
+
+    def __init__(self, cfg: StreamConfig, rank: int = 0, world_size: int = 1,
+                 state: StreamState | dict[str, Any] | None = None, *, batched: bool = False,
+                 corpus: Corpus | None = None) -> None:
+        super().__init__()
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size must be an int >= 1, found {world_size!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be an int in [0, {world_size}), found {rank!r}")
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+        self.batched = batched
+        self.corpus = corpus if corpus is not None else open_corpus(cfg.url, cfg.storage_options,
+                                                                    attempts=cfg.fetch_attempts)
+        self._shard_sizes = [c.num_samples for c in self.corpus.shards]
+        self._num_positions = sum(self._shard_sizes)
+        self._epoch = 0
+        self._cursor = 0
+        self._order: EpochOrder | None = None
+        self._reader: _ShardReader | None = None
+        self.skipped_samples = 0
+        """Placeholder samples this process yielded (``on_corrupt="skip"``; not counted in workers)."""
+        self._corrupt_shards: set[str] = set()
+        if state is not None:
+            self.load_state_dict(state)
+
+    # -- sizes and positions -----------------------------------------------------------------------
+    @property
+    def card(self) -> DatasetCard:
+        return self.corpus.card
+
+    @property
+    def num_positions(self) -> int:
+        """N: the samples the manifest lists (positions per epoch before dropping the remainder)."""
+        return self._num_positions
+
+    @property
+    def global_batch(self) -> int:
+        return self.world_size * self.cfg.batch_size
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def cursor(self) -> int:
+        return self._cursor
+
+    @property
+    def usable_end(self) -> int:
+        """The position where this epoch stops for the current world size and cursor."""
+        return usable_end(self.num_positions, self.global_batch, self._cursor)
+
+    @property
+    def dropped_per_epoch(self) -> int:
+        """Positions of the current epoch that no step will use: ``N - usable_end``."""
+        return self.num_positions - self.usable_end
+
+    @property
+    def remaining_steps(self) -> int:
+        """Steps left in the current epoch from the cursor."""
+        return (self.usable_end - self._cursor) // self.global_batch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps of a whole epoch (from cursor 0) at the current world size."""
+        return self.num_positions // self.global_batch
+
+    @property
+    def corrupt_shards(self) -> list[str]:
+        """Shards in which this process found corruption (``on_corrupt="skip"``)."""
+        return sorted(self._corrupt_shards)
+
+    def rank_positions(self, epoch: int, cursor: int, rank: int, world: int) -> range:
+        """Positions ``rank`` of ``world`` consumes in ``epoch`` from ``cursor`` (a pure function).
+
+        Positions do not depend on the epoch (only the samples at them do, see :meth:`global_order`).
+        """
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, found {epoch}")
+        return rank_positions(self.num_positions, self.cfg.batch_size, cursor, rank, world)
+
+    def global_order(self, epoch: int | None = None) -> EpochOrder:
+        """The epoch's :class:`EpochOrder` (default: the current epoch)."""
+        epoch = self._epoch if epoch is None else epoch
+        if self._order is None or self._order.epoch != epoch:
+            self._order = EpochOrder(self._shard_sizes, seed=self.cfg.seed, epoch=epoch,
+                                     shuffle_buffer=self.cfg.shuffle_buffer)
+        return self._order
+
+    def locate(self, position: int, epoch: int | None = None) -> SampleLocator:
+        """Which sample sits at ``position`` in ``epoch`` (default: the current one)."""
+        shard_index, offset = self.global_order(epoch).locate(position)
+        commit = self.corpus.shards[shard_index]
+        return SampleLocator(position, shard_index, commit.shard_id, offset, commit.first_index + offset)
+
+    # -- cursor and state --------------------------------------------------------------------------
+    def advance(self, num_global_positions: int | None = None) -> None:
+        """Mark positions as consumed by all ranks (default: one step, ``world_size * batch_size``)."""
+        n = self.global_batch if num_global_positions is None else num_global_positions
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"advance takes a non-negative int, found {n!r}")
+        if self._cursor + n > self.usable_end:
+            raise ValueError(
+                f"cannot advance by {n} from cursor {self._cursor}: epoch {self._epoch} ends at position "
+                f"{self.usable_end}; call set_epoch({self._epoch + 1}) to start the next epoch"
+            )
+        self._cursor += n
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` at cursor 0 (no-op if it is already the current epoch)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, found {epoch!r}")
+        if epoch != self._epoch:
+            self._epoch, self._cursor = epoch, 0
+
+    @property
+    def state(self) -> StreamState:
+        return StreamState(self.corpus.fingerprint, self.cfg.seed, self._epoch, self._cursor,
+                           self.global_order().digest())
+
+    def state_dict(self) -> dict[str, Any]:
+        """The resume state as a JSON-able dict (identical on every rank)."""
+        return self.state.to_dict()
+
+    def load_state_dict(self, state: StreamState | dict[str, Any]) -> None:
+        """Resume from a saved state (any world size, any number of workers).
+
+        Raises:
+            StreamStateMismatch: the state belongs to another corpus, seed or order algorithm, or its
+                cursor is past the end of the corpus.
+        """
+        state = StreamState.from_dict(state)
+        if state.corpus_fingerprint != self.corpus.fingerprint:
+            raise StreamStateMismatch(
+                f"the saved stream state belongs to another corpus (fingerprint {state.corpus_fingerprint[:12]}…), "
+                f"not to {self.corpus.url} (fingerprint {self.corpus.fingerprint[:12]}…): its card or manifest "
+                "differs, so the saved cursor would not mean the same samples. Resume with the original corpus, "
+                "or start a fresh stream state"
+            )
+        if state.seed != self.cfg.seed:
+            raise StreamStateMismatch(
+                f"the saved stream state was made with seed {state.seed}, this StreamConfig has seed {self.cfg.seed}: "
+                "resume with the same seed (the sample order depends on it)"
+            )
+        if state.cursor > self.num_positions:
+            raise StreamStateMismatch(
+                f"the saved cursor {state.cursor} is past the corpus' {self.num_positions} positions"
+            )
+        order = EpochOrder(self._shard_sizes, seed=state.seed, epoch=state.epoch,
+                           shuffle_buffer=self.cfg.shuffle_buffer)
+        if state.order_digest and state.order_digest != order.digest():
+            raise StreamStateMismatch(
+                f"the sample order of epoch {state.epoch} differs from the one the state was saved with (order "
+                f"digest {order.digest()} != {state.order_digest}): shuffle_buffer changed, or the random "
+                f"generator of this torch ({torch.__version__}) differs from the saving run's"
+            )
+        self._epoch, self._cursor, self._order = state.epoch, state.cursor, order
+
+    # -- statistics --------------------------------------------------------------------------------
+    def cache_stats(self) -> dict[str, int]:
+        """This process's shard-cache counters (iteration in DataLoader workers counts there, not here)."""
+        return self._reader.cache.stats.as_dict() if self._reader is not None else {}
+
+    def close(self) -> None:
+        """Stop this process's prefetch thread."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers started by spawn get no reader
+        state = self.__dict__.copy()
+        state["_reader"] = None
+        return state
+
+    # -- iteration ---------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        # snapshot now: advance() / set_epoch() on this object do not affect a running iterator
+        positions = rank_positions(self.num_positions, self.cfg.batch_size, self._cursor, self.rank,
+                                   self.world_size)
+        info = get_worker_info()
+        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        order = self.global_order()
+        if not self.batched:  # this worker's positions: every num_workers-th of the rank's
+            return self._iter_positions(order, positions[worker::num_workers])
+        b = self.cfg.batch_size  # this worker's steps: every num_workers-th step of the rank's
+        steps = range(worker, len(positions) // b, num_workers)
+        mine = itertools.chain.from_iterable(positions[s * b:(s + 1) * b] for s in steps)
+        return self._batches(self._iter_positions(order, mine))
+
+    def _batches(self, items: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        while batch := list(itertools.islice(items, self.cfg.batch_size)):
+            yield default_collate(batch)
+
+    def _iter_positions(self, order: EpochOrder, positions: Iterable[int]) -> Iterator[dict[str, Any]]:
+        if self._reader is None or self._reader.pid != os.getpid():
+            self._reader = _ShardReader(self.cfg, self.corpus)  # one per process: never across a fork
+        reader = self._reader
+        for block, in_block in itertools.groupby(positions, key=lambda p: p // order.block_size):
+            block_positions = list(in_block)
+            located = [order.locate(p) for p in block_positions]
+            reader.begin_block(located)
+            self._prefetch(reader, order, block)
+            for p, (shard_index, offset) in zip(block_positions, located):
+                yield self._item(reader, p, shard_index, offset)
+
+    def _prefetch(self, reader: _ShardReader, order: EpochOrder, block: int) -> None:
+        if self.cfg.prefetch_shards == 0:
+            return
+        slots = order.block_slots(block)
+        end = min(len(order.shard_order), slots.stop + self.cfg.prefetch_shards)
+        reader.prefetch([order.shard_order[j] for j in range(slots.start, end)])
+
+    def _item(self, reader: _ShardReader, position: int, shard_index: int, offset: int) -> dict[str, Any]:
+        commit = self.corpus.shards[shard_index]
+        try:
+            record = reader.sample(shard_index, offset)
+        except CorruptShardError as exc:
+            if self.cfg.on_corrupt == "error":
+                raise
+            if commit.shard_id not in self._corrupt_shards:
+                self._corrupt_shards.add(commit.shard_id)
+                log.warning("skipping corrupt data (on_corrupt='skip'): %s", exc)
+            self.skipped_samples += 1
+            return self._placeholder(commit, offset, position)
+        meta = record.meta
+        item: dict[str, Any] = {
+            "states": record.states.to(torch.float32),
+            "sigmas": record.sigmas.to(torch.float32),
+            "class_id": torch.tensor(int(meta.get("class_id", -1)), dtype=torch.long),
+            "guidance": torch.tensor(record.guidance, dtype=torch.float32),
+            "index": torch.tensor(record.index, dtype=torch.long),
+            "seed": torch.tensor(record.seed, dtype=torch.long),
+            "position": torch.tensor(position, dtype=torch.long),
+            "shard": torch.tensor(shard_number(commit.shard_id), dtype=torch.long),
+            "valid": torch.tensor(True),
+        }
+        if self.card.conditioning.kind == "prompt":
+            item["prompt"] = str(meta.get("prompt", ""))
+            item["prompt_id"] = "" if meta.get("prompt_id") is None else str(meta["prompt_id"])
+        return item
+
+    def _placeholder(self, commit: ShardCommit, offset: int, position: int) -> dict[str, Any]:
+        card = self.card
+        item: dict[str, Any] = {
+            "states": torch.zeros(card.states_shape, dtype=torch.float32),
+            "sigmas": torch.tensor(card.saved_sigmas, dtype=torch.float32),
+            "class_id": torch.tensor(-1, dtype=torch.long),
+            "guidance": torch.tensor(0.0, dtype=torch.float32),
+            "index": torch.tensor(commit.first_index + offset, dtype=torch.long),
+            "seed": torch.tensor(-1, dtype=torch.long),
+            "position": torch.tensor(position, dtype=torch.long),
+            "shard": torch.tensor(shard_number(commit.shard_id), dtype=torch.long),
+            "valid": torch.tensor(False),
+        }
+        if card.conditioning.kind == "prompt":
+            item["prompt"] = ""
+            item["prompt_id"] = ""
+        return item
+
+
+def make_dataloader(stream: CorpusStream, *, num_workers: int = 0, pin_memory: bool = False,
+                    prefetch_factor: int | None = None, multiprocessing_context: Any = None,
+                    timeout: float = 0) -> DataLoader:
+    """The DataLoader for a :class:`CorpusStream`: ``batch_size=None`` (the stream decides what an item
+    is: a sample, or a whole step's batch when ``stream.batched``), in order, no sampler.
+
+    Every ``iter(loader)`` starts its workers from the stream's cursor and epoch at that moment, so
+    create a new iterator after :meth:`CorpusStream.set_epoch` or loading a state. Workers are never
+    persistent: a persistent worker would keep its stale copy of the cursor. Do not pass the loader
+    to ``accelerator.prepare``: the stream already shards by rank.
+    """
+    kwargs: dict[str, Any] = {}
+    if num_workers > 0:
+        kwargs["prefetch_factor"] = prefetch_factor if prefetch_factor is not None else 2
+        kwargs["persistent_workers"] = False
+        if multiprocessing_context is not None:
+            kwargs["multiprocessing_context"] = multiprocessing_context
+    return DataLoader(stream, batch_size=None, shuffle=False, num_workers=num_workers,
+                      pin_memory=pin_memory, timeout=timeout, **kwargs)

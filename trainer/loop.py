@@ -1,0 +1,235 @@
+"""The Trainer: build / train / close, one readable loop on accelerate.
+
+Each step: take this rank's batch of authentic trajectories from the streaming corpus, draw one
+window per sample of the current progressive stage (``flowcore.windows``), predict the velocity at
+the training point and minimise the aligned v-prediction loss against the straight-line window
+target; AdamW with linear warmup, gradient clipping, EMA; the data cursor advances by the global
+batch. Window draws use a generator seeded by (seed, step, rank), so a resumed run replays exactly
+the steps an uninterrupted run would have taken.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flowcore.flownets import save_flow_net
+from flowcore.losses import aligned_v_loss
+from flowcore.windows import sample_windows, stage_boundary_indices
+from trainer.checkpoint import CheckpointStore
+from trainer.config import TrainConfig
+from trainer.data import CorpusStream, StreamConfig, make_dataloader
+from trainer.student import build_student, student_net_config, teacher_from_card
+
+
+def _seed_of(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big") & (2**63 - 1)
+
+
+class Trainer:
+    """Distils a few-step student from a corpus (see module docstring)."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.step = 0
+
+    # -- build -----------------------------------------------------------------------------------
+    def build(self) -> Trainer:
+        from accelerate import Accelerator
+
+        cfg = self.cfg
+        log_dir = cfg.out if "://" not in cfg.out or cfg.out.startswith("file://") else os.path.join("runs", _seed_of(cfg.out).__str__()[:10])
+        try:
+            import tensorboard  # noqa: F401
+
+            log_with = "tensorboard"
+        except ImportError:
+            log_with = None
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
+                                       log_with=log_with, project_dir=str(Path(log_dir.replace("file://", "")) / "logs"))
+        acc = self.accelerator
+        self.rank, self.world = acc.process_index, acc.num_processes
+        self.stream_cfg = StreamConfig(url=cfg.data, batch_size=cfg.batch_size, storage_options=cfg.storage_options,
+                                       seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, cache_dir=cfg.cache_dir,
+                                       on_corrupt=cfg.on_corrupt)
+        self.stream = CorpusStream(self.stream_cfg, self.rank, self.world, batched=True)
+        self.card = self.stream.card
+        K = self.card.num_saved_states
+        for stage in cfg.stages:
+            stage_boundary_indices(K, stage)  # raises with a clear message if the corpus cannot serve it
+        self.stage_steps = cfg.stage_steps(self.card.teacher.kind)
+        self.total_steps = sum(self.stage_steps)
+        self.teacher = teacher_from_card(self.card, cfg.storage_options)
+        self.net_cfg = student_net_config(self.card, cfg.student_arch, cfg.student_width, cfg.student_depth)
+        with acc.main_process_first():  # rank 0 fits (and caches) the GMM teacher's net first
+            student = build_student(self.card, self.net_cfg, cfg.init, self.teacher, cfg.teacher_fit_steps,
+                                    seed=cfg.seed, progress=cfg.progress and acc.is_main_process)
+        self.ema = copy.deepcopy(student).requires_grad_(False) if cfg.ema_decay > 0 else None
+        optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.model, self.optimizer = acc.prepare(student, optimizer)
+        self.ckpt = CheckpointStore(cfg.out, cfg.storage_options)
+        self.skipped_samples = 0
+        if cfg.resume:
+            self._resume()
+        if acc.is_main_process and log_with:
+            acc.init_trackers("trajflow", config={k: v for k, v in cfg.to_dict().items()
+                                                  if isinstance(v, (int, float, str, bool))})
+        self._consumed = None
+        if cfg.consumed_log:
+            Path(cfg.consumed_log).mkdir(parents=True, exist_ok=True)
+            self._consumed = open(Path(cfg.consumed_log) / f"rank-{self.rank}.jsonl", "a")
+        return self
+
+    def _resume(self) -> None:
+        latest = self.ckpt.latest()
+        if latest is None:
+            return
+        ck = self.ckpt.load(latest["path"])
+        self.accelerator.unwrap_model(self.model).load_state_dict(ck["model"])
+        if self.ema is not None and ck["ema"] is not None:
+            self.ema.load_state_dict(ck["ema"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["rng"]["torch_cpu"])
+        st = ck["state"]
+        self.step = int(st["step"])
+        self.skipped_samples = int(st.get("skipped_samples", 0))
+        self.stream.load_state_dict(st["data"])  # any world size: the cursor is global
+        if self.accelerator.is_main_process:
+            print(f"resumed from {self.cfg.out}/{latest['path']} at step {self.step} "
+                  f"(epoch {self.stream.epoch}, cursor {self.stream.cursor})")
+
+    # -- train -----------------------------------------------------------------------------------
+    def stage_at(self, step: int) -> int:
+        acc = 0
+        for stage, n in zip(self.cfg.stages, self.stage_steps):
+            acc += n
+            if step < acc:
+                return stage
+        return self.cfg.stages[-1]
+
+    def lr_at(self, step: int) -> float:
+        return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        cfg, acc = self.cfg, self.accelerator
+        device = acc.device
+        valid = batch["valid"].bool()
+        g = torch.Generator().manual_seed(_seed_of(cfg.seed, self.step, self.rank))
+        stage = self.stage_at(self.step)
+        wb = sample_windows(batch["states"], batch["sigmas"][0], stage, cfg.window_points, generator=g)
+        cls = batch["class_id"] if self.net_cfg.num_classes else None
+        guid = batch["guidance"] if self.net_cfg.guidance_cond else None
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        with acc.autocast():
+            v = self.model(wb.x_BX.to(device), wb.sigma_B.to(device), None if cls is None else cls.to(device),
+                           None if guid is None else guid.to(device))
+        if bool(valid.all()):
+            loss = aligned_v_loss(v, wb.v_target_BX.to(device), cfg.alpha)
+        elif bool(valid.any()):
+            m = valid.to(device)
+            loss = aligned_v_loss(v[m], wb.v_target_BX.to(device)[m], cfg.alpha)
+        else:  # a whole batch of placeholders (skip policy): keep DDP in lockstep with a zero loss
+            loss = v.sum() * 0.0
+        acc.backward(loss)
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            with torch.no_grad():
+                for pe, pm in zip(self.ema.parameters(), acc.unwrap_model(self.model).parameters()):
+                    pe.lerp_(pm.detach().to(pe.dtype), 1.0 - cfg.ema_decay)
+        self.skipped_samples += int((~valid).sum())
+        return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "stage": stage,
+                "lr": self.lr_at(self.step), "valid": int(valid.sum())}
+
+    def _log_consumed(self, batch) -> None:
+        if self._consumed is not None:
+            self._consumed.write(json.dumps({
+                "step": self.step, "rank": self.rank, "epoch": self.stream.epoch,
+                "positions": batch["position"].tolist(), "indices": batch["index"].tolist(),
+                "valid": batch["valid"].tolist()}) + "\n")
+            self._consumed.flush()
+
+    def train(self) -> dict[str, Any]:
+        cfg, acc = self.cfg, self.accelerator
+        bar = None
+        if cfg.progress and acc.is_main_process:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        last = {}
+        t_last, samples_since = time.perf_counter(), 0
+        while self.step < self.total_steps:
+            if self.stream.remaining_steps == 0:
+                self.stream.set_epoch(self.stream.epoch + 1)
+            loader = make_dataloader(self.stream, num_workers=cfg.num_workers)
+            for batch in loader:
+                self._log_consumed(batch)
+                last = self.train_step(batch)
+                self.stream.advance()
+                self.step += 1
+                samples_since += self.stream.global_batch
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    dt = time.perf_counter() - t_last
+                    last["samples_per_s"] = samples_since / max(dt, 1e-9)
+                    last["epoch"] = self.stream.epoch
+                    last["skipped_samples"] = self.skipped_samples
+                    acc.log(last, step=self.step)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last['loss']:.4f}", stage=last["stage"],
+                                        sps=f"{last['samples_per_s']:.0f}")
+                    t_last, samples_since = time.perf_counter(), 0
+                if bar is not None:
+                    bar.update(1)
+                if self.step % cfg.checkpoint_every == 0 or self.step == self.total_steps:
+                    self.save_checkpoint()
+                if self.step >= self.total_steps:
+                    break
+        if bar is not None:
+            bar.close()
+        return last
+
+    def save_checkpoint(self) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            model = acc.unwrap_model(self.model)
+            self.ckpt.save(self.step, model=model.state_dict(), ema=None if self.ema is None else self.ema.state_dict(),
+                           optimizer=self.optimizer.state_dict(),
+                           state={"data": self.stream.state_dict(), "skipped_samples": self.skipped_samples,
+                                  "stage": self.stage_at(max(0, self.step - 1)), "train_config": self.cfg.to_dict()},
+                           net_config=asdict(self.net_cfg))
+        acc.wait_for_everyone()
+
+    def export_student(self) -> str | None:
+        """The EMA (or raw) weights plus what evaluation needs, as out/student/student.safetensors."""
+        acc = self.accelerator
+        if not acc.is_main_process:
+            return None
+        net = self.ema if self.ema is not None else acc.unwrap_model(self.model)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "student.safetensors")
+            save_flow_net(net, path, extra={
+                "card": json.loads(self.card.to_json()), "data": self.cfg.data, "steps": self.step,
+                "stages": list(self.cfg.stages), "final_stage": self.cfg.stages[-1],
+                "shift": float(self.card.run.get("shift", 1.0)), "alpha": self.cfg.alpha,
+                "window_points": self.cfg.window_points})
+            self.ckpt.write("student/student.safetensors", Path(path).read_bytes())
+        return f"{self.cfg.out}/student/student.safetensors"
+
+    def close(self) -> None:
+        if self._consumed is not None:
+            self._consumed.close()
+        self.stream.close()
+        self.accelerator.end_training()

@@ -1,0 +1,65 @@
+"""`trajflow eval`: load an exported student and report its metrics next to the teacher's."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+
+from flowcore.flownets import load_flow_net
+from flowcore.gmm import GMMTeacher
+from storage_schemas import DatasetCard
+
+
+def load_student(url: str, storage_options=None):
+    """(net, extra) from a run URL, its student/ dir, or the .safetensors itself."""
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(url, **(storage_options or {}))
+    candidates = [path] if path.endswith(".safetensors") else [f"{path.rstrip('/')}/student/student.safetensors",
+                                                               f"{path.rstrip('/')}/student.safetensors"]
+    for c in candidates:
+        if fs.exists(c):
+            with tempfile.TemporaryDirectory() as tmp:
+                local = os.path.join(tmp, "student.safetensors")
+                fs.get_file(c, local)
+                return load_flow_net(local)
+    raise FileNotFoundError(f"no exported student at {url} (looked for {', '.join(candidates)})")
+
+
+def run_eval(args) -> int:
+    from trainer.evaluate import evaluate_gmm
+    from trainer.student import teacher_from_card
+
+    try:
+        net, extra = load_student(args.student, args.storage_options)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"trajflow eval: error: {e}", file=sys.stderr)
+        return 1
+    card = DatasetCard.from_json(json.dumps(extra["card"]))
+    teacher = teacher_from_card(card, args.storage_options)
+    if not isinstance(teacher, GMMTeacher):
+        print("trajflow eval: exact metrics need a GMM teacher corpus; other teachers come with issue 7",
+              file=sys.stderr)
+        return 1
+    g = card.solver.guidance
+    guidance = float(g) if isinstance(g, (int, float)) else (g.min + g.max) / 2
+    report = evaluate_gmm(net, teacher, shift=float(extra.get("shift", 1.0)), guidance=guidance,
+                          steps=tuple(args.steps), num_samples=args.num_samples)
+    report["student_url"] = args.student
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    rows = [("teacher 4 steps (diffusers default grid)", report["teacher"]["4_steps_diffusers_default_grid"]),
+            ("teacher 4 steps (corrected grid)", report["teacher"]["4_steps"]),
+            ("teacher 32 steps", report["teacher"]["32_steps"])]
+    rows += [(f"student {k.replace('_', ' ')}", v) for k, v in report["student"].items()]
+    print(f"{'sampler':42s} {'coupling':>9s} {'SWD':>8s} {'NLL/dim':>8s} {'class acc':>9s}")
+    for name, q in rows:
+        print(f"{name:42s} {q['coupling_error']:9.4f} {q['swd']:8.4f} {q['nll_per_dim']:8.3f} "
+              f"{q.get('class_accuracy', float('nan')):9.3f}")
+    for k, v in report["student"].items():
+        print(f"one-jump error per window, student {k}: {[round(x, 4) for x in v['one_jump_error_per_window']]} "
+              f"(teacher Euler: {[round(x, 4) for x in v['teacher_one_jump_error_per_window']]})")
+    return 0
