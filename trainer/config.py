@@ -57,8 +57,8 @@ class TrainConfig:
     mixed_precision: str = "no"
     #: corrupt shard policy: error (stop, naming the shard) | skip (count and continue)
     on_corrupt: str = "error"
-    #: DataLoader worker processes per rank
-    num_workers: int = 0
+    #: DataLoader worker processes per rank (1: decoding overlaps the step)
+    num_workers: int = 1
     #: shuffle buffer (samples)
     shuffle_buffer: int = 4096
     #: local shard cache directory (default ~/.cache/trajflow/shards)
