@@ -63,6 +63,8 @@ class GenerationSummary:
     trajectories_per_second: float
     #: seconds until the first worker was up (teacher loaded), included in ``seconds``
     startup_seconds: float = 0.0
+    #: worker seconds spent solving (summed over shards committed now)
+    solve_seconds: float = 0.0
 
     @property
     def steady_trajectories_per_second(self) -> float:
@@ -337,6 +339,7 @@ def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = N
         pending.appendleft(n)
 
     committed_now = new_samples = 0
+    solve_total = 0.0
     try:
         fill()
         while solving or committing or (pending and starting):
@@ -397,6 +400,7 @@ def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = N
                 committed[commit.shard_id] = commit
                 committed_now += 1
                 new_samples += commit.num_samples
+                solve_total += float(result.get("_solve_seconds", 0.0))
                 if bar is not None:
                     bar.update(commit.num_samples)
             if bar is not None:
@@ -421,4 +425,4 @@ def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = N
     seconds = time.perf_counter() - t_start
     total = sum(committed[s].num_samples for s in planned)
     return GenerationSummary(cfg.out, cfg.num_shards, total, committed_now, skipped, retries, replaced,
-                             seconds, new_samples / max(seconds, 1e-9), startup_s)
+                             seconds, new_samples / max(seconds, 1e-9), startup_s, solve_total)

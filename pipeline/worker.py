@@ -99,12 +99,11 @@ class GenerationWorker:
         self.card_fingerprint = fingerprint
 
     # -- the work ---------------------------------------------------------------------------
-    def solve_shard(self, number: int) -> list[SampleRecord]:
-        """Authentic trajectories of shard ``number``, in index order."""
+    def solve_states(self, number: int) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        """Authentic trajectories of shard ``number``: (states [N, K, *X] in the stored dtype, metas)."""
         cfg, dtype = self.cfg, TORCH_DTYPES[self.cfg.dtype]
         specs = self.plan.shard_samples(number)
-        records: list[SampleRecord] = []
-        sigmas = torch.tensor(cfg.saved, dtype=torch.float32)
+        chunks, metas = [], []
         for start in range(0, len(specs), cfg.batch_size):
             batch = specs[start:start + cfg.batch_size]
             noise = seeded_noise([s.seed for s in batch], self.teacher.sample_shape, torch.float32, self.device)
@@ -118,14 +117,21 @@ class GenerationWorker:
                     f"teacher produced non-finite states in shard {number} (indices {batch[0].index}.."
                     f"{batch[-1].index}); try dtype float32 or a smaller guidance"
                 )
-            for s, st in zip(batch, states):
+            chunks.append(states)
+            for s in batch:
                 meta: dict[str, Any] = {"index": s.index, "seed": s.seed, "guidance": s.guidance}
                 if s.class_id is not None:
                     meta["class_id"] = s.class_id
                 if s.prompt_id is not None:
                     meta["prompt_id"], meta["prompt"] = s.prompt_id, s.prompt
-                records.append(SampleRecord(sample_key(s.index), st.clone(), sigmas, meta))
-        return records
+                metas.append(meta)
+        return torch.cat(chunks), metas
+
+    def solve_shard(self, number: int) -> list[SampleRecord]:
+        """Authentic trajectories of shard ``number`` as validated records, in index order."""
+        states, metas = self.solve_states(number)
+        sigmas = torch.tensor(self.cfg.saved, dtype=torch.float32)
+        return [SampleRecord(sample_key(m["index"]), states[i].clone(), sigmas, m) for i, m in enumerate(metas)]
 
     def _condition(self, batch):
         if batch[0].class_id is not None:
@@ -144,12 +150,12 @@ class GenerationWorker:
         """Solve shard ``number`` -> {number, states [N, K, *X] (stored dtype), sigmas [K], metas, seconds}:
         what a ShardCommitter needs, as plain tensors + JSON (cheap to move between processes)."""
         t0 = time.perf_counter()
-        records = self.solve_shard(number)
+        states, metas = self.solve_states(number)  # records are built and validated by the committer
         return {
             "number": number,
-            "states": torch.stack([r.states for r in records]),
-            "sigmas": records[0].sigmas,
-            "metas": [r.meta for r in records],
+            "states": states,
+            "sigmas": torch.tensor(self.cfg.saved, dtype=torch.float32),
+            "metas": metas,
             "solve_seconds": time.perf_counter() - t0,
         }
 
@@ -158,19 +164,25 @@ class GenerationWorker:
         fp = card_fingerprint or self.card_fingerprint
         if fp is None:
             raise RuntimeError("the dataset card must be written before shards are committed")
-        return ShardCommitter(self.cfg.out, self.cfg.storage_options).commit(self.solve_payload(number), fp)
+        return ShardCommitter(self.cfg.out, self.cfg.storage_options, niceness=0).commit(self.solve_payload(number), fp)
 
 
 class ShardCommitter:
     """Packs, uploads, verifies and commits solved shards (I/O bound; see module docstring)."""
 
-    def __init__(self, out: str, storage_options: dict[str, Any] | None = None):
+    def __init__(self, out: str, storage_options: dict[str, Any] | None = None, niceness: int = 5):
         self.store = ObjectStore(out, storage_options)
+        if niceness and hasattr(os, "nice"):
+            # background work: where it shares cores with a solver, the solver (which feeds the GPU) wins
+            try:
+                os.nice(niceness)
+            except OSError:
+                pass
 
     def commit(self, payload: dict[str, Any], card_fingerprint: str) -> dict[str, Any]:
         """Tar -> upload -> read-back verify (size, sha256) -> commit record. Returns the record as a dict."""
         states, sigmas, metas = payload["states"], payload["sigmas"], payload["metas"]
-        records = [SampleRecord(sample_key(m["index"]), states[i], sigmas, m) for i, m in enumerate(metas)]
+        records = [SampleRecord(sample_key(m["index"]), states[i].clone(), sigmas, m) for i, m in enumerate(metas)]
         data = write_shard_bytes(records)
         sid = format_shard_id(payload["number"])
         sha, nbytes = self.store.put_verified(shard_relpath(sid), data)

@@ -71,7 +71,8 @@ def write_shard_bytes(records: Iterable[SampleRecord], card: DatasetCard | None 
     buffer = io.BytesIO()
     seen: set[str] = set()
     with webdataset.TarWriter(
-        buffer, user=TAR_USER, group=TAR_GROUP, mode=TAR_MODE, mtime=TAR_MTIME, encoder=False, compress=False
+        buffer, user=TAR_USER, group=TAR_GROUP, mode=TAR_MODE, mtime=TAR_MTIME, encoder=False, compress=False,
+        format=tarfile.USTAR_FORMAT,  # plain ustar headers: our names are short ASCII, no pax records needed
     ) as writer:
         for record in records:
             if not isinstance(record, SampleRecord):
