@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import random
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
+
+from storage_schemas.retry import is_transient as _is_transient
+from storage_schemas.retry import with_retries as _with_retries
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,50 +48,15 @@ def describe_options(options: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Throttling, 5xx, timeouts, dropped connections and failed verifications are worth retrying;
-    missing objects, permissions and bad arguments are not."""
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-                        FileExistsError)):
-        return False
-    if isinstance(exc, (ConnectionError, TimeoutError, UploadVerificationError)):
-        return True
-    name = type(exc).__name__
-    if name in ("ClientError", "ResponseParserError", "EndpointConnectionError", "ReadTimeoutError",
-                "ConnectTimeoutError", "ServerDisconnectedError", "ClientPayloadError",
-                "ClientOSError", "IncompleteReadError", "ConnectionClosedError"):
-        code = ""
-        resp = getattr(exc, "response", None)
-        if isinstance(resp, dict):
-            code = str(resp.get("Error", {}).get("Code", ""))
-        return code not in ("NoSuchKey", "NoSuchBucket", "AccessDenied", "InvalidAccessKeyId",
-                            "SignatureDoesNotMatch", "404", "403")
-    if isinstance(exc, OSError):
-        return True  # s3fs maps 5xx / SlowDown / unknown errors to plain OSError
-    return False
+    """Transient storage errors and failed read-back verifications (an OSError) are worth retrying."""
+    return _is_transient(exc)
 
 
 def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 6, base_delay: float = 0.2,
                  max_delay: float = 8.0, sleep: Callable[[float], None] = time.sleep) -> T:
-    """Call ``fn`` until it succeeds, retrying transient errors with jittered exponential backoff.
-
-    Raises StorageError naming ``what`` once ``attempts`` are spent or on a permanent error
-    (FileNotFoundError is re-raised as is, so callers can test for absence).
-    """
-    last: BaseException | None = None
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except FileNotFoundError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - classified below
-            last = exc
-            if not is_transient(exc) or attempt == attempts:
-                break
-            delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * (0.5 + random.random())
-            log.warning("storage: %s failed (%s: %s); retry %d/%d in %.2fs", what, type(exc).__name__,
-                        exc, attempt, attempts - 1, delay)
-            sleep(delay)
-    raise StorageError(f"{what} failed after {attempt} attempt(s): {type(last).__name__}: {last}") from last
+    """``storage_schemas.retry.with_retries`` raising :class:`StorageError` naming ``what``."""
+    return _with_retries(fn, what=what, attempts=attempts, base_delay=base_delay, max_delay=max_delay,
+                         sleep=sleep, error=StorageError)
 
 
 def sha256_hex(data: bytes) -> str:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import random
-import time
 from typing import Any
 
 import torch
@@ -15,19 +13,13 @@ from fsspec.core import url_to_fs
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from storage_schemas.retry import with_retries
+
 LATEST = "checkpoints/latest.json"
 
 
 def _retry(fn, what: str, attempts: int = 5):
-    for i in range(attempts):
-        try:
-            return fn()
-        except FileNotFoundError:
-            raise
-        except OSError as e:  # transient storage errors
-            if i == attempts - 1:
-                raise OSError(f"{what} failed after {attempts} attempts: {e}") from e
-            time.sleep(min(4.0, 0.2 * 2**i) * (0.5 + random.random()))
+    return with_retries(fn, what=what, attempts=attempts, max_delay=4.0, error=OSError)
 
 
 class CheckpointStore:

@@ -30,7 +30,6 @@ import fcntl
 import hashlib
 import logging
 import os
-import random
 import re
 import threading
 import time
@@ -40,6 +39,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, BinaryIO, TypeVar
 
 from storage_schemas import CorpusFormatError, CorpusLayout, ShardCommit
+from storage_schemas.retry import is_transient  # noqa: F401 - re-exported for callers of this module
+from storage_schemas.retry import with_retries as _with_retries
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -90,52 +91,14 @@ class ShardFetchError(RuntimeError):
     """
 
 
-# --- retries -------------------------------------------------------------------------------------
-
-_PERMANENT_CODES = {"NoSuchKey", "NoSuchBucket", "AccessDenied", "InvalidAccessKeyId",
-                    "SignatureDoesNotMatch", "404", "403"}
-_TRANSIENT_NAMES = {"ClientError", "ResponseParserError", "EndpointConnectionError", "ReadTimeoutError",
-                    "ConnectTimeoutError", "ServerDisconnectedError", "ClientPayloadError", "ClientOSError",
-                    "IncompleteReadError", "ConnectionClosedError", "ResponseStreamingError"}
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Throttling, 5xx, timeouts and dropped connections are worth retrying; missing objects,
-    permissions and bad arguments are not."""
-    if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
-        return False
-    if isinstance(exc, ConnectionError | TimeoutError):
-        return True
-    if type(exc).__name__ in _TRANSIENT_NAMES:
-        response = getattr(exc, "response", None)
-        code = str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
-        return code not in _PERMANENT_CODES
-    return isinstance(exc, OSError)  # s3fs/gcsfs map 5xx, SlowDown and unknown errors to OSError
+# --- retries (one policy for pipeline, trainer and audit: storage_schemas.retry) -----------------
 
 
 def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 6, base_delay: float = 0.2,
                  max_delay: float = 8.0, sleep: Callable[[float], None] = time.sleep) -> T:
-    """Call ``fn`` until it succeeds, retrying transient errors with jittered exponential backoff.
-
-    ``FileNotFoundError`` is re-raised as is (callers test for absence); any other final failure
-    becomes a :class:`ShardFetchError` naming ``what``.
-    """
-    last: BaseException | None = None
-    attempt = 0
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except FileNotFoundError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - classified below
-            last = exc
-            if not is_transient(exc) or attempt == attempts:
-                break
-            delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * (0.5 + random.random())
-            log.warning("storage: %s failed (%s: %s); retry %d/%d in %.2fs", what, type(exc).__name__,
-                        exc, attempt, attempts - 1, delay)
-            sleep(delay)
-    raise ShardFetchError(f"{what} failed after {attempt} attempt(s): {type(last).__name__}: {last}") from last
+    """``storage_schemas.retry.with_retries`` raising :class:`ShardFetchError` naming ``what``."""
+    return _with_retries(fn, what=what, attempts=attempts, base_delay=base_delay, max_delay=max_delay,
+                         sleep=sleep, error=ShardFetchError)
 
 
 # --- the cache -----------------------------------------------------------------------------------

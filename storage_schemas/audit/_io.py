@@ -8,16 +8,17 @@ filesystem, ``memory://`` in tests. The auditor never writes.
 from __future__ import annotations
 
 import hashlib
-import random
 import time
 from collections.abc import Callable
 from typing import Any, BinaryIO, TypeVar
 
 from fsspec.core import url_to_fs
 
+from storage_schemas.retry import is_transient  # noqa: F401 - re-exported
+from storage_schemas.retry import with_retries as _with_retries
+
 T = TypeVar("T")
 
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
 READ_CHUNK = 4 << 20
 OPEN_BLOCK_SIZE = 8 << 20
 """Read-ahead block of remote file objects: bounds the memory one shard being read holds."""
@@ -27,37 +28,11 @@ class StorageReadError(RuntimeError):
     """An object could not be read after retries (or at all: permissions, bad URL)."""
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Dropped connections, timeouts, throttling and 5xx (s3fs maps them to OSError) are retried;
-    missing objects and permissions are not."""
-    if isinstance(exc, _PERMANENT):
-        return False
-    return isinstance(exc, OSError)  # ConnectionError and TimeoutError are OSErrors
-
-
-def with_retries(
-    fn: Callable[[], T],
-    *,
-    what: str,
-    attempts: int = 4,
-    base_delay: float = 0.2,
-    sleep: Callable[[float], None] = time.sleep,
-) -> T:
-    """Call ``fn``, retrying transient errors with jittered exponential backoff.
-
-    FileNotFoundError propagates unchanged (callers test for absence); any other failure that
-    persists becomes :class:`StorageReadError` naming ``what``.
-    """
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except FileNotFoundError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - classified below
-            if not is_transient(exc) or attempt == attempts:
-                raise StorageReadError(f"{what}: {type(exc).__name__}: {exc}") from exc
-            sleep(min(4.0, base_delay * 2 ** (attempt - 1)) * (0.5 + random.random()))
-    raise AssertionError("unreachable")
+def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 4, base_delay: float = 0.2,
+                 sleep: Callable[[float], None] = time.sleep) -> T:
+    """``storage_schemas.retry.with_retries`` raising :class:`StorageReadError` naming ``what``."""
+    return _with_retries(fn, what=what, attempts=attempts, base_delay=base_delay, max_delay=4.0, sleep=sleep,
+                         error=StorageReadError)
 
 
 class HashingReader:
