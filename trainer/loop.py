@@ -46,7 +46,11 @@ class Trainer:
         from accelerate import Accelerator
 
         cfg = self.cfg
-        log_dir = cfg.out if "://" not in cfg.out or cfg.out.startswith("file://") else os.path.join("runs", _seed_of(cfg.out).__str__()[:10])
+        # TensorBoard writes local files: next to the checkpoints for a local --out, else under ./runs/<hash>
+        if "://" not in cfg.out or cfg.out.startswith("file://"):
+            log_dir = cfg.out.removeprefix("file://")
+        else:
+            log_dir = os.path.join("runs", hashlib.sha256(cfg.out.encode()).hexdigest()[:12])
         try:
             import tensorboard  # noqa: F401
 
@@ -54,7 +58,7 @@ class Trainer:
         except ImportError:
             log_with = None
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
-                                       log_with=log_with, project_dir=str(Path(log_dir.replace("file://", "")) / "logs"))
+                                       log_with=log_with, project_dir=str(Path(log_dir) / "logs"))
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
         self.stream_cfg = StreamConfig(url=cfg.data, batch_size=cfg.batch_size, storage_options=cfg.storage_options,
