@@ -267,9 +267,11 @@ def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = N
     attempts: dict[int, int] = {}
     retries = replaced = 0
     done_samples = sum(c.num_samples for c in committed.values())
-    # shard n: worker.solve_payload(n) -> ref -> committer.commit(ref, fp); the driver never touches the data
-    solving: dict[Any, tuple[int, Any]] = {}  # solve ref -> (shard, worker)
-    committing: dict[Any, tuple[int, Any, Any]] = {}  # commit ref -> (shard, solve ref, committer)
+    # shard n: worker.solve_for_commit(n) -> (payload ref, status ref); committer.commit(payload ref, fp).
+    # The driver waits on the small status ref only: the states never pass through it.
+    solving: dict[Any, tuple[int, Any]] = {}  # status ref -> (shard, worker)
+    committing: dict[Any, tuple[int, Any, Any]] = {}  # commit ref -> (shard, payload ref, committer)
+    status_of: dict[Any, Any] = {}  # payload ref -> status ref
     committers = [new_committer() for _ in range(max(1, len(actors)))]
     bar = None
     if cfg.progress:
@@ -283,9 +285,10 @@ def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = N
 
     def outstanding(worker) -> int:
         return sum(1 for _, w in solving.values() if w is worker) + sum(
-            1 for _, sref, _ in committing.values() if sref in worker_of and worker_of[sref] is worker)
+            1 for _, pref, _ in committing.values()
+            if status_of.get(pref) not in solving and worker_of.get(pref) is worker)
 
-    worker_of: dict[Any, Any] = {}  # solve ref -> worker, kept until the shard is committed
+    worker_of: dict[Any, Any] = {}  # payload ref -> worker, kept until the shard is committed
 
     def commit_via(sref, n):
         committer = committers[n % len(committers)]
@@ -298,20 +301,22 @@ def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = N
                     and outstanding(worker) < MAX_UNCOMMITTED_PER_WORKER:
                 n = pending.popleft()
                 attempts[n] = attempts.get(n, 0) + 1
-                sref = worker.solve_payload.remote(n)
-                solving[sref] = (n, worker)
-                worker_of[sref] = worker
-                commit_via(sref, n)
+                pref, iref = worker.solve_for_commit.options(num_returns=2).remote(n)
+                solving[iref] = (n, worker)
+                worker_of[pref] = worker
+                status_of[pref] = iref
+                commit_via(pref, n)
 
     def drop_shard(n):
         """Forget every in-flight ref of shard n (before requeueing it)."""
         for ref, (n2, _) in list(solving.items()):
             if n2 == n:
                 del solving[ref]
-        for ref, (n2, sref, _) in list(committing.items()):
+        for ref, (n2, pref, _) in list(committing.items()):
             if n2 == n:
                 del committing[ref]
-                worker_of.pop(sref, None)
+                worker_of.pop(pref, None)
+                status_of.pop(pref, None)
 
     def lose_worker(worker, why: str):
         nonlocal replaced
@@ -378,7 +383,7 @@ def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = N
                 try:
                     result = ray.get(ref)
                 except (RayTaskError, RayActorError) as e:
-                    if sref in solving or sref not in worker_of:
+                    if status_of.get(sref) in solving or sref not in worker_of:
                         continue  # the solve itself failed: handled (or about to be) through its own ref
                     retries += 1
                     if isinstance(e, RayActorError) and not isinstance(e, RayTaskError):
@@ -396,6 +401,7 @@ def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = N
                     commit_via(sref, n)  # the solved shard is still in the object store: no re-solve
                     continue
                 worker_of.pop(sref, None)
+                status_of.pop(sref, None)
                 commit = ShardCommit(**{k: v for k, v in result.items() if not k.startswith("_")})
                 committed[commit.shard_id] = commit
                 committed_now += 1

@@ -159,6 +159,13 @@ class GenerationWorker:
             "solve_seconds": time.perf_counter() - t0,
         }
 
+    def solve_for_commit(self, number: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(payload for the committer, small status for the driver): called with ``num_returns=2`` so
+        the driver learns that a solve finished without pulling the states out of the object store."""
+        payload = self.solve_payload(number)
+        return payload, {"number": number, "solve_seconds": payload["solve_seconds"],
+                         "num_samples": len(payload["metas"])}
+
     def process_shard(self, number: int, card_fingerprint: str | None = None) -> dict[str, Any]:
         """Solve, pack, upload, verify and commit in this process. Returns the commit record as a dict."""
         fp = card_fingerprint or self.card_fingerprint
