@@ -15,6 +15,9 @@ examples:
   trajflow demo --out ./demo_out
   trajflow generate --teacher gmm:latent10 --num-trajectories 4096 --shard-size 256 --out s3://bucket/corpus
   trajflow submit --address http://HEAD:8265 --wait -- --teacher gmm:latent10 --num-trajectories 4096 --out s3://b/c
+  trajflow audit s3://bucket/corpus --deep --replay 8
+  trajflow train --data s3://bucket/corpus --out s3://bucket/runs/r1 --stages 8,4
+  trajflow eval --student s3://bucket/runs/r1 --steps 1,2,4
 
 URLs are fsspec URLs (s3://, gs://, file://, plain paths). S3 endpoints and credentials come from the
 standard AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) or --storage-options JSON.
@@ -166,14 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trajflow", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Few-step distillation of flow-matching image models: generate authentic teacher ODE "
-                    "trajectories into WebDataset shards on object storage.")
+                    "trajectories into WebDataset shards on object storage, audit them, and distil few-step "
+                    "students from them.")
     parser.add_argument("--version", action="version", version=f"trajflow {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more (INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("demo", help="the whole job on embedded defaults (local Ray, local files, built-in teacher)",
-                       description="Generate a small latent10 corpus on an embedded local Ray cluster, "
-                                   "check it against its manifest, and write a summary.")
+                       description="Generate latent10 and ring2d corpora on an embedded local Ray cluster, audit "
+                                   "them, distil a 4-step ring2d student, evaluate it against the exact teacher, and "
+                                   "write DIR/report.md, DIR/metrics.json and plots. Re-running reuses what is done.")
     p.add_argument("--out", default="demo_out", help="output directory (default ./demo_out)")
     p.add_argument("--num-trajectories", type=int, default=2048, help="corpus size (default 2048)")
     p.add_argument("--no-progress", action="store_true")
