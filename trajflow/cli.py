@@ -28,7 +28,8 @@ class UsageError(Exception):
     """Bad flags or values: exit status 2 with a one-line message."""
 
 
-def _json_object(text: str) -> dict:
+def json_object_arg(text: str) -> dict:
+    """argparse type: a JSON object (e.g. --storage-options)."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
@@ -79,7 +80,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--cpus-per-worker", type=float, help="CPUs (and torch threads) per worker (default 1)")
     r.add_argument("--max-retries", type=int, help="retries per shard before the job fails (default 3)")
     r.add_argument("--address", help="Ray address (default: start an embedded local Ray; 'auto' inside a cluster)")
-    r.add_argument("--storage-options", type=_json_object, help="fsspec storage options as JSON")
+    r.add_argument("--storage-options", type=json_object_arg, help="fsspec storage options as JSON")
     r.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
 
 
@@ -231,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, help="DataLoader workers per rank (default 0)")
     p.add_argument("--shuffle-buffer", type=int)
     p.add_argument("--cache-dir", help="local shard cache (default ~/.cache/trajflow/shards)")
-    p.add_argument("--storage-options", type=_json_object)
+    p.add_argument("--storage-options", type=json_object_arg)
     p.add_argument("--consumed-log", help="local dir for per-rank consumed-sample logs (JSONL)")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints under --out")
     p.add_argument("--no-progress", action="store_true")
@@ -245,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_int_list, default=(1, 2, 4), help="student step counts (default 1,2,4)")
     p.add_argument("--num-samples", type=int, default=2000)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--storage-options", type=_json_object)
+    p.add_argument("--storage-options", type=json_object_arg)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("submit", help="submit `generate` to a Ray cluster through the Ray Jobs API",

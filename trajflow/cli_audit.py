@@ -6,9 +6,10 @@ Exit status: 0 clean, 1 problems found, 2 the corpus cannot be read at all or ba
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
+
+from trajflow.cli import json_object_arg
 
 DESCRIPTION = """\
 Verify a corpus against its dataset card, manifest and commit records, and report every defect
@@ -26,16 +27,6 @@ examples:
   trajflow audit ./demo_out/corpus --deep --replay 8 --html audit.html
   trajflow audit s3://bucket/big --deep --sample-fraction 0.05 --json > audit.json
 """
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
-    return value
 
 
 def _fraction(text: str) -> float:
@@ -73,7 +64,7 @@ def configure_audit_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--sample-fraction", type=_fraction, default=1.0, metavar="F",
                    help="with --deep, decode only this fraction of the samples (0 < F <= 1, default 1); hashes and "
                    "tar members are still checked for every shard")
-    p.add_argument("--storage-options", type=_json_object, default=None, metavar="JSON",
+    p.add_argument("--storage-options", type=json_object_arg, default=None, metavar="JSON",
                    help="fsspec storage options as JSON (default: the standard AWS environment for s3://)")
     p.add_argument("--workers", type=_count(1), default=8, metavar="N",
                    help="shards checked in parallel, and so at most N shards open at once (default 8)")
