@@ -191,6 +191,16 @@ def manifest_to_parquet_bytes(commits: Iterable[ShardCommit]) -> bytes:
     return sink.getvalue()
 
 
+def manifest_schema_version(table: pa.Table) -> object:
+    """The schema version stored in a manifest table's key-value metadata (None if absent; the raw
+    text if it is not an integer), for callers to check against SUPPORTED_SCHEMA_VERSIONS."""
+    raw = (table.schema.metadata or {}).get(MANIFEST_VERSION_KEY)
+    if raw is None:
+        return None
+    text = raw.decode("utf-8", errors="replace")
+    return int(text) if text.isdigit() else text
+
+
 def manifest_from_parquet_bytes(data: bytes) -> list[ShardCommit]:
     """Read and validate ``manifest.parquet`` bytes; commits come back ordered by shard number.
 
@@ -204,12 +214,7 @@ def manifest_from_parquet_bytes(data: bytes) -> list[ShardCommit]:
         table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise CorpusFormatError(f"{_MANIFEST_WHERE}: not a readable Parquet file: {exc}") from None
-    metadata = table.schema.metadata or {}
-    raw_version = metadata.get(MANIFEST_VERSION_KEY)
-    version: object = None
-    if raw_version is not None:
-        text = raw_version.decode("utf-8", errors="replace")
-        version = int(text) if text.isdigit() else text
+    version = manifest_schema_version(table)
     if version not in SUPPORTED_SCHEMA_VERSIONS:
         raise UnsupportedSchemaVersion(_MANIFEST_WHERE, version, SUPPORTED_SCHEMA_VERSIONS)
     names = set(table.column_names)

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from ..card import DatasetCard
 from ..errors import CorpusFormatError, UnsupportedSchemaVersion
 from ..layout import COMMITS_DIR, DATASET_CARD, MANIFEST, SHARDS_DIR, shard_number, validate_shard_id
-from ..manifest import MANIFEST_SCHEMA, MANIFEST_VERSION_KEY, ShardCommit
+from ..manifest import MANIFEST_SCHEMA, ShardCommit, manifest_schema_version
 from ..version import SUPPORTED_SCHEMA_VERSIONS
 from .problems import Problem
 
@@ -134,12 +134,7 @@ def read_manifest(index: CorpusIndex, data: bytes) -> None:
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for bad files
         index.add("manifest_invalid", None, f"{where} is not a readable Parquet file: {exc}", MANIFEST)
         return
-    metadata = table.schema.metadata or {}
-    raw = metadata.get(MANIFEST_VERSION_KEY)
-    version: object = None
-    if raw is not None:
-        text = raw.decode("utf-8", errors="replace")
-        version = int(text) if text.isdigit() else text
+    version = manifest_schema_version(table)
     if version not in SUPPORTED_SCHEMA_VERSIONS:
         index.add("schema_version", None, str(UnsupportedSchemaVersion(f"manifest ({where})", version,
                                                                       SUPPORTED_SCHEMA_VERSIONS)), MANIFEST)
