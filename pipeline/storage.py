@@ -173,19 +173,3 @@ class ObjectStore:
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     p = fs.protocol
     return (p,) if isinstance(p, str) else tuple(p)
-
-
-def fetch_to_local(url: str, cache_dir: str, storage_options: dict[str, Any] | None = None) -> str:
-    """Return a local path for ``url`` (downloading remote objects once into ``cache_dir``)."""
-    import os
-
-    fs, path = url_to_fs(url, **(storage_options or {}))
-    if "file" in _protocols(fs):
-        return path
-    os.makedirs(cache_dir, exist_ok=True)
-    local = os.path.join(cache_dir, hashlib.sha256(url.encode()).hexdigest()[:16] + "-" + os.path.basename(path))
-    if not os.path.exists(local):
-        tmp = local + ".part"
-        with_retries(lambda: fs.get_file(path, tmp), what=f"downloading {url}")
-        os.replace(tmp, local)
-    return local

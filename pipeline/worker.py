@@ -21,7 +21,7 @@ from flowcore.solvers import seeded_noise, solve_teacher
 from flowcore.teacher_spec import build_teacher, parse_teacher_spec
 from pipeline.config import GenerateConfig
 from pipeline.plan import ShardPlan
-from pipeline.storage import ObjectStore, fetch_to_local
+from pipeline.storage import ObjectStore
 from storage_schemas import (
     SampleRecord,
     ShardCommit,
@@ -34,6 +34,7 @@ from storage_schemas import (
 from storage_schemas import (
     shard_id as format_shard_id,
 )
+from storage_schemas.fetch import fetch_to_local
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CACHE_DIR = os.environ.get("TRAJFLOW_CACHE", os.path.expanduser("~/.cache/trajflow"))

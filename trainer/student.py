@@ -27,25 +27,9 @@ from flowcore.flownets import (
 )
 from flowcore.gmm import GMMSpec, GMMTeacher
 from storage_schemas import DatasetCard
+from storage_schemas.fetch import fetch_to_local
 
 CACHE_ROOT = Path(os.environ.get("TRAJFLOW_CACHE", os.path.expanduser("~/.cache/trajflow")))
-
-
-def _fetch(url: str, storage_options: dict[str, Any] | None) -> str:
-    """Local path of a (possibly remote) file, cached by URL."""
-    from fsspec.core import url_to_fs
-
-    fs, path = url_to_fs(url, **(storage_options or {}))
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    if "file" in protocols:
-        return path
-    local = CACHE_ROOT / "teachers" / (hashlib.sha256(url.encode()).hexdigest()[:16] + "-" + Path(path).name)
-    if not local.exists():
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_suffix(local.suffix + f".part{os.getpid()}")
-        fs.get_file(path, str(tmp))
-        os.replace(tmp, local)
-    return str(local)
 
 
 def teacher_from_card(card: DatasetCard, storage_options: dict[str, Any] | None = None):
@@ -57,7 +41,7 @@ def teacher_from_card(card: DatasetCard, storage_options: dict[str, Any] | None 
         spec = str(card.run.get("teacher_spec", ""))
         if not spec.startswith("flownet:"):
             raise ValueError("the card does not record where the flow-net teacher's weights are (run.teacher_spec)")
-        net, _ = load_flow_net(_fetch(spec[len("flownet:"):], storage_options))
+        net, _ = load_flow_net(fetch_to_local(spec[len("flownet:"):], str(CACHE_ROOT / "teachers"), storage_options))
         teacher = FlowNetTeacher(net)
         if teacher.fingerprint() != card.teacher.fingerprint:
             raise ValueError(f"the flow net at {spec} is not the corpus's teacher (fingerprint differs)")
