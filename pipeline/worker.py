@@ -23,6 +23,7 @@ from pipeline.config import GenerateConfig
 from pipeline.plan import ShardPlan
 from pipeline.storage import ObjectStore
 from storage_schemas import (
+    TORCH_DTYPES,
     SampleRecord,
     ShardCommit,
     commit_relpath,
@@ -36,7 +37,6 @@ from storage_schemas import (
 )
 from storage_schemas.fetch import fetch_to_local
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CACHE_DIR = os.environ.get("TRAJFLOW_CACHE", os.path.expanduser("~/.cache/trajflow"))
 
 
@@ -72,7 +72,6 @@ class GenerationWorker:
         torch.backends.cudnn.allow_tf32 = False
         self.device = device or default_device()
         self.teacher = resolve_teacher(self.cfg.teacher, self.cfg.storage_options, self.device)
-        self.store = ObjectStore(self.cfg.out, self.cfg.storage_options)
         self.card_fingerprint = card_fingerprint
         self.prompts = None
         if self.cfg.prompts:
@@ -95,9 +94,6 @@ class GenerationWorker:
 
     def pid(self) -> int:
         return os.getpid()
-
-    def set_card_fingerprint(self, fingerprint: str) -> None:
-        self.card_fingerprint = fingerprint
 
     # -- the work ---------------------------------------------------------------------------
     def solve_states(self, number: int) -> tuple[torch.Tensor, list[dict[str, Any]]]:
