@@ -81,10 +81,3 @@ def sample_windows(
     sigma = s0 - frac.to(dev) * (s0 - s1)
     x = point_on_segment(x0, v, s0, sigma)
     return WindowBatch(x, sigma, v, w, s0, s1)
-
-
-def student_sample(velocity_fn, noise_BX: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
-    """Few-step Euler sampling with a student velocity ``velocity_fn(x, sigma_B)`` on ``sigmas``."""
-    from flowcore.solvers import solve
-
-    return solve(velocity_fn, noise_BX, sigmas, capture_sigmas=[sigmas[-1]]).final
