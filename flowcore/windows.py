@@ -70,8 +70,27 @@ def sample_windows(
     ar = torch.arange(B, device=dev)
     x0, x1 = states_BKX[ar, i0], states_BKX[ar, i1]
     s = sigmas_K.to(dev, torch.float32)
-    s0, s1 = s[i0], s[i1]
-    v = window_target(x0, x1, s0, s1)
+    return windows_from_endpoints(x0, x1, s[i0], s[i1], w, window_points, generator)
+
+
+def windows_from_endpoints(
+    x_start_BX: torch.Tensor,
+    x_end_BX: torch.Tensor,
+    sigma_start_B: torch.Tensor,
+    sigma_end_B: torch.Tensor,
+    window_B: torch.Tensor,
+    window_points: str = "start",
+    generator: torch.Generator | None = None,
+) -> WindowBatch:
+    """A WindowBatch from window endpoint states (stored, or from an online teacher rollout).
+
+    x_start_BX / x_end_BX: [B, *X] states at sigma_start_B / sigma_end_B [B]; window_B: [B] window index.
+    """
+    if window_points not in WINDOW_POINTS:
+        raise ValueError(f"window_points must be one of {WINDOW_POINTS}, got {window_points!r}")
+    B, dev = x_start_BX.shape[0], x_start_BX.device
+    s0, s1 = sigma_start_B.to(dev, torch.float32), sigma_end_B.to(dev, torch.float32)
+    v = window_target(x_start_BX, x_end_BX, s0, s1)
     if window_points == "start":
         frac = torch.zeros(B)
     else:
@@ -79,5 +98,5 @@ def sample_windows(
         if window_points == "mixed":
             frac = torch.where(torch.arange(B) % 2 == 0, torch.zeros(B), frac)
     sigma = s0 - frac.to(dev) * (s0 - s1)
-    x = point_on_segment(x0, v, s0, sigma)
-    return WindowBatch(x, sigma, v, w, s0, s1)
+    x = point_on_segment(x_start_BX, v, s0, sigma)
+    return WindowBatch(x, sigma, v, window_B, s0, s1)

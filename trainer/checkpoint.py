@@ -51,9 +51,19 @@ class CheckpointStore:
 
     # -- the checkpoint -------------------------------------------------------------------------
     def save(self, step: int, *, model: dict[str, torch.Tensor], ema: dict[str, torch.Tensor] | None,
-             optimizer: dict[str, Any], state: dict[str, Any], net_config: dict[str, Any]) -> str:
+             optimizer: dict[str, Any], state: dict[str, Any], net_config: dict[str, Any],
+             extra: dict[str, dict[str, torch.Tensor]] | None = None,
+             extra_optimizers: dict[str, dict[str, Any]] | None = None) -> str:
+        """Write one checkpoint; ``extra`` modules (e.g. the discriminator) and their optimizers go alongside."""
         rel = f"checkpoints/step-{step:08d}"
         meta = {"net_config": json.dumps(net_config)}
+        extra, extra_optimizers = extra or {}, extra_optimizers or {}
+        for name, sd in extra.items():
+            self.write(f"{rel}/extra-{name}.safetensors", st_save({k: v.detach().cpu().contiguous() for k, v in sd.items()}))
+        for name, sd in extra_optimizers.items():
+            buf = io.BytesIO()
+            torch.save(sd, buf)
+            self.write(f"{rel}/extra-{name}-optimizer.pt", buf.getvalue())
         self.write(f"{rel}/model.safetensors", st_save({k: v.detach().cpu().contiguous() for k, v in model.items()}, meta))
         if ema is not None:
             self.write(f"{rel}/ema.safetensors", st_save({k: v.detach().cpu().contiguous() for k, v in ema.items()}, meta))
@@ -61,7 +71,8 @@ class CheckpointStore:
         torch.save(optimizer, buf)
         self.write(f"{rel}/optimizer.pt", buf.getvalue())
         self.write(f"{rel}/rng.safetensors", st_save({"torch_cpu": torch.get_rng_state()}))
-        self.write(f"{rel}/state.json", json.dumps({**state, "step": step}, indent=2).encode())
+        self.write(f"{rel}/state.json", json.dumps({**state, "step": step, "extra": sorted(extra),
+                                                    "extra_optimizers": sorted(extra_optimizers)}, indent=2).encode())
         self.write(LATEST, json.dumps({"step": step, "path": rel}).encode())  # the commit point
         return f"{self.out}/{rel}"
 
@@ -80,5 +91,9 @@ class CheckpointStore:
             "state": json.loads(self.read(f"{rel}/state.json")),
             "rng": st_load(self.read(f"{rel}/rng.safetensors")),
         }
+        out["extra"] = {n: st_load(self.read(f"{rel}/extra-{n}.safetensors")) for n in out["state"].get("extra", [])}
+        out["extra_optimizers"] = {
+            n: torch.load(io.BytesIO(self.read(f"{rel}/extra-{n}-optimizer.pt")), weights_only=True)
+            for n in out["state"].get("extra_optimizers", [])}
         out["ema"] = st_load(self.read(f"{rel}/ema.safetensors")) if self.exists(f"{rel}/ema.safetensors") else None
         return out

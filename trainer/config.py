@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from flowcore.ota import OTA_MODES
 from flowcore.windows import WINDOW_POINTS
 
 #: default optimizer steps when neither --max-steps nor --steps-per-stage is given, by teacher kind
@@ -29,7 +30,24 @@ class TrainConfig:
     alpha: float = 1.0
     #: where training points sit on a window: start | segment | mixed
     window_points: str = "start"
-    #: samples per rank per step
+    #: share of each batch from online teacher rollouts (0 = corpus only; needs a teacher pool)
+    ota_ratio: float = 0.0
+    #: where online windows start: fresh (teacher from new noise) | student (the student's own few-step
+    #: rollout reaches the window start, the teacher solves the window) | perflow (baseline: noised real sample)
+    ota_mode: str = "fresh"
+    #: rollout requests kept in flight per rank, and seconds before one counts as lost
+    ota_prefetch: int = 2
+    ota_timeout: float = 60.0
+    #: adversarial distillation on trajectory states: weight of the generator's -D term (0 = off)
+    adv_weight: float = 0.0
+    #: weight of discriminator feature matching (used when adv_weight > 0)
+    fm_weight: float = 1.0
+    #: probabilities of judging the output of student step 1..N (default 0.2,0.2,0.2,0.4 for 4 steps, else uniform)
+    adv_step_probs: tuple[float, ...] | None = None
+    #: discriminator learning rate and number of trunk blocks
+    disc_lr: float = 1e-4
+    disc_blocks: int = 2
+    #: samples per rank per step (corpus + online)
     batch_size: int = 128
     #: AdamW learning rate, warmup steps, weight decay, gradient clipping norm
     lr: float = 2e-4
@@ -89,6 +107,21 @@ class TrainConfig:
             raise ValueError("alpha must be >= 0")
         if self.window_points not in WINDOW_POINTS:
             raise ValueError(f"window-points must be one of {', '.join(WINDOW_POINTS)}")
+        if not 0 <= self.ota_ratio < 1:
+            raise ValueError(f"ota-ratio must be in [0, 1), got {self.ota_ratio}")
+        if self.ota_mode not in OTA_MODES:
+            raise ValueError(f"ota-mode must be one of {', '.join(OTA_MODES)}, got {self.ota_mode!r}")
+        if self.ota_prefetch < 1 or self.ota_timeout <= 0:
+            raise ValueError("ota-prefetch must be >= 1 and ota-timeout > 0")
+        if self.ota_ratio > 0 and not 1 <= self.ota_samples < self.batch_size:
+            raise ValueError(f"ota-ratio {self.ota_ratio} of batch-size {self.batch_size} leaves no online or no "
+                             "corpus samples; raise the batch size or change the ratio")
+        if self.adv_weight < 0 or self.fm_weight < 0 or self.disc_lr <= 0 or self.disc_blocks < 1:
+            raise ValueError("adv-weight and fm-weight must be >= 0, disc-lr > 0, disc-blocks >= 1")
+        if self.adv_step_probs is not None:
+            self.adv_step_probs = tuple(float(p) for p in self.adv_step_probs)
+            if any(not p >= 0 for p in self.adv_step_probs) or sum(self.adv_step_probs) <= 0:
+                raise ValueError("adv-step-probs must be >= 0 with a positive sum")
         for name in ("batch_size", "checkpoint_every", "log_every", "shuffle_buffer"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1")
@@ -107,6 +140,16 @@ class TrainConfig:
         if self.num_workers < 0:
             raise ValueError("num-workers must be >= 0")
 
+    @property
+    def ota_samples(self) -> int:
+        """Online samples per rank per step."""
+        return int(round(self.ota_ratio * self.batch_size))
+
+    @property
+    def corpus_batch_size(self) -> int:
+        """Corpus samples per rank per step."""
+        return self.batch_size - self.ota_samples
+
     def stage_steps(self, teacher_kind: str) -> tuple[int, ...]:
         """Optimizer steps of each stage."""
         if self.steps_per_stage is not None:
@@ -118,4 +161,6 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["stages"] = list(self.stages)
+        if self.adv_step_probs is not None:
+            d["adv_step_probs"] = list(self.adv_step_probs)
         return d

@@ -21,12 +21,22 @@ from typing import Any
 
 import torch
 
+from flowcore.adversarial import (
+    TrajectoryDiscriminator,
+    discriminator_hinge_loss,
+    feature_matching_loss,
+    generator_adversarial_loss,
+    step_probabilities,
+    student_last_step_inputs,
+)
 from flowcore.flownets import save_flow_net
+from flowcore.gmm import GMMTeacher
 from flowcore.losses import aligned_v_loss
 from flowcore.windows import sample_windows, stage_boundary_indices
 from trainer.checkpoint import CheckpointStore
 from trainer.config import TrainConfig
 from trainer.data import CorpusStream, StreamConfig, make_dataloader
+from trainer.ota import OTAMixer
 from trainer.student import build_student, student_net_config, teacher_from_card
 
 
@@ -35,11 +45,19 @@ def _seed_of(*parts) -> int:
 
 
 class Trainer:
-    """Distils a few-step student from a corpus (see module docstring)."""
+    """Distils a few-step student from a corpus (see module docstring).
 
-    def __init__(self, cfg: TrainConfig):
+    rollout_teacher: a ``flowcore.rollout.RolloutTeacher`` (the live pool's client, or a LocalRollout)
+    that serves OTA rollouts when ``cfg.ota_ratio > 0``. The trainer never imports ``pipeline``.
+    """
+
+    def __init__(self, cfg: TrainConfig, rollout_teacher=None):
         self.cfg = cfg
         self.step = 0
+        self.rollout_teacher = rollout_teacher
+        if cfg.ota_ratio > 0 and rollout_teacher is None:
+            raise ValueError("ota-ratio > 0 needs a teacher pool: `trajflow train` connects to one (see --address), "
+                             "Python callers pass rollout_teacher=")
 
     # -- build -----------------------------------------------------------------------------------
     def build(self) -> Trainer:
@@ -61,7 +79,7 @@ class Trainer:
                                        log_with=log_with, project_dir=str(Path(log_dir) / "logs"))
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
-        self.stream_cfg = StreamConfig(url=cfg.data, batch_size=cfg.batch_size, storage_options=cfg.storage_options,
+        self.stream_cfg = StreamConfig(url=cfg.data, batch_size=cfg.corpus_batch_size, storage_options=cfg.storage_options,
                                        seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, cache_dir=cfg.cache_dir,
                                        on_corrupt=cfg.on_corrupt)
         self.stream = CorpusStream(self.stream_cfg, self.rank, self.world, batched=True)
@@ -79,6 +97,22 @@ class Trainer:
         self.ema = copy.deepcopy(student).requires_grad_(False) if cfg.ema_decay > 0 else None
         optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.model, self.optimizer = acc.prepare(student, optimizer)
+        self.disc = self.disc_optimizer = None
+        if cfg.adv_weight > 0:
+            torch.manual_seed(cfg.seed + 1)
+            disc = TrajectoryDiscriminator(self.net_cfg, cfg.disc_blocks).load_backbone(student)
+            d_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.0, 0.99))
+            self.disc, self.disc_optimizer = acc.prepare(disc, d_opt)
+        self.ota = None
+        if cfg.ota_ratio > 0:
+            real = None
+            if isinstance(self.teacher, GMMTeacher):
+                def real(n, g, cls, _t=self.teacher):
+                    return _t.sample(n, g, cls)
+            self.ota = OTAMixer(self.rollout_teacher, self.card, mode=cfg.ota_mode, samples_per_step=cfg.ota_samples,
+                                seed=cfg.seed, rank=self.rank, window_points=cfg.window_points,
+                                prefetch=cfg.ota_prefetch, timeout_s=cfg.ota_timeout, real_sampler=real,
+                                verbose=acc.is_main_process)
         self.ckpt = CheckpointStore(cfg.out, cfg.storage_options)
         self.skipped_samples = 0
         if cfg.resume:
@@ -101,6 +135,12 @@ class Trainer:
         if self.ema is not None and ck["ema"] is not None:
             self.ema.load_state_dict(ck["ema"])
         self.optimizer.load_state_dict(ck["optimizer"])
+        if self.disc is not None:
+            if "disc" not in ck["extra"]:
+                raise ValueError(f"the checkpoint under {self.cfg.out} has no discriminator; it was trained without "
+                                 "--adv-weight (start a new --out, or keep the run's settings)")
+            self.accelerator.unwrap_model(self.disc).load_state_dict(ck["extra"]["disc"])
+            self.disc_optimizer.load_state_dict(ck["extra_optimizers"]["disc"])
         torch.set_rng_state(ck["rng"]["torch_cpu"])
         st = ck["state"]
         self.step = int(st["step"])
@@ -122,6 +162,17 @@ class Trainer:
     def lr_at(self, step: int) -> float:
         return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
 
+    def _student_fn(self):
+        """v(x, sigma, class, guidance) of the weights the student samples with (EMA if kept), no grad."""
+        net = self.ema if self.ema is not None else self.accelerator.unwrap_model(self.model)
+        use_cls, use_guid = bool(self.net_cfg.num_classes), self.net_cfg.guidance_cond
+
+        @torch.no_grad()
+        def fn(x, sigma, cls=None, guid=None):
+            return net(x, sigma, cls if use_cls else None, guid if use_guid else None)
+
+        return fn
+
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
         cfg, acc = self.cfg, self.accelerator
         device = acc.device
@@ -131,29 +182,122 @@ class Trainer:
         wb = sample_windows(batch["states"], batch["sigmas"][0], stage, cfg.window_points, generator=g)
         cls = batch["class_id"] if self.net_cfg.num_classes else None
         guid = batch["guidance"] if self.net_cfg.guidance_cond else None
+        x, sigma, target, mask = wb.x_BX, wb.sigma_B, wb.v_target_BX, valid
+        stats: dict[str, float] = {}
+        if self.ota is not None:  # online windows join the batch when a rollout is ready
+            ob = self.ota.take(stage, g)
+            self.ota.fill(stage, self._student_fn() if cfg.ota_mode == "student" else None)
+            if ob is not None:
+                x = torch.cat([x, ob.windows.x_BX])
+                sigma = torch.cat([sigma, ob.windows.sigma_B])
+                target = torch.cat([target, ob.windows.v_target_BX])
+                mask = torch.cat([mask, torch.ones(len(ob.guidance_B), dtype=torch.bool)])
+                if cls is not None:
+                    cls = torch.cat([cls, ob.class_B])
+                if guid is not None:
+                    guid = torch.cat([guid.float(), ob.guidance_B.float()])
+            stats.update(self.ota.stats)
+        n_reflow = x.shape[0]
+        adv = None
+        if self.disc is not None:  # the student's own few-step states, judged against the teacher's
+            adv = self._adversarial_inputs(batch, stage, g)
+            x = torch.cat([x, adv["start"]])
+            sigma = torch.cat([sigma, adv["sigma_from"]])
+            if cls is not None:
+                cls = torch.cat([cls, adv["cls"]])
+            if guid is not None:
+                guid = torch.cat([guid.float(), adv["guid"].float()])
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
-        with acc.autocast():
-            v = self.model(wb.x_BX.to(device), wb.sigma_B.to(device), None if cls is None else cls.to(device),
-                           None if guid is None else guid.to(device))
-        if bool(valid.all()):
-            loss = aligned_v_loss(v, wb.v_target_BX.to(device), cfg.alpha)
-        elif bool(valid.any()):
-            m = valid.to(device)
-            loss = aligned_v_loss(v[m], wb.v_target_BX.to(device)[m], cfg.alpha)
+        with acc.autocast():  # one forward for reflow and adversarial parts keeps DDP to one pass per step
+            v_all = self.model(x.to(device), sigma.to(device), None if cls is None else cls.to(device),
+                               None if guid is None else guid.to(device))
+        v = v_all[:n_reflow]
+        target, m = target.to(device), mask.to(device)
+        if bool(m.all()):
+            loss = aligned_v_loss(v, target, cfg.alpha)
+        elif bool(m.any()):
+            loss = aligned_v_loss(v[m], target[m], cfg.alpha)
         else:  # a whole batch of placeholders (skip policy): keep DDP in lockstep with a zero loss
             loss = v.sum() * 0.0
+        stats["reflow_loss"] = float(loss.detach())
+        if adv is not None:
+            fake = self._adversarial_generator_part(adv, v_all[n_reflow:], stats)
+            loss = loss + stats.pop("_g_loss_tensor")
         acc.backward(loss)
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if adv is not None:
+            self._discriminator_step(adv, fake.detach(), stats)
         if self.ema is not None:
             with torch.no_grad():
                 for pe, pm in zip(self.ema.parameters(), acc.unwrap_model(self.model).parameters()):
                     pe.lerp_(pm.detach().to(pe.dtype), 1.0 - cfg.ema_decay)
         self.skipped_samples += int((~valid).sum())
         return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "stage": stage,
-                "lr": self.lr_at(self.step), "valid": int(valid.sum())}
+                "lr": self.lr_at(self.step), "valid": int(valid.sum()), **stats}
+
+    # -- adversarial distillation on trajectory states ----------------------------------------------
+    def _adversarial_inputs(self, batch, stage: int, g: torch.Generator) -> dict[str, Any]:
+        """Real: the corpus's teacher states at the student's sigmas; and where the student's judged step starts."""
+        valid = batch["valid"].bool()
+        if not bool(valid.any()):  # a batch of placeholders (skip policy): judge them rather than desync DDP
+            valid = torch.ones_like(valid)
+        states = batch["states"][valid]
+        K = states.shape[1]
+        bounds = stage_boundary_indices(K, stage)
+        sig_K = batch["sigmas"][0].float()
+        boundary_sigmas = [float(sig_K[i]) for i in bounds]
+        probs = step_probabilities(stage, self.cfg.adv_step_probs if self.cfg.adv_step_probs is not None
+                                   and len(self.cfg.adv_step_probs) == stage else None)
+        n_B = torch.multinomial(probs, states.shape[0], replacement=True, generator=g) + 1
+        cls = batch["class_id"][valid] if self.net_cfg.num_classes else None
+        guid = batch["guidance"][valid] if self.net_cfg.guidance_cond else None
+        fn = self._student_fn()
+        start, s_from, s_to = student_last_step_inputs(lambda x, s: fn(x, s, cls, guid), states[:, 0],
+                                                       boundary_sigmas, n_B)
+        real = states[torch.arange(states.shape[0]), torch.tensor(bounds)[n_B]]
+        return {"start": start, "sigma_from": s_from, "sigma_to": s_to, "real": real, "cls": cls, "guid": guid,
+                "disc_cls": batch["class_id"][valid] if self.net_cfg.num_classes else None}
+
+    def _adversarial_generator_part(self, adv, v_fake, stats) -> torch.Tensor:
+        cfg, acc = self.cfg, self.accelerator
+        device = acc.device
+        h = (adv["sigma_to"] - adv["sigma_from"]).to(device).reshape(-1, *([1] * (v_fake.ndim - 1)))
+        fake = adv["start"].to(device) + h * v_fake
+        d = acc.unwrap_model(self.disc)  # no DDP hooks: the generator's loss must not train D
+        d.requires_grad_(False)
+        sig = adv["sigma_to"].to(device)
+        dcls = None if adv["disc_cls"] is None else adv["disc_cls"].to(device)
+        logit_fake, feats_fake = d(fake, sig, dcls)
+        with torch.no_grad():
+            _, feats_real = d(adv["real"].to(device), sig, dcls)
+        d.requires_grad_(True)
+        g_adv = generator_adversarial_loss(logit_fake)
+        g_fm = feature_matching_loss(feats_fake, feats_real)
+        stats["_g_loss_tensor"] = cfg.adv_weight * g_adv + cfg.fm_weight * g_fm
+        stats["adv_g_loss"] = float(g_adv.detach())
+        stats["adv_fm_loss"] = float(g_fm.detach())
+        return fake
+
+    def _discriminator_step(self, adv, fake, stats) -> None:
+        acc = self.accelerator
+        device = acc.device
+        n = fake.shape[0]
+        sig = adv["sigma_to"].to(device)
+        dcls = None if adv["disc_cls"] is None else adv["disc_cls"].to(device)
+        with acc.autocast():
+            logits, _ = self.disc(torch.cat([adv["real"].to(device), fake]), torch.cat([sig, sig]),
+                                  None if dcls is None else torch.cat([dcls, dcls]))
+        d_loss = discriminator_hinge_loss(logits[:n], logits[n:])
+        acc.backward(d_loss)
+        acc.clip_grad_norm_(self.disc.parameters(), self.cfg.grad_clip)
+        self.disc_optimizer.step()
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        stats["adv_d_loss"] = float(d_loss.detach())
+        stats["adv_d_real"] = float(logits[:n].detach().mean())
+        stats["adv_d_fake"] = float(logits[n:].detach().mean())
 
     def _log_consumed(self, batch) -> None:
         if self._consumed is not None:
@@ -171,6 +315,9 @@ class Trainer:
 
             bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         last = {}
+        if self.ota is not None:  # the first rollouts are in flight before the first step
+            self.ota.fill(self.stage_at(self.step), self._student_fn() if cfg.ota_mode == "student" else None)
+            self.ota.wait_first(min(cfg.ota_timeout, 120.0))
         t_last, samples_since = time.perf_counter(), 0
         while self.step < self.total_steps:
             if self.stream.remaining_steps == 0:
@@ -181,7 +328,7 @@ class Trainer:
                 last = self.train_step(batch)
                 self.stream.advance()
                 self.step += 1
-                samples_since += self.stream.global_batch
+                samples_since += self.stream.global_batch + (0 if self.ota is None else self.cfg.ota_samples * self.world)
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     dt = time.perf_counter() - t_last
                     last["samples_per_s"] = samples_since / max(dt, 1e-9)
@@ -189,8 +336,9 @@ class Trainer:
                     last["skipped_samples"] = self.skipped_samples
                     acc.log(last, step=self.step)
                     if bar is not None:
+                        extra = {} if self.ota is None else {"ota_short": last.get("ota_shortfall", 0)}
                         bar.set_postfix(loss=f"{last['loss']:.4f}", stage=last["stage"],
-                                        sps=f"{last['samples_per_s']:.0f}")
+                                        sps=f"{last['samples_per_s']:.0f}", **extra)
                     t_last, samples_since = time.perf_counter(), 0
                 if bar is not None:
                     bar.update(1)
@@ -211,7 +359,9 @@ class Trainer:
                            optimizer=self.optimizer.state_dict(),
                            state={"data": self.stream.state_dict(), "skipped_samples": self.skipped_samples,
                                   "stage": self.stage_at(max(0, self.step - 1)), "train_config": self.cfg.to_dict()},
-                           net_config=asdict(self.net_cfg))
+                           net_config=asdict(self.net_cfg),
+                           extra={} if self.disc is None else {"disc": acc.unwrap_model(self.disc).state_dict()},
+                           extra_optimizers={} if self.disc is None else {"disc": self.disc_optimizer.state_dict()})
         acc.wait_for_everyone()
 
     def export_student(self) -> str | None:
@@ -233,6 +383,8 @@ class Trainer:
         return f"{self.cfg.out}/student/student.safetensors"
 
     def close(self) -> None:
+        if self.ota is not None:
+            self.ota.close()
         if self._consumed is not None:
             self._consumed.close()
         self.stream.close()

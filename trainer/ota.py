@@ -1,0 +1,211 @@
+"""OTA mixing: a share of every batch from online teacher rollouts, requested ahead, never waited on.
+
+``OTAMixer`` keeps ``prefetch`` rollout requests in flight on a ``flowcore.rollout.RolloutTeacher``
+(the live pool's client, or an in-process ``LocalRollout``). Each step the trainer ``take``s the
+oldest request if it is done and ``fill``s the queue again. When the pool is slow or gone the step
+goes on with the corpus part of the batch only; the missing samples are counted (``shortfall``),
+a warning is printed once per outage, and mixing resumes by itself when results arrive again.
+
+Noise, classes, guidance weights and windows of request n come from a generator seeded by
+(seed, rank, n): a request is reproducible, but *which* step consumes it depends on the pool's
+timing, so runs with OTA are not bit-reproducible (the corpus part still is).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import warnings
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from flowcore.ota import (
+    OTA_MODES,
+    interpolated_starts,
+    stage_solver_bounds,
+    student_window_starts,
+    window_grids,
+)
+from flowcore.windows import WindowBatch, sample_windows, windows_from_endpoints
+from storage_schemas import DatasetCard
+
+
+def _seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big") & (2**63 - 1)
+
+
+@dataclass
+class OTABatch:
+    """Online windows for one step: the WindowBatch plus each sample's class and guidance weight."""
+
+    windows: WindowBatch
+    class_B: torch.Tensor | None
+    guidance_B: torch.Tensor
+
+
+@dataclass
+class _Pending:
+    number: int
+    future: Any
+    mode: str
+    stage: int
+    submitted: float
+    window_B: torch.Tensor | None
+    class_B: torch.Tensor | None
+    guidance_B: torch.Tensor
+    x_start_BX: torch.Tensor | None
+    sigma_start_B: torch.Tensor | None
+    sigma_end_B: torch.Tensor | None
+
+
+class OTAMixer:
+    """Requests online rollouts ahead and hands out finished ones (see module docstring)."""
+
+    def __init__(self, client, card: DatasetCard, *, mode: str, samples_per_step: int, seed: int, rank: int,
+                 window_points: str = "start", prefetch: int = 2, timeout_s: float = 60.0, real_sampler=None,
+                 verbose: bool = True):
+        if mode not in OTA_MODES:
+            raise ValueError(f"ota-mode must be one of {', '.join(OTA_MODES)}, got {mode!r}")
+        if card.conditioning.kind == "prompt":
+            raise ValueError("OTA mixing for prompt-conditioned corpora is not supported yet (class or unconditional only)")
+        if mode == "perflow" and real_sampler is None:
+            raise ValueError("the perflow baseline needs real data samples (available for GMM teachers only)")
+        fp = getattr(client, "fingerprint", None)
+        if callable(fp) and fp() != card.teacher.fingerprint:
+            raise ValueError("the teacher pool serves a different teacher than the corpus's (fingerprints differ); "
+                             "start the pool with the corpus's teacher SPEC")
+        self.client, self.card, self.mode = client, card, mode
+        self.n = int(samples_per_step)
+        self.seed, self.rank, self.window_points = seed, rank, window_points
+        self.prefetch, self.timeout_s = max(1, int(prefetch)), float(timeout_s)
+        self.real_sampler = real_sampler
+        self.verbose = verbose
+        self.solver_sigmas = list(card.solver.sigmas)
+        self.saved_sigmas = list(card.saved_sigmas)
+        self.method = card.solver.name
+        self.pending: deque[_Pending] = deque()
+        self.requested = 0
+        self.stats = {"ota_samples": 0, "ota_shortfall": 0, "ota_failures": 0, "ota_timeouts": 0, "ota_stale": 0}
+        self._outage = False
+
+    # -- requests ---------------------------------------------------------------------------------
+    def _conditions(self, g: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor]:
+        card = self.card
+        cls = None
+        if card.conditioning.kind == "class":
+            cls = torch.randint(0, card.conditioning.num_classes, (self.n,), generator=g)
+        gd = card.solver.guidance
+        if isinstance(gd, (int, float)):
+            guid = torch.full((self.n,), float(gd))
+        else:
+            guid = gd.min + (gd.max - gd.min) * torch.rand(self.n, generator=g)
+        return cls, guid
+
+    def _submit(self, stage: int, student_fn) -> None:
+        number = self.requested
+        self.requested += 1
+        g = torch.Generator().manual_seed(_seed(self.seed, "ota", self.rank, number))
+        cls, guid = self._conditions(g)
+        noise = torch.randn((self.n, *self.card.sample_shape), generator=g)
+        p = _Pending(number, None, self.mode, stage, time.monotonic(), None, cls, guid, None, None, None)
+        if self.mode == "fresh":  # the teacher's whole ODE from new noise; windows are drawn at take time
+            grid = torch.tensor(self.solver_sigmas, dtype=torch.float64).expand(self.n, -1)
+            save = [i for i, _ in enumerate(self.solver_sigmas)
+                    if any(abs(self.solver_sigmas[i] - s) <= 1e-6 for s in self.saved_sigmas)]
+            x_start = noise
+        else:
+            bounds = stage_solver_bounds(self.solver_sigmas, self.saved_sigmas, stage)
+            w = torch.randint(0, stage, (self.n,), generator=g)
+            grid = window_grids(self.solver_sigmas, bounds, w)
+            s0, s1 = grid[:, 0].float(), grid[:, -1].float()
+            if self.mode == "student":
+                boundary = [self.solver_sigmas[i] for i in bounds]
+                x_start = student_window_starts(lambda x, s: student_fn(x, s, cls, guid), noise, boundary, w)
+            else:
+                x0, real_cls = self.real_sampler(self.n, g, cls)
+                x_start = interpolated_starts(x0, noise, s0)
+            save = [0, grid.shape[1] - 1]
+            p.window_B, p.x_start_BX, p.sigma_start_B, p.sigma_end_B = w, x_start, s0, s1
+        try:
+            p.future = self.client.submit(x_start, grid, save, cls, guid, method=self.method)
+        except Exception as e:  # noqa: BLE001 - a pool that is gone must not stop training
+            self._failed(f"submitting a rollout failed: {type(e).__name__}: {e}")
+            return
+        self.pending.append(p)
+
+    def fill(self, stage: int, student_fn=None) -> None:
+        """Keep ``prefetch`` requests in flight (student_fn(x, sigma, class, guidance) for student mode)."""
+        while len(self.pending) < self.prefetch:
+            before = len(self.pending)
+            self._submit(stage, student_fn)
+            if len(self.pending) == before:  # submit failed: try again next step
+                break
+
+    # -- results ----------------------------------------------------------------------------------
+    def _failed(self, msg: str, key: str = "ota_failures") -> None:
+        self.stats[key] += 1
+        if not self._outage and self.verbose:
+            warnings.warn(f"OTA: {msg}; training continues on the corpus until rollouts arrive again", stacklevel=3)
+        self._outage = True
+
+    def take(self, stage: int, generator: torch.Generator) -> OTABatch | None:
+        """The oldest finished rollout as training windows of ``stage``, or None (shortfall counted)."""
+        now = time.monotonic()
+        while self.pending:
+            p = self.pending[0]
+            if not p.future.done():
+                if now - p.submitted > self.timeout_s:
+                    self.pending.popleft()
+                    p.future.cancel()
+                    self._failed(f"a rollout took longer than {self.timeout_s:.0f} s", "ota_timeouts")
+                    continue
+                break
+            self.pending.popleft()
+            try:
+                states = p.future.result(timeout=0)
+            except Exception as e:  # noqa: BLE001
+                self._failed(f"a rollout failed: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            if p.mode != "fresh" and p.stage != stage:
+                self.stats["ota_stale"] += 1  # requested for the previous stage's windows
+                continue
+            batch = self._to_windows(p, states, stage, generator)
+            if batch is None:
+                continue
+            if self._outage and self.verbose:
+                print(f"OTA: rollouts arrive again (shortfall so far {self.stats['ota_shortfall']} samples)", flush=True)
+            self._outage = False
+            self.stats["ota_samples"] += self.n
+            return batch
+        self.stats["ota_shortfall"] += self.n
+        return None
+
+    def _to_windows(self, p: _Pending, states: torch.Tensor, stage: int, g: torch.Generator) -> OTABatch | None:
+        states = torch.as_tensor(states, dtype=torch.float32)
+        if not bool(torch.isfinite(states).all()):
+            self._failed("a rollout returned NaN or inf states")
+            return None
+        if p.mode == "fresh":
+            wb = sample_windows(states, torch.tensor(self.saved_sigmas), stage, self.window_points, generator=g)
+        else:
+            wb = windows_from_endpoints(p.x_start_BX, states[:, -1], p.sigma_start_B, p.sigma_end_B, p.window_B,
+                                        self.window_points, generator=g)
+        return OTABatch(wb, p.class_B, p.guidance_B)
+
+    def wait_first(self, timeout_s: float) -> bool:
+        """Block until the oldest request is done (start-up: the first steps should not all be shortfall)."""
+        if not self.pending:
+            return False
+        try:
+            self.pending[0].future.result(timeout=timeout_s)
+            return True
+        except Exception:  # noqa: BLE001 - reported by take()
+            return False
+
+    def close(self) -> None:
+        for p in self.pending:
+            p.future.cancel()
+        self.pending.clear()
