@@ -3,7 +3,10 @@
     gmm:ring2d | gmm:latent10         built-in analytic GMM presets
     gmm:/path/spec.json               a GMM from a JSON spec (see flowcore.gmm.GMMSpec)
     flownet:/path/net.safetensors     a small flow net saved by flowcore.flownets.save_flow_net
-    diffusers:/path/model[:subfolder] a diffusers flow-matching transformer from a local folder
+    diffusers:/path/model[:subfolder] a diffusers pipeline from a local folder: the UNet adapter
+                                      (flowcore.diffusers_unet, SD1.5/SD2/SDXL) when the folder has
+                                      unet/, the flow-matching transformer adapter
+                                      (flowcore.diffusers_teacher, SD3) when it has transformer/
 
 ``pipeline`` and ``trajflow`` resolve remote URLs (s3://, gs://, ...) to a local cached copy
 before calling ``build_teacher``: flowcore stays free of object-storage code.
@@ -11,6 +14,8 @@ before calling ``build_teacher``: flowcore stays free of object-storage code.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 
 import torch
@@ -66,9 +71,40 @@ def build_teacher(spec: str | TeacherSpec, device: str | torch.device = "cpu", d
         if dtype is not None:
             net = net.to(dtype)
         return FlowNetTeacher(net, name=Path(s.target).stem)
-    from flowcore.diffusers_teacher import DiffusersFlowTeacher
-
-    kwargs = {"subfolder": s.variant or "transformer"}
+    kwargs = {"subfolder": diffusers_subfolder(s.target, s.variant)}
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
+    if _is_unet_folder(s.target, kwargs["subfolder"]):
+        from flowcore.diffusers_unet import DiffusersUNetTeacher
+
+        return DiffusersUNetTeacher.from_pretrained(s.target, **kwargs).to(device)
+    from flowcore.diffusers_teacher import DiffusersFlowTeacher
+
     return DiffusersFlowTeacher.from_pretrained(s.target, **kwargs).to(device)
+
+
+def diffusers_subfolder(path: str, variant: str | None) -> str:
+    """The model subfolder of a local diffusers pipeline folder: ``variant`` when given, else ``unet``
+    when the folder has a unet/ subfolder (and no transformer/), else ``transformer``."""
+    if variant:
+        return variant
+    has_unet, has_transformer = (os.path.isdir(os.path.join(path, d)) for d in ("unet", "transformer"))
+    if has_unet and not has_transformer:
+        return "unet"
+    if os.path.isdir(path) and not has_transformer:
+        raise FileNotFoundError(
+            f"diffusers teacher folder {path!r} has neither a unet/ (SD1.5/SD2/SDXL) nor a transformer/ (SD3) "
+            "subfolder; point at the pipeline folder or name the subfolder: diffusers:PATH:SUBFOLDER")
+    return "transformer"
+
+
+def _is_unet_folder(path: str, subfolder: str) -> bool:
+    """Whether ``path/subfolder`` holds a UNet (its config's ``_class_name`` names a UNet, or, with no
+    readable config, the subfolder is called ``unet``)."""
+    cfg = os.path.join(path, subfolder, "config.json")
+    try:
+        with open(cfg) as f:
+            name = str(json.load(f).get("_class_name", ""))
+    except (OSError, ValueError):
+        return subfolder == "unet"
+    return "UNet" in name

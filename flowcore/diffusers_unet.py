@@ -1,0 +1,596 @@
+"""Epsilon / v-prediction diffusers UNets (SD1.5, SD2, SDXL) as trajflow Teachers.
+
+A DDPM-family UNet lives on the variance-preserving (VP) path
+
+    z_t = a_t x0 + b_t eps,      a_t = sqrt(abar_t), b_t = sqrt(1 - abar_t),
+
+with ``abar_t`` (``alphas_cumprod``) from its scheduler config. Dividing by ``a_t + b_t`` puts the
+same state on trajflow's rectified-flow path (``docs/math.md``, section "UNet (epsilon /
+v-prediction) teachers in rectified-flow sigma"):
+
+    x_sigma = z_t / (a_t + b_t) = (1 - sigma) x0 + sigma eps,   sigma = b_t / (a_t + b_t),
+
+and the probability-flow velocity there is ``v = eps_hat - x0_hat``, both read off the UNet's
+prediction at the timestep ``t(sigma)``. A DDIM step (eta = 0) between two timesteps is *exactly*
+an Euler step of this velocity between the corresponding sigmas, so
+
+    teacher = DiffusersUNetTeacher.from_pretrained("/models/sd15")
+    grid = teacher.sigmas_for_timesteps(ddim.timesteps, ddim.final_alpha_cumprod)
+    x = solve_teacher(teacher, noise * teacher.x_scale(grid[0]), grid, cond=cond, guidance=7.5).final
+
+reproduces diffusers' DDIM sampler (``tests/test_diffusers_unet.py`` checks it against the real
+``DDIMScheduler``).
+
+Continuous timesteps: sigma maps to a *fractional* t by interpolating the discrete schedule's
+log-SNR lambda_t = log(abar_t / (1 - abar_t)) linearly between integer timesteps (the same
+interpolation diffusers' Euler/DPM schedulers use for Karras sigmas, ``_sigma_to_t``). It is exact
+at every integer timestep, so grids built from a scheduler's timesteps query the UNet at exactly
+those timesteps; between them the UNet's sinusoidal time embedding is evaluated at the fractional t.
+
+Outside the schedule: ``sigma_max = sigma(T - 1) < 1`` (abar_{T-1} > 0) and
+``sigma_min = sigma(0) > 0``. For sigma > sigma_max (trajflow grids start at sigma = 1) the UNet is
+evaluated at t = T - 1 on the unit-variance state z = x / sqrt((1 - sigma)^2 + sigma^2) (= the noise
+itself at sigma = 1, which is what a diffusers sampler feeds its first step), and the velocity is the
+one consistent with the current state and the UNet's x0 estimate, ``v = (x - x0_hat) / sigma``. For
+sigma < sigma_min it is evaluated at t = 0 and ``v = (eps_hat - x) / (1 - sigma)``. Both agree with
+``eps_hat - x0_hat`` at the range ends, so the field is continuous and finite on [0, 1].
+
+Classifier-free guidance is applied to the UNet's raw output, as diffusers' SD pipelines do
+(negative half first in one batched 2B call); the conversion output -> velocity is affine with
+weights that do not depend on the output, so this equals CFG on velocities.
+
+Prompts are encoded outside flowcore; the teacher consumes ``UNetCondition`` embeddings
+(SD1.5/SD2: ``encoder_hidden_states``; SDXL: plus ``text_embeds`` (pooled) and ``time_ids``).
+Only local folders are loaded (``local_files_only=True``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+from flowcore.diffusers_teacher import _dtype_of, _json_clean, _select
+from flowcore.guidance import combine_cfg
+from flowcore.teacher import as_guidance_batch, as_sigma_batch, fingerprint_of
+
+__all__ = [
+    "UNetCondition",
+    "DiffusersUNetTeacher",
+    "PREDICTION_TYPES",
+    "SD15_SCHEDULER_CONFIG",
+    "TINY_UNET_CONFIG",
+    "TINY_SDXL_UNET_CONFIG",
+    "tiny_unet",
+    "random_unet_condition",
+    "sigma_of_alpha_cumprod",
+]
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+#: the scheduler keys that define the noise schedule and the meaning of the UNet's output; sampler
+#: settings (clip_sample, thresholding, timestep_spacing, steps_offset, ...) do not enter the ODE
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                 "rescale_betas_zero_snr", "prediction_type")
+
+#: Stable Diffusion 1.5's noise schedule (scheduler/scheduler_config.json of the SD1.5 pipeline)
+SD15_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+}
+
+#: a tiny SD1.5-shaped UNet (random weights) for tests and demos
+TINY_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 32,
+    "attention_head_dim": 8,
+    "norm_num_groups": 8,
+}
+
+#: a tiny SDXL-shaped UNet: text_time additional embeddings (pooled 16 + 6 time ids x 8)
+TINY_SDXL_UNET_CONFIG: dict[str, Any] = {
+    **TINY_UNET_CONFIG,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 16 + 6 * 8,
+    "use_linear_projection": True,
+}
+
+
+def sigma_of_alpha_cumprod(abar) -> np.ndarray:
+    """Rectified-flow sigma = sqrt(1 - abar) / (sqrt(abar) + sqrt(1 - abar)), float64; abar = 1 -> 0,
+    abar = 0 -> 1."""
+    abar = np.asarray(abar, dtype=np.float64)
+    a, b = np.sqrt(abar), np.sqrt(1.0 - abar)
+    return b / (a + b)
+
+
+def _vp_scale(sigma: np.ndarray) -> np.ndarray:
+    """c(sigma) = sqrt((1 - sigma)^2 + sigma^2) = 1 / (a + b): x_sigma = c * z_t."""
+    return np.sqrt((1.0 - sigma) ** 2 + sigma**2)
+
+
+@dataclass
+class UNetCondition:
+    """A batch of prompt embeddings for a diffusers UNet.
+
+    prompt_embeds: [B, L, D] (``encoder_hidden_states``: CLIP text encoder last hidden states for
+    SD1.5/SD2; both CLIP encoders' penultimate states concatenated for SDXL).
+    negative_prompt_embeds: optional unconditional embeddings for CFG, [B or 1, L, D].
+    SDXL only: pooled_prompt_embeds [B, P] (``text_embeds``), negative_pooled_prompt_embeds
+    [B or 1, P] (both or neither with the negative embeddings), time_ids [B or 1, 6]
+    (original size, crop top-left, target size; used for both CFG halves, as the SDXL pipeline
+    does by default).
+    """
+
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None = None
+    pooled_prompt_embeds: torch.Tensor | None = None
+    negative_pooled_prompt_embeds: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def __post_init__(self):
+        pe = self.prompt_embeds
+        if pe.ndim != 3:
+            raise ValueError(f"prompt_embeds must be [B, L, D], got shape {tuple(pe.shape)}")
+        B = pe.shape[0]
+        ne = self.negative_prompt_embeds
+        if ne is not None and (ne.ndim != 3 or ne.shape[1:] != pe.shape[1:] or ne.shape[0] not in (1, B)):
+            raise ValueError(f"negative_prompt_embeds must be [{B} or 1, {pe.shape[1]}, {pe.shape[2]}], "
+                             f"got {tuple(ne.shape)}")
+        pp, npool = self.pooled_prompt_embeds, self.negative_pooled_prompt_embeds
+        if pp is not None and (pp.ndim != 2 or pp.shape[0] != B):
+            raise ValueError(f"pooled_prompt_embeds must be [{B}, P], got {tuple(pp.shape)}")
+        if npool is not None:
+            if pp is None or ne is None:
+                raise ValueError("negative_pooled_prompt_embeds needs pooled_prompt_embeds and negative_prompt_embeds")
+            if npool.ndim != 2 or npool.shape[1:] != pp.shape[1:] or npool.shape[0] not in (1, B):
+                raise ValueError(f"negative_pooled_prompt_embeds must be [{B} or 1, {pp.shape[1]}], "
+                                 f"got {tuple(npool.shape)}")
+        if pp is not None and ne is not None and npool is None:
+            raise ValueError("an SDXL condition with negative_prompt_embeds needs negative_pooled_prompt_embeds too")
+        ti = self.time_ids
+        if ti is not None and (ti.ndim != 2 or ti.shape[0] not in (1, B)):
+            raise ValueError(f"time_ids must be [{B} or 1, N], got {tuple(ti.shape)}")
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.prompt_embeds.shape[0])
+
+    @property
+    def has_negative(self) -> bool:
+        return self.negative_prompt_embeds is not None
+
+    def index(self, sel) -> UNetCondition:
+        """Rows ``sel`` (int, slice, list, long/bool tensor); batch-1 (shared) tensors stay shared."""
+        B = self.batch_size
+
+        def pick(t):
+            if t is None:
+                return None
+            if t.shape[0] == 1 and B != 1:
+                return t
+            return _select(t, sel)
+
+        return UNetCondition(*(pick(getattr(self, f.name)) for f in fields(self)))
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> UNetCondition:
+        """Move (and optionally cast) every tensor."""
+        return UNetCondition(*(None if getattr(self, f.name) is None else getattr(self, f.name).to(device, dtype)
+                               for f in fields(self)))
+
+    def expand(self, batch: int) -> UNetCondition:
+        """Broadcast batch-1 tensors to ``batch`` rows."""
+        def ex(t):
+            if t is None or t.shape[0] == batch:
+                return t
+            if t.shape[0] != 1:
+                raise ValueError(f"cannot broadcast a batch of {t.shape[0]} conditions to {batch}")
+            return t.expand(batch, *t.shape[1:])
+
+        return UNetCondition(*(ex(getattr(self, f.name)) for f in fields(self)))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Named tensors (for safetensors files and fingerprints); absent ones are omitted."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> UNetCondition:
+        return cls(**{f.name: tensors.get(f.name) for f in fields(cls)})
+
+
+def _schedule_config(scheduler_config: Any) -> dict[str, Any]:
+    """The schedule-defining keys of a scheduler config (dict, FrozenDict or scheduler object)."""
+    if scheduler_config is None:
+        raise ValueError("a UNet teacher needs its scheduler config (num_train_timesteps, beta_start, beta_end, "
+                         "beta_schedule, prediction_type): the pipeline's scheduler/scheduler_config.json")
+    cfg = getattr(scheduler_config, "config", scheduler_config)
+    cfg = dict(cfg)
+    out = {k: cfg[k] for k in SCHEDULE_KEYS if k in cfg and cfg[k] is not None}
+    out.setdefault("prediction_type", "epsilon")
+    if out["prediction_type"] not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type {out['prediction_type']!r} is not supported by DiffusersUNetTeacher: "
+                         f"choose one of {PREDICTION_TYPES} (flow-matching transformers go through "
+                         "flowcore.diffusers_teacher.DiffusersFlowTeacher)")
+    return json.loads(json.dumps(out))
+
+
+def _alphas_cumprod(schedule: dict[str, Any]) -> np.ndarray:
+    """alphas_cumprod exactly as diffusers' DDPM-family schedulers compute them (float32), as float64."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(**schedule)
+    abar = sched.alphas_cumprod.double().numpy().copy()
+    if abar[-1] == 0.0:
+        # zero terminal SNR (rescale_betas_zero_snr): log-SNR is -inf there; use fp16's smallest
+        # subnormal, as diffusers' Euler / DPM-Solver schedulers do, so sigma_max = 1 - 2.4e-4
+        abar[-1] = 2.0**-24
+    return abar
+
+
+class DiffusersUNetTeacher:
+    """Teacher protocol adapter for an epsilon / v-prediction ``UNet2DConditionModel``.
+
+    ``unet`` is called as ``unet(z, t, encoder_hidden_states=E[, added_cond_kwargs={"text_embeds": P,
+    "time_ids": T}], return_dict=False)[0]`` with ``z = x / c(sigma)`` and fractional float32
+    timesteps ``t(sigma)`` (see the module docstring). ``scheduler_config`` is the pipeline's
+    scheduler config (dict or scheduler): only the noise schedule and ``prediction_type`` are used.
+
+    ``null_condition``: unconditional embeddings ([1, L, D], + pooled/time_ids for SDXL) for CFG
+    when a condition has no negative embeddings, and the condition when ``cond`` is None.
+    ``config_for_card``: provenance (path, subfolder) written into ``config()["source"]``; not part
+    of the fingerprint.
+    """
+
+    kind = "diffusers_unet"
+    num_classes: int | None = None
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        scheduler_config: Any,
+        *,
+        sample_shape: Sequence[int] | None = None,
+        null_condition: UNetCondition | None = None,
+        config_for_card: dict[str, Any] | None = None,
+    ):
+        self.unet = unet.eval()
+        self.schedule = _schedule_config(scheduler_config)
+        self.prediction_type = self.schedule["prediction_type"]
+        abar = _alphas_cumprod(self.schedule)
+        if not (np.all(abar > 0) and np.all(abar < 1) and np.all(np.diff(abar) < 0)):
+            raise ValueError("alphas_cumprod must decrease strictly inside (0, 1)")
+        self.alphas_cumprod = abar  # float64 [T]
+        self.num_train_timesteps = len(abar)
+        self._log_snr = np.log(abar) - np.log1p(-abar)  # decreasing in t
+        self._timesteps = np.arange(len(abar), dtype=np.float64)
+        ucfg = getattr(unet, "config", None)
+        if sample_shape is None:
+            if ucfg is None:
+                raise ValueError("sample_shape is needed for a UNet without a diffusers config")
+            sample_shape = (ucfg.in_channels, ucfg.sample_size, ucfg.sample_size)
+        self.sample_shape = tuple(int(s) for s in sample_shape)
+        if len(self.sample_shape) != 3:
+            raise ValueError(f"sample_shape must be (C, H, W), got {self.sample_shape}")
+        self.is_sdxl = getattr(ucfg, "addition_embed_type", None) == "text_time"
+        if ucfg is not None and getattr(ucfg, "addition_embed_type", None) not in (None, "text_time"):
+            raise NotImplementedError(
+                f"UNet addition_embed_type {ucfg.addition_embed_type!r} is not supported (SD1.5/SD2: none, SDXL: "
+                "'text_time')")
+        self.null_condition = null_condition
+        self.config_for_card = dict(config_for_card) if config_for_card else None
+        if config_for_card is not None:
+            json.dumps(config_for_card)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> DiffusersUNetTeacher:
+        """Move the UNet (and null condition) in place; returns self."""
+        self.unet.to(device=device, dtype=dtype)
+        if self.null_condition is not None:
+            self.null_condition = self.null_condition.to(device=device)
+        return self
+
+    @property
+    def sigma_max(self) -> float:
+        """sigma of the last training timestep T - 1 (< 1: abar_{T-1} > 0)."""
+        return float(sigma_of_alpha_cumprod(self.alphas_cumprod[-1]))
+
+    @property
+    def sigma_min(self) -> float:
+        """sigma of timestep 0 (> 0)."""
+        return float(sigma_of_alpha_cumprod(self.alphas_cumprod[0]))
+
+    # ------------------------------------------------------------------ sigma <-> timestep
+    def timestep_of_sigma(self, sigma) -> np.ndarray:
+        """Fractional timestep(s) t in [0, T - 1] for sigma(s), float64, by linear interpolation of the
+        log-SNR lambda = 2 log((1 - sigma) / sigma) over integer timesteps; clamped outside
+        [sigma_min, sigma_max]. Exact (to float64 rounding) at sigma(k) for integer k."""
+        s = np.asarray(sigma, dtype=np.float64)
+        with np.errstate(divide="ignore"):
+            lam = 2.0 * (np.log1p(-s) - np.log(s))  # +inf at 0, -inf at 1
+        # np.interp needs increasing x: -lambda_t increases with t
+        return np.interp(-lam, -self._log_snr, self._timesteps)
+
+    def sigma_of_timestep(self, t) -> np.ndarray:
+        """sigma at fractional timestep(s) t in [0, T - 1] (float64), the inverse of timestep_of_sigma."""
+        t = np.asarray(t, dtype=np.float64)
+        if np.any(t < 0) or np.any(t > self.num_train_timesteps - 1):
+            raise ValueError(f"timesteps must lie in [0, {self.num_train_timesteps - 1}]")
+        lam = np.interp(t, self._timesteps, self._log_snr)
+        return 1.0 / (1.0 + np.exp(lam / 2.0))
+
+    def alpha_cumprod_of_timestep(self, t) -> np.ndarray:
+        """abar at fractional t (sigmoid of the interpolated log-SNR); = alphas_cumprod[t] at integers."""
+        lam = np.interp(np.asarray(t, dtype=np.float64), self._timesteps, self._log_snr)
+        return 1.0 / (1.0 + np.exp(-lam))
+
+    def sigmas_for_timesteps(self, timesteps, final_alpha_cumprod: float | torch.Tensor | None = 1.0) -> list[float]:
+        """The rectified-flow grid of a diffusers sampler: sigma(t) for each timestep (decreasing),
+        then the sigma of ``final_alpha_cumprod`` (DDIM's ``scheduler.final_alpha_cumprod``: 1.0 ->
+        0.0 with ``set_alpha_to_one``; ``alphas_cumprod[0]`` -> sigma_min otherwise); None: no end point."""
+        t = torch.as_tensor(timesteps).detach().cpu().double().numpy()
+        out = [float(s) for s in self.sigma_of_timestep(t)]
+        if final_alpha_cumprod is not None:
+            out.append(float(sigma_of_alpha_cumprod(float(final_alpha_cumprod))))
+        return out
+
+    @staticmethod
+    def x_scale(sigma) -> float | np.ndarray:
+        """c(sigma) = sqrt((1 - sigma)^2 + sigma^2): x_sigma = c * z_t. A diffusers sampler starting
+        from noise z at sigma_0 starts trajflow's solve at ``c(sigma_0) * z``; its final latent at
+        sigma_end is ``x / c(sigma_end)`` (= x at sigma_end = 0)."""
+        c = _vp_scale(np.asarray(sigma, dtype=np.float64))
+        return float(c) if c.ndim == 0 else c
+
+    # ------------------------------------------------------------------ velocity
+    def _unet(self, z: torch.Tensor, t_B: torch.Tensor, cond: UNetCondition, negative: bool) -> torch.Tensor:
+        dt, dev = self.dtype, z.device
+        if negative:
+            embeds = cond.negative_prompt_embeds
+            pooled = cond.negative_pooled_prompt_embeds
+        else:
+            embeds, pooled = cond.prompt_embeds, cond.pooled_prompt_embeds
+        kwargs: dict[str, Any] = {}
+        if self.is_sdxl:
+            if pooled is None or cond.time_ids is None:
+                raise ValueError("an SDXL UNet (addition_embed_type='text_time') needs pooled_prompt_embeds "
+                                 "(text_embeds) and time_ids in the UNetCondition")
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(dev, dt), "time_ids": cond.time_ids.to(dev, dt)}
+        return self.unet(z.to(dt), t_B, encoder_hidden_states=embeds.to(dev, dt), return_dict=False, **kwargs)[0]
+
+    def _with_negatives(self, cond: UNetCondition, batch: int) -> UNetCondition:
+        if cond.has_negative:
+            return cond
+        if self.null_condition is None:
+            raise ValueError("guidance != 1 needs unconditional embeddings: give the UNetCondition "
+                             "negative_prompt_embeds (+ negative_pooled_prompt_embeds for SDXL) or build the "
+                             "teacher with null_condition=")
+        null = self.null_condition.expand(batch)
+        if null.prompt_embeds.shape[1:] != cond.prompt_embeds.shape[1:]:
+            raise ValueError(f"null_condition embeddings {tuple(null.prompt_embeds.shape[1:])} do not match the "
+                             f"prompt embeddings {tuple(cond.prompt_embeds.shape[1:])}")
+        return UNetCondition(cond.prompt_embeds, null.prompt_embeds, cond.pooled_prompt_embeds,
+                             null.pooled_prompt_embeds if cond.pooled_prompt_embeds is not None else None,
+                             cond.time_ids if cond.time_ids is not None else null.time_ids)
+
+    def velocity(
+        self,
+        x: torch.Tensor,
+        sigma: float | torch.Tensor,
+        cond: UNetCondition | None = None,
+        guidance: float | torch.Tensor = 1.0,
+    ) -> torch.Tensor:
+        """v_BCHW = eps_hat - x0_hat at states x [B, C, H, W] and sigma (scalar or [B], any value in
+        [0, 1]); guidance scalar or [B] (CFG on the UNet output, negative half first).
+
+        Runs under ``torch.no_grad()``; the UNet runs in its own dtype with float32 timesteps, the
+        conversion to the velocity in float32 (float64 for float64 states); returned in x's dtype.
+        """
+        if x.ndim != 4:
+            raise ValueError(f"x must be [B, C, H, W], got shape {tuple(x.shape)}")
+        B, dev = x.shape[0], x.device
+        if cond is None:
+            if self.null_condition is None:
+                raise ValueError("cond is None and the teacher has no null_condition")
+            nc = self.null_condition
+            cond = UNetCondition(nc.prompt_embeds, None, nc.pooled_prompt_embeds, None, nc.time_ids)
+        if not isinstance(cond, UNetCondition):
+            raise TypeError(f"cond must be a UNetCondition, got {type(cond).__name__}")
+        cond = cond.expand(B)
+        g_B = as_guidance_batch(guidance, B, dev, torch.float32)
+        s = as_sigma_batch(sigma, B, "cpu", torch.float64).numpy()
+        if np.any(s < 0) or np.any(s > 1):
+            raise ValueError("sigma must lie in [0, 1]")
+        t = self.timestep_of_sigma(s)
+        abar_t = self.alpha_cumprod_of_timestep(t)
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+
+        def col(a: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(a, dtype=work).to(dev).reshape(-1, 1, 1, 1)
+
+        a_t, b_t = col(np.sqrt(abar_t)), col(np.sqrt(1.0 - abar_t))
+        c = col(_vp_scale(s))
+        sig = col(s)
+        xw = x.to(work)
+        z = xw / c
+        t_B = torch.as_tensor(t, dtype=torch.float32).to(dev)
+        with torch.no_grad():
+            if bool(torch.all(g_B == 1.0)):
+                out = self._unet(z, t_B, cond, negative=False).to(work)
+            else:
+                full = self._with_negatives(cond, B).expand(B)
+                both = UNetCondition(
+                    torch.cat([full.negative_prompt_embeds.to(dev), full.prompt_embeds.to(dev)]),
+                    None,
+                    None if full.pooled_prompt_embeds is None else torch.cat(
+                        [full.negative_pooled_prompt_embeds.to(dev), full.pooled_prompt_embeds.to(dev)]),
+                    None,
+                    None if full.time_ids is None else torch.cat([full.time_ids, full.time_ids]).to(dev),
+                )
+                out2 = self._unet(torch.cat([z, z]), torch.cat([t_B, t_B]), both, negative=False).to(work)
+                out_u, out_c = out2.chunk(2)
+                out = combine_cfg(out_u, out_c, g_B)
+                keep = (g_B == 1.0).reshape(-1, 1, 1, 1)
+                out = torch.where(keep, out_c, out)
+            if self.prediction_type == "epsilon":
+                eps_hat = out
+                x0_hat = (z - b_t * eps_hat) / a_t
+            else:  # v_prediction: out = a eps - b x0
+                x0_hat = a_t * z - b_t * out
+                eps_hat = a_t * out + b_t * z
+            v = eps_hat - x0_hat
+            above = torch.as_tensor(s > self.sigma_max, device=dev).reshape(-1, 1, 1, 1)
+            below = torch.as_tensor(s < self.sigma_min, device=dev).reshape(-1, 1, 1, 1)
+            if bool(above.any()):
+                v = torch.where(above, (xw - x0_hat) / sig, v)
+            if bool(below.any()):
+                v = torch.where(below, (eps_hat - xw) / (1.0 - sig), v)
+        return v.to(x.dtype)
+
+    # ------------------------------------------------------------------ description
+    def _model_config(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "model_class": type(self.unet).__name__,
+            "unet_config": _json_clean(getattr(self.unet, "config", {})),
+            "schedule": self.schedule,
+            "timestep_interpolation": "log_snr_linear",
+            "sample_shape": list(self.sample_shape),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "null_condition": self.null_condition is not None,
+        }
+
+    def config(self) -> dict[str, Any]:
+        """JSON data: kind "diffusers_unet", model class, the UNet's public config, the noise schedule
+        (incl. prediction_type), sample shape, dtype, and ``source`` (``config_for_card``)."""
+        cfg = self._model_config()
+        cfg["source"] = self.config_for_card
+        return cfg
+
+    def fingerprint(self) -> str:
+        """sha256 over ``config()`` minus ``source``, the UNet's state_dict and the null condition."""
+        tensors = dict(self.unet.state_dict())
+        if self.null_condition is not None:
+            tensors.update({f"null_condition.{k}": v for k, v in self.null_condition.tensors().items()})
+        return fingerprint_of(self._model_config(), tensors)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        subfolder: str | None = "unet",
+        torch_dtype: torch.dtype | str | None = None,
+        *,
+        scheduler_config: Any = None,
+        sample_shape: Sequence[int] | None = None,
+        null_condition: UNetCondition | None = None,
+        device: str | torch.device | None = None,
+    ) -> DiffusersUNetTeacher:
+        """Load a ``UNet2DConditionModel`` and its noise schedule from a LOCAL diffusers folder.
+
+        ``path`` is a pipeline folder (``subfolder="unet"``; the schedule is read from
+        ``scheduler/scheduler_config.json``) or the UNet folder itself (``subfolder=None``; then pass
+        ``scheduler_config=`` a dict, a scheduler or a scheduler_config.json path). Never downloads.
+        """
+        from diffusers import UNet2DConditionModel
+
+        root = os.fspath(path)
+        if "://" in root or not os.path.isdir(root):
+            raise FileNotFoundError(
+                f"diffusers UNet teacher path {root!r} is not a local folder (only local folders are loaded; "
+                "download or copy the pipeline to a local folder first)")
+        folder = os.path.join(root, subfolder) if subfolder else root
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            hint = "" if subfolder is None else f" (is {root!r} the unet folder itself? pass subfolder=None)"
+            raise FileNotFoundError(f"no diffusers UNet at {folder!r}: config.json missing{hint}")
+        if scheduler_config is None:
+            sched_path = os.path.join(root, "scheduler", "scheduler_config.json")
+            if not subfolder or not os.path.isfile(sched_path):
+                raise FileNotFoundError(
+                    f"no scheduler config at {sched_path!r}: a UNet teacher needs the pipeline's noise schedule "
+                    "(beta_start/beta_end/beta_schedule/prediction_type); pass scheduler_config=")
+            scheduler_config = sched_path
+        if isinstance(scheduler_config, (str, os.PathLike)):
+            with open(scheduler_config) as f:
+                scheduler_config = json.load(f)
+        dtype = _dtype_of(torch_dtype)
+        model = UNet2DConditionModel.from_pretrained(root, subfolder=subfolder, torch_dtype=dtype,
+                                                     local_files_only=True)
+        if device is not None:
+            model.to(device)
+        source = {"path": root, "subfolder": subfolder,
+                  "torch_dtype": None if dtype is None else str(dtype).removeprefix("torch.")}
+        return cls(model, scheduler_config, sample_shape=sample_shape, null_condition=null_condition,
+                   config_for_card=source)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], **kwargs) -> DiffusersUNetTeacher:
+        """Rebuild from ``config()`` output: needs ``source.path`` (weights are not in the card); the
+        schedule comes from the card, so the folder's scheduler config is not needed."""
+        source = config.get("source") or {}
+        if not source.get("path"):
+            raise ValueError("this diffusers UNet teacher config has no source.path to load weights from")
+        kwargs.setdefault("sample_shape", config.get("sample_shape"))
+        kwargs.setdefault("scheduler_config", config.get("schedule"))
+        return cls.from_pretrained(source["path"], subfolder=source.get("subfolder"),
+                                   torch_dtype=source.get("torch_dtype") or config.get("dtype"), **kwargs)
+
+    def __repr__(self) -> str:
+        return (f"DiffusersUNetTeacher({type(self.unet).__name__}, {self.prediction_type}, "
+                f"sample_shape={self.sample_shape}, dtype={self.dtype}, sigma in [{self.sigma_min:.4g}, "
+                f"{self.sigma_max:.4g}])")
+
+
+def tiny_unet(seed: int = 0, *, sdxl: bool = False, **overrides):
+    """A tiny ``UNet2DConditionModel`` with random weights (``TINY_UNET_CONFIG``, or
+    ``TINY_SDXL_UNET_CONFIG`` with ``sdxl=True``, + overrides), in eval mode. Global RNG untouched."""
+    from diffusers import UNet2DConditionModel
+
+    cfg = {**(TINY_SDXL_UNET_CONFIG if sdxl else TINY_UNET_CONFIG), **overrides}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = UNet2DConditionModel(**cfg)
+    return model.eval()
+
+
+def random_unet_condition(unet, batch: int, *, seq_len: int = 8, seed: int = 0, negative: bool = False,
+                          dtype: torch.dtype = torch.float32) -> UNetCondition:
+    """Random embeddings shaped for ``unet``'s config (SDXL: + pooled embeddings and time ids)."""
+    cfg = unet.config
+    g = torch.Generator().manual_seed(seed)
+    D = cfg.cross_attention_dim
+    pe = torch.randn(batch, seq_len, D, generator=g)
+    ne = torch.randn(batch, seq_len, D, generator=g) if negative else None
+    pp = npool = ti = None
+    if getattr(cfg, "addition_embed_type", None) == "text_time":
+        P = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        pp = torch.randn(batch, P, generator=g)
+        npool = torch.randn(batch, P, generator=g) if negative else None
+        h = w = 8 * cfg.sample_size
+        ti = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32)
+    conv = [None if t is None else t.to(dtype) for t in (pe, ne, pp, npool)]
+    return UNetCondition(*conv, ti)
+
