@@ -120,6 +120,10 @@ class Trainer:
         if acc.is_main_process and log_with:
             acc.init_trackers("trajflow", config={k: v for k, v in cfg.to_dict().items()
                                                   if isinstance(v, (int, float, str, bool))})
+        self._metrics = None
+        if acc.is_main_process:  # one JSON line per logged step, next to the TensorBoard logs (plots, tests)
+            Path(log_dir, "logs").mkdir(parents=True, exist_ok=True)
+            self._metrics = open(Path(log_dir) / "logs" / "metrics.jsonl", "a")
         self._consumed = None
         if cfg.consumed_log:
             Path(cfg.consumed_log).mkdir(parents=True, exist_ok=True)
@@ -335,6 +339,9 @@ class Trainer:
                     last["epoch"] = self.stream.epoch
                     last["skipped_samples"] = self.skipped_samples
                     acc.log(last, step=self.step)
+                    if self._metrics is not None:
+                        self._metrics.write(json.dumps({"step": self.step, **last}) + "\n")
+                        self._metrics.flush()
                     if bar is not None:
                         extra = {} if self.ota is None else {"ota_short": last.get("ota_shortfall", 0)}
                         bar.set_postfix(loss=f"{last['loss']:.4f}", stage=last["stage"],
@@ -385,6 +392,8 @@ class Trainer:
     def close(self) -> None:
         if self.ota is not None:
             self.ota.close()
+        if self._metrics is not None:
+            self._metrics.close()
         if self._consumed is not None:
             self._consumed.close()
         self.stream.close()

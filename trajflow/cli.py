@@ -18,6 +18,7 @@ examples:
   trajflow audit s3://bucket/corpus --deep --replay 8
   trajflow train --data s3://bucket/corpus --out s3://bucket/runs/r1 --stages 8,4
   trajflow eval --student s3://bucket/runs/r1 --steps 1,2,4
+  trajflow pool up --teacher gmm:latent10 --replicas 2 && trajflow train ... --ota-ratio 0.25 --address auto
 
 URLs are fsspec URLs (s3://, gs://, file://, plain paths). S3 endpoints and credentials come from the
 standard AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) or --storage-options JSON.
@@ -128,29 +129,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     keys = ("data", "out", "stages", "steps_per_stage", "max_steps", "alpha", "window_points", "batch_size", "lr",
             "warmup_steps", "grad_clip", "ema_decay", "seed", "checkpoint_every", "log_every", "init",
             "teacher_fit_steps", "student_arch", "student_width", "student_depth", "mixed_precision", "on_corrupt",
-            "num_workers", "shuffle_buffer", "cache_dir", "storage_options", "consumed_log")
+            "num_workers", "shuffle_buffer", "cache_dir", "storage_options", "consumed_log", "ota_ratio", "ota_mode",
+            "ota_prefetch", "ota_timeout", "adv_weight", "fm_weight", "adv_step_probs", "disc_lr", "disc_blocks")
     values = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     try:
         cfg = TrainConfig(**values, resume=not args.no_resume, progress=not args.no_progress)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
+    from pipeline.pool import PoolError
     from trainer.data import CorpusNotFinalizedError, CorruptShardError
     from trainer.loop import Trainer
+    from trajflow.cli_pool import rollout_teacher_for
 
-    trainer = Trainer(cfg)
+    if args.pool_replicas < 1:
+        raise UsageError("--pool-replicas must be >= 1")
+    trainer = None
     try:
-        trainer.build()
-        last = trainer.train()
-        exported = trainer.export_student()
-    except (CorruptShardError, CorpusNotFinalizedError, FileNotFoundError) as e:
+        with rollout_teacher_for(cfg, args.address, args.pool_name, args.pool_replicas) as rollout_teacher:
+            trainer = Trainer(cfg, rollout_teacher)
+            try:
+                trainer.build()
+                last = trainer.train()
+                exported = trainer.export_student()
+            finally:
+                if hasattr(trainer, "accelerator"):
+                    trainer.close()
+    except (CorruptShardError, CorpusNotFinalizedError, FileNotFoundError, PoolError, ValueError) as e:
         print(f"trajflow train: error: {e}", file=sys.stderr)
         return 1
-    finally:
-        if hasattr(trainer, "accelerator"):
-            trainer.close()
     if exported:
+        ota = ""
+        if trainer.ota is not None:
+            st = trainer.ota.stats
+            ota = (f"; online samples {st['ota_samples']}, shortfall {st['ota_shortfall']} "
+                   f"({st['ota_failures']} failed, {st['ota_timeouts']} timed-out rollouts)")
         print(f"trained {trainer.step} steps (last loss {last.get('loss', float('nan')):.4f}, "
-              f"skipped samples {trainer.skipped_samples}); student: {exported}")
+              f"skipped samples {trainer.skipped_samples}{ota}); student: {exported}")
     return 0
 
 
@@ -234,6 +248,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="local shard cache (default ~/.cache/trajflow/shards)")
     p.add_argument("--storage-options", type=json_object_arg)
     p.add_argument("--consumed-log", help="local dir for per-rank consumed-sample logs (JSONL)")
+    g = p.add_argument_group("online trajectory alignment (a live teacher pool: `trajflow pool --help`)")
+    g.add_argument("--ota-ratio", type=float, help="share of each batch from online teacher rollouts (default 0)")
+    g.add_argument("--ota-mode", choices=["fresh", "student", "perflow"],
+                   help="fresh: teacher from new noise; student: the student's own few-step rollout reaches the "
+                        "window start and the teacher solves the window; perflow: baseline (default fresh)")
+    g.add_argument("--address", help="Ray cluster whose pool serves rollouts (auto, ray://HEAD:10001); default: "
+                   "start a pool on an embedded local Ray for this run")
+    g.add_argument("--pool-name", help="pool name (default trajflow-pool)")
+    g.add_argument("--pool-replicas", type=int, default=1, help="replicas of the embedded pool (default 1)")
+    g.add_argument("--ota-prefetch", type=int, help="rollout requests in flight per process (default 2)")
+    g.add_argument("--ota-timeout", type=float, help="seconds before a rollout counts as lost (default 60)")
+    g = p.add_argument_group("adversarial distillation on trajectory states")
+    g.add_argument("--adv-weight", type=float, help="weight of the generator's -D term (default 0 = off)")
+    g.add_argument("--fm-weight", type=float, help="discriminator feature-matching weight (default 1)")
+    g.add_argument("--adv-step-probs", type=_float_list,
+                   help="probabilities of judging student step 1..N (default 0.2,0.2,0.2,0.4 for 4 steps)")
+    g.add_argument("--disc-lr", type=float, help="discriminator learning rate (default 1e-4)")
+    g.add_argument("--disc-blocks", type=int, help="discriminator trunk blocks (default 2)")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints under --out")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
@@ -248,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--storage-options", type=json_object_arg)
     p.set_defaults(func=cmd_eval)
+
+    from trajflow.cli_pool import add_pool_parser
+
+    add_pool_parser(sub)
 
     p = sub.add_parser("submit", help="submit `generate` to a Ray cluster through the Ray Jobs API",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
