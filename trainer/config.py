@@ -30,7 +30,8 @@ class TrainConfig:
     alpha: float = 1.0
     #: where training points sit on a window: start | segment | mixed
     window_points: str = "start"
-    #: share of each batch from online teacher rollouts (0 = corpus only; needs a teacher pool)
+    #: share of each batch from online teacher rollouts (0 = corpus only; 1 = online only, e.g. the perflow
+    #: baseline; needs a teacher pool)
     ota_ratio: float = 0.0
     #: where online windows start: fresh (teacher from new noise) | student (the student's own few-step
     #: rollout reaches the window start, the teacher solves the window) | perflow (baseline: noised real sample)
@@ -107,15 +108,18 @@ class TrainConfig:
             raise ValueError("alpha must be >= 0")
         if self.window_points not in WINDOW_POINTS:
             raise ValueError(f"window-points must be one of {', '.join(WINDOW_POINTS)}")
-        if not 0 <= self.ota_ratio < 1:
-            raise ValueError(f"ota-ratio must be in [0, 1), got {self.ota_ratio}")
+        if not 0 <= self.ota_ratio <= 1:
+            raise ValueError(f"ota-ratio must be in [0, 1], got {self.ota_ratio}")
         if self.ota_mode not in OTA_MODES:
             raise ValueError(f"ota-mode must be one of {', '.join(OTA_MODES)}, got {self.ota_mode!r}")
         if self.ota_prefetch < 1 or self.ota_timeout <= 0:
             raise ValueError("ota-prefetch must be >= 1 and ota-timeout > 0")
-        if self.ota_ratio > 0 and not 1 <= self.ota_samples < self.batch_size:
-            raise ValueError(f"ota-ratio {self.ota_ratio} of batch-size {self.batch_size} leaves no online or no "
-                             "corpus samples; raise the batch size or change the ratio")
+        if self.ota_ratio > 0 and self.ota_samples < 1:
+            raise ValueError(f"ota-ratio {self.ota_ratio} of batch-size {self.batch_size} is no online sample; "
+                             "raise the batch size or the ratio")
+        if self.ota_ratio < 1 and self.corpus_batch_size < 1:
+            raise ValueError(f"ota-ratio {self.ota_ratio} of batch-size {self.batch_size} leaves no corpus sample; "
+                             "use ota-ratio 1 for online-only training")
         if self.adv_weight < 0 or self.fm_weight < 0 or self.disc_lr <= 0 or self.disc_blocks < 1:
             raise ValueError("adv-weight and fm-weight must be >= 0, disc-lr > 0, disc-blocks >= 1")
         if self.adv_step_probs is not None:

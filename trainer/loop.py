@@ -79,7 +79,10 @@ class Trainer:
                                        log_with=log_with, project_dir=str(Path(log_dir) / "logs"))
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
-        self.stream_cfg = StreamConfig(url=cfg.data, batch_size=cfg.corpus_batch_size, storage_options=cfg.storage_options,
+        self.online_only = cfg.corpus_batch_size == 0  # ota-ratio 1: the corpus gives the card only
+        if self.online_only and cfg.adv_weight > 0:
+            raise ValueError("adversarial training judges against corpus states; use ota-ratio < 1 with adv-weight")
+        self.stream_cfg = StreamConfig(url=cfg.data, batch_size=max(1, cfg.corpus_batch_size), storage_options=cfg.storage_options,
                                        seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, cache_dir=cfg.cache_dir,
                                        on_corrupt=cfg.on_corrupt)
         self.stream = CorpusStream(self.stream_cfg, self.rank, self.world, batched=True)
@@ -177,33 +180,37 @@ class Trainer:
 
         return fn
 
-    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+    def train_step(self, batch: dict[str, Any] | None) -> dict[str, float]:
+        """One optimizer step on a corpus batch (None when training online only) plus online windows."""
         cfg, acc = self.cfg, self.accelerator
         device = acc.device
-        valid = batch["valid"].bool()
         g = torch.Generator().manual_seed(_seed_of(cfg.seed, self.step, self.rank))
         stage = self.stage_at(self.step)
-        wb = sample_windows(batch["states"], batch["sigmas"][0], stage, cfg.window_points, generator=g)
-        cls = batch["class_id"] if self.net_cfg.num_classes else None
-        guid = batch["guidance"] if self.net_cfg.guidance_cond else None
-        x, sigma, target, mask = wb.x_BX, wb.sigma_B, wb.v_target_BX, valid
+        parts = []  # (x, sigma, target, valid mask, class, guidance) of the corpus and the online windows
+        if batch is not None:
+            valid = batch["valid"].bool()
+            wb = sample_windows(batch["states"], batch["sigmas"][0], stage, cfg.window_points, generator=g)
+            parts.append((wb.x_BX, wb.sigma_B, wb.v_target_BX, valid, batch["class_id"], batch["guidance"].float()))
+        else:
+            valid = torch.ones(0, dtype=torch.bool)
         stats: dict[str, float] = {}
         if self.ota is not None:  # online windows join the batch when a rollout is ready
-            ob = self.ota.take(stage, g)
+            ob = self.ota.take(stage, g, wait=batch is None)
             self.ota.fill(stage, self._student_fn() if cfg.ota_mode == "student" else None)
             if ob is not None:
-                x = torch.cat([x, ob.windows.x_BX])
-                sigma = torch.cat([sigma, ob.windows.sigma_B])
-                target = torch.cat([target, ob.windows.v_target_BX])
-                mask = torch.cat([mask, torch.ones(len(ob.guidance_B), dtype=torch.bool)])
-                if cls is not None:
-                    cls = torch.cat([cls, ob.class_B])
-                if guid is not None:
-                    guid = torch.cat([guid.float(), ob.guidance_B.float()])
+                w = ob.windows
+                parts.append((w.x_BX, w.sigma_B, w.v_target_BX, torch.ones(len(ob.guidance_B), dtype=torch.bool),
+                              ob.class_B, ob.guidance_B.float()))
             stats.update(self.ota.stats)
+        if not parts:
+            raise RuntimeError(f"no online rollout arrived within {cfg.ota_timeout:.0f} s and there is no corpus "
+                               "part (ota-ratio 1); is the teacher pool up?")
+        x, sigma, target, mask = (torch.cat([p[i] for p in parts]) for i in range(4))
+        cls = torch.cat([p[4] for p in parts]) if self.net_cfg.num_classes else None
+        guid = torch.cat([p[5] for p in parts]) if self.net_cfg.guidance_cond else None
         n_reflow = x.shape[0]
         adv = None
-        if self.disc is not None:  # the student's own few-step states, judged against the teacher's
+        if self.disc is not None and batch is not None:  # the student's own few-step states vs the teacher's
             adv = self._adversarial_inputs(batch, stage, g)
             x = torch.cat([x, adv["start"]])
             sigma = torch.cat([sigma, adv["sigma_from"]])
@@ -322,7 +329,11 @@ class Trainer:
         if self.ota is not None:  # the first rollouts are in flight before the first step
             self.ota.fill(self.stage_at(self.step), self._student_fn() if cfg.ota_mode == "student" else None)
             self.ota.wait_first(min(cfg.ota_timeout, 120.0))
-        t_last, samples_since = time.perf_counter(), 0
+        self._t_last, self._samples_since = time.perf_counter(), 0
+        while self.step < self.total_steps and self.online_only:  # ota-ratio 1: no corpus batches
+            last = self.train_step(None)
+            self.step += 1
+            self._after_step(last, bar, cfg.ota_samples * self.world)
         while self.step < self.total_steps:
             if self.stream.remaining_steps == 0:
                 self.stream.set_epoch(self.stream.epoch + 1)
@@ -332,30 +343,36 @@ class Trainer:
                 last = self.train_step(batch)
                 self.stream.advance()
                 self.step += 1
-                samples_since += self.stream.global_batch + (0 if self.ota is None else self.cfg.ota_samples * self.world)
-                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                    dt = time.perf_counter() - t_last
-                    last["samples_per_s"] = samples_since / max(dt, 1e-9)
-                    last["epoch"] = self.stream.epoch
-                    last["skipped_samples"] = self.skipped_samples
-                    acc.log(last, step=self.step)
-                    if self._metrics is not None:
-                        self._metrics.write(json.dumps({"step": self.step, **last}) + "\n")
-                        self._metrics.flush()
-                    if bar is not None:
-                        extra = {} if self.ota is None else {"ota_short": last.get("ota_shortfall", 0)}
-                        bar.set_postfix(loss=f"{last['loss']:.4f}", stage=last["stage"],
-                                        sps=f"{last['samples_per_s']:.0f}", **extra)
-                    t_last, samples_since = time.perf_counter(), 0
-                if bar is not None:
-                    bar.update(1)
-                if self.step % cfg.checkpoint_every == 0 or self.step == self.total_steps:
-                    self.save_checkpoint()
+                self._after_step(last, bar, self.stream.global_batch + (0 if self.ota is None else
+                                                                        cfg.ota_samples * self.world))
                 if self.step >= self.total_steps:
                     break
         if bar is not None:
             bar.close()
         return last
+
+    def _after_step(self, last: dict[str, Any], bar, samples: int) -> None:
+        """Metrics (TensorBoard, metrics.jsonl, progress bar) and checkpoints after an optimizer step."""
+        cfg, acc = self.cfg, self.accelerator
+        self._samples_since += samples
+        if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+            dt = time.perf_counter() - self._t_last
+            last["samples_per_s"] = self._samples_since / max(dt, 1e-9)
+            last["epoch"] = self.stream.epoch
+            last["skipped_samples"] = self.skipped_samples
+            acc.log(last, step=self.step)
+            if self._metrics is not None:
+                self._metrics.write(json.dumps({"step": self.step, **last}) + "\n")
+                self._metrics.flush()
+            if bar is not None:
+                extra = {} if self.ota is None else {"ota_short": last.get("ota_shortfall", 0)}
+                bar.set_postfix(loss=f"{last['loss']:.4f}", stage=last["stage"],
+                                sps=f"{last['samples_per_s']:.0f}", **extra)
+            self._t_last, self._samples_since = time.perf_counter(), 0
+        if bar is not None:
+            bar.update(1)
+        if self.step % cfg.checkpoint_every == 0 or self.step == self.total_steps:
+            self.save_checkpoint()
 
     def save_checkpoint(self) -> None:
         acc = self.accelerator

@@ -151,11 +151,20 @@ class OTAMixer:
             warnings.warn(f"OTA: {msg}; training continues on the corpus until rollouts arrive again", stacklevel=3)
         self._outage = True
 
-    def take(self, stage: int, generator: torch.Generator) -> OTABatch | None:
-        """The oldest finished rollout as training windows of ``stage``, or None (shortfall counted)."""
+    def take(self, stage: int, generator: torch.Generator, wait: bool = False) -> OTABatch | None:
+        """The oldest finished rollout as training windows of ``stage``, or None (shortfall counted).
+
+        wait: block up to the timeout for the oldest request (online-only training has nothing else to do).
+        """
         now = time.monotonic()
         while self.pending:
             p = self.pending[0]
+            if wait and not p.future.done():
+                try:
+                    p.future.result(timeout=max(0.0, self.timeout_s - (now - p.submitted)))
+                except Exception:  # noqa: BLE001 - reported below
+                    pass
+                now = time.monotonic()
             if not p.future.done():
                 if now - p.submitted > self.timeout_s:
                     self.pending.popleft()
