@@ -47,8 +47,13 @@ def _quality(teacher: GMMTeacher, x, ref, true_x, cls) -> dict[str, float]:
 
 
 def evaluate_gmm(student, teacher: GMMTeacher, *, shift: float, guidance: float, steps=(1, 2, 4),
-                 num_samples: int = 2000, reference_steps: int = 256) -> dict[str, Any]:
-    """Metrics of a student FlowNet (or None: teacher only) against a GMM teacher."""
+                 num_samples: int = 2000, reference_steps: int = 256, teacher_steps=(4, 32),
+                 default_grid_steps=(4,)) -> dict[str, Any]:
+    """Metrics of a student FlowNet (or None: teacher only) against a GMM teacher.
+
+    The teacher's own Euler sampling is reported at ``teacher_steps`` on the corrected grid
+    (``few_step_sigmas``) and at ``default_grid_steps`` on diffusers' default FlowMatchEuler grid.
+    """
     shape = teacher.sample_shape
     seeds = [EVAL_SEED_BASE + i for i in range(num_samples)]
     noise = seeded_noise(seeds, shape, torch.float64)
@@ -70,10 +75,11 @@ def evaluate_gmm(student, teacher: GMMTeacher, *, shift: float, guidance: float,
     def teacher_run(grid):
         return solve_teacher(teacher, noise, grid, cond=cls, guidance=g, capture_sigmas=[grid[-1]]).final
 
-    for n in (4, 32):
+    for n in teacher_steps:
         report["teacher"][f"{n}_steps"] = _quality(teacher, teacher_run(few_step_sigmas(n, shift)), ref_end, true_x, cls)
-    report["teacher"]["4_steps_diffusers_default_grid"] = _quality(
-        teacher, teacher_run([float(s) for s in diffusers_default_sigmas(4, shift)]), ref_end, true_x, cls)
+    for n in default_grid_steps:
+        report["teacher"][f"{n}_steps_diffusers_default_grid"] = _quality(
+            teacher, teacher_run([float(s) for s in diffusers_default_sigmas(n, shift)]), ref_end, true_x, cls)
     if student is None:
         return report
     student = student.double().eval()
