@@ -17,9 +17,11 @@ suffix is rejected with :class:`UnsafeMemberError` without being looked at.
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -91,10 +93,30 @@ def _where(key: str, shard_id: str | None) -> str:
     return f"sample {key!r}" + (f" in shard {shard_id!r}" if shard_id is not None else "")
 
 
-def _checked_meta(meta: Any, *, where: str) -> dict[str, Any]:
-    """Validate sample metadata; returns it normalised through JSON (plain dict, guidance float)."""
+def _is_plain_flat_json(meta: dict[str, Any]) -> bool:
+    """True when a dict fresh from ``json.loads`` is already what the JSON round trip of
+    :func:`expect_dict` would return: sorted keys, scalar values, no non-finite float."""
+    keys = list(meta)
+    if keys != sorted(keys):
+        return False
+    for value in meta.values():
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                return False
+        elif not (value is None or isinstance(value, str | int)):  # bool is an int
+            return False
+    return True
+
+
+def _checked_meta(meta: Any, *, where: str, from_json: bool = False) -> dict[str, Any]:
+    """Validate sample metadata; returns it normalised through JSON (plain dict, guidance float).
+
+    ``from_json``: ``meta`` is a fresh result of ``json.loads`` (decoding); the JSON round trip is
+    then skipped when it could not change anything (see :func:`_is_plain_flat_json`).
+    """
     where = f"{where} metadata (.json)"
-    meta = expect_dict(meta, where=where, field="<root>")
+    if not (from_json and isinstance(meta, dict) and _is_plain_flat_json(meta)):
+        meta = expect_dict(meta, where=where, field="<root>")
     for name in META_REQUIRED_FIELDS:
         if name not in meta:
             raise SchemaError(f"{where}: missing field {name!r}")
@@ -107,6 +129,17 @@ def _checked_meta(meta: Any, *, where: str) -> dict[str, Any]:
         expect_int(meta["prompt_id"], where=where, field="prompt_id", minimum=0)
     if "prompt" in meta:
         expect_str(meta["prompt"], where=where, field="prompt", nonempty=False)
+    return meta
+
+
+def _validated_meta(key: str, meta: Any, where: str, *, from_json: bool) -> dict[str, Any]:
+    """The key and metadata checks of a record; returns the normalised metadata."""
+    validate_key(key)
+    meta = _checked_meta(meta, where=where, from_json=from_json)
+    if key != sample_key(meta["index"]):
+        raise SchemaError(
+            f"{where}: key must be sample_key(index) = {sample_key(meta['index'])!r} for index {meta['index']}"
+        )
     return meta
 
 
@@ -132,14 +165,11 @@ class SampleRecord:
     meta: dict[str, Any]
 
     def __post_init__(self) -> None:
-        validate_key(self.key)
+        self._validate(meta_from_json=False)
+
+    def _validate(self, *, meta_from_json: bool) -> None:
         where = _where(self.key, None)
-        meta = _checked_meta(self.meta, where=where)
-        object.__setattr__(self, "meta", meta)
-        if self.key != sample_key(meta["index"]):
-            raise SchemaError(
-                f"{where}: key must be sample_key(index) = {sample_key(meta['index'])!r} for index {meta['index']}"
-            )
+        object.__setattr__(self, "meta", _validated_meta(self.key, self.meta, where, from_json=meta_from_json))
         states = self.states
         if not isinstance(states, torch.Tensor):
             raise SchemaError(f"{where}: 'states' must be a torch.Tensor, found {type(states).__name__}")
@@ -169,6 +199,10 @@ class SampleRecord:
             raise SchemaError(f"{where}: 'sigmas' must be finite and in [0, 1], found {values}")
         if any(not values[i] < values[i - 1] for i in range(1, len(values))):
             raise SchemaError(f"{where}: 'sigmas' must be strictly decreasing, found {values}")
+        # a finite sum means every value is finite (NaN and +-Inf propagate); a non-finite sum may
+        # also be an overflow, so only then are the values checked one by one
+        if states.numel() and math.isfinite(states.sum().item()):
+            return
         finite = torch.isfinite(states)
         if not bool(finite.all()):
             bad = int((~finite).sum())
@@ -192,6 +226,16 @@ class SampleRecord:
     def dtype_name(self) -> str:
         """The card dtype name of ``states``, e.g. ``"bfloat16"``."""
         return _DTYPE_NAMES[self.states.dtype]
+
+
+def _record_from_json(key: str, states: torch.Tensor, sigmas: torch.Tensor, meta: dict[str, Any]) -> SampleRecord:
+    """``SampleRecord(key, states, sigmas, meta)`` for ``meta`` fresh from ``json.loads``: the same
+    checks, without a JSON round trip of metadata that is already plain JSON."""
+    record = object.__new__(SampleRecord)
+    for name, value in (("key", key), ("states", states), ("sigmas", sigmas), ("meta", meta)):
+        object.__setattr__(record, name, value)
+    record._validate(meta_from_json=True)
+    return record
 
 
 def encode_sample(record: SampleRecord) -> dict[str, bytes]:
@@ -235,26 +279,32 @@ def check_record_against_card(
                 f"{where}: 'sigmas[{k}]' = {stored!r} does not match the card's saved_sigmas[{k}] = {expected!r} "
                 f"(tolerance {SIGMA_TOLERANCE})"
             )
+    _check_meta_against_card(record.meta, card, where)
+
+
+def _check_meta_against_card(meta: dict[str, Any], card: DatasetCard, where: str) -> None:
+    """The metadata part of :func:`check_record_against_card` (condition, guidance)."""
     meta_where = f"{where} metadata (.json)"
     conditioning = card.conditioning
     if conditioning.kind == "class":
-        if "class_id" not in record.meta:
+        if "class_id" not in meta:
             raise SchemaError(f"{meta_where}: missing field 'class_id' (the card's conditioning is 'class')")
         assert conditioning.num_classes is not None
         expect_int(
-            record.meta["class_id"],
+            meta["class_id"],
             where=meta_where,
             field="class_id",
             minimum=0,
             maximum=conditioning.num_classes - 1,
         )
-    elif conditioning.kind == "prompt" and "prompt_id" not in record.meta and "prompt" not in record.meta:
+    elif conditioning.kind == "prompt" and "prompt_id" not in meta and "prompt" not in meta:
         raise SchemaError(
             f"{meta_where}: missing field 'prompt_id' or 'prompt' (the card's conditioning is 'prompt')"
         )
-    if not card.solver.guidance_allows(record.guidance):
+    guidance = float(meta["guidance"])
+    if not card.solver.guidance_allows(guidance):
         raise SchemaError(
-            f"{meta_where}: field 'guidance' = {record.guidance} is not allowed by the card's solver.guidance "
+            f"{meta_where}: field 'guidance' = {guidance} is not allowed by the card's solver.guidance "
             f"{card.solver.to_dict()['guidance']}"
         )
 
@@ -313,9 +363,7 @@ def decode_sample(
             f"{where}: 'sigmas' must be stored as float32, found {tensors[SIGMAS_TENSOR].dtype}"
         )
     try:
-        record = SampleRecord(
-            key=key, states=tensors[STATES_TENSOR], sigmas=tensors[SIGMAS_TENSOR], meta=meta
-        )
+        record = _record_from_json(key, tensors[STATES_TENSOR], tensors[SIGMAS_TENSOR], meta)
     except (SchemaError, ShapeMismatchError, NonFiniteError) as exc:
         if shard_id is None:
             raise
@@ -323,3 +371,153 @@ def decode_sample(
     if card is not None:
         check_record_against_card(record, card, shard_id=shard_id)
     return record
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("duplicate key in a safetensors header")
+    return dict(pairs)
+
+
+def _safetensors_layout(payload: bytes) -> bytes | None:
+    """The 8-byte length and JSON header of a safetensors buffer (None if it cannot be one)."""
+    if len(payload) < 8:
+        return None
+    size = int.from_bytes(payload[:8], "little")
+    return payload[: 8 + size] if size <= len(payload) - 8 else None
+
+
+def decode_samples(
+    samples: Sequence[tuple[str, Mapping[str, bytes]]],
+    card: DatasetCard | None = None,
+    *,
+    shard_id: str | None = None,
+) -> list[SampleRecord | CorpusFormatError]:
+    """:func:`decode_sample` for many samples at once, with the tensor work vectorised.
+
+    Samples whose safetensors buffers have the same header bytes and length (all samples of a
+    shard the pipeline wrote) share one layout: the first of them is decoded by
+    :func:`decode_sample`, which validates the layout (tensor names, dtypes, shapes, offsets, and
+    against ``card``); for the others only what depends on their bytes is checked, in one pass
+    over all of them (non-finite states; sigma values: finite, in [0, 1], strictly decreasing, the
+    card's), plus each one's metadata. A sample that fails any of these, or has a layout of its
+    own, is decoded by :func:`decode_sample` alone, so the records and errors are exactly those of
+    :func:`decode_sample`.
+
+    Returns:
+        Per sample, in order: its :class:`SampleRecord`, or the :class:`CorpusFormatError` (or
+        subclass) :func:`decode_sample` raises for it. Errors are returned, not raised.
+    """
+
+    def one(i: int) -> SampleRecord | CorpusFormatError:
+        key, members = samples[i]
+        try:
+            return decode_sample(key, members, card, shard_id=shard_id)
+        except CorpusFormatError as exc:
+            return exc
+
+    results: list[SampleRecord | CorpusFormatError | None] = [None] * len(samples)
+    groups: dict[tuple[bytes, int], list[int]] = {}
+    for i, (_, members) in enumerate(samples):
+        payload = members.get(TRAJ_MEMBER) if len(members) == 2 and META_MEMBER in members else None
+        layout = _safetensors_layout(payload) if isinstance(payload, bytes) else None
+        if layout is None or sys.byteorder != "little":
+            results[i] = one(i)
+        else:
+            groups.setdefault((layout, len(payload)), []).append(i)
+    for (layout, length), indices in groups.items():
+        first = one(indices[0])
+        results[indices[0]] = first
+        rest = indices[1:]
+        if not rest:
+            continue
+        if not isinstance(first, SampleRecord):  # the layout itself may be bad: decode one by one
+            for i in rest:
+                results[i] = one(i)
+            continue
+        decoded = _decode_same_layout([samples[i] for i in indices], first, layout, length, card, shard_id)
+        for i, record in zip(rest, decoded):
+            results[i] = record if record is not None else one(i)
+    return results  # type: ignore[return-value]
+
+
+def _decode_same_layout(
+    samples: list[tuple[str, Mapping[str, bytes]]],
+    template: SampleRecord,
+    layout: bytes,
+    length: int,
+    card: DatasetCard | None,
+    shard_id: str | None,
+) -> list[SampleRecord | None]:
+    """Records for ``samples[1:]``, whose safetensors buffers share the layout of ``samples[0]``
+    (decoded by :func:`decode_sample` as ``template``); None for a sample that needs
+    :func:`decode_sample` (a check failed)."""
+    count = len(samples)
+    try:
+        header = json.loads(layout[8:], object_pairs_hook=_unique_keys)
+        base = len(layout)
+        raw = torch.frombuffer(bytearray(b"".join(m[TRAJ_MEMBER] for _, m in samples)), dtype=torch.uint8)
+        raw = raw.view(count, length)
+
+        def tensor(name: str, like: torch.Tensor) -> torch.Tensor:
+            begin, end = header[name]["data_offsets"]
+            return raw[:, base + begin : base + end].contiguous().view(like.dtype).view(count, *like.shape)
+
+        states = tensor(STATES_TENSOR, template.states)
+        sigmas = tensor(SIGMAS_TENSOR, template.sigmas)
+    except (ValueError, TypeError, KeyError, RuntimeError):  # not the layout safetensors read: no shortcut
+        return [None] * (count - 1)
+    # the layout must give the template exactly the tensors safetensors gave it
+    if not (torch.equal(states[0], template.states) and torch.equal(sigmas[0], template.sigmas)):
+        return [None] * (count - 1)
+    # what decode_sample checks on the values (the layout was checked on the template)
+    sig = sigmas.to(torch.float64)
+    ok = (sig.isfinite() & (sig >= 0.0) & (sig <= 1.0)).all(dim=1)
+    ok &= (sig[:, 1:] < sig[:, :-1]).all(dim=1)
+    if card is not None:
+        expected = torch.tensor(card.saved_sigmas, dtype=torch.float64)
+        ok &= ((sig - expected).abs() <= SIGMA_TOLERANCE).all(dim=1)
+    if states.numel():
+        # a finite sum means finite values (NaN and +-Inf propagate); a row whose sum is not finite
+        # (a non-finite value, or an overflow) is left to decode_sample, which tells them apart
+        ok &= states.view(count, -1).sum(dim=1, dtype=torch.float32).isfinite()
+    ok_rows = ok.tolist()
+    state_rows, sigma_rows = states.unbind(0), sigmas.unbind(0)
+    new, setattr_ = object.__new__, object.__setattr__
+    out: list[SampleRecord | None] = []
+    for j, (key, members) in enumerate(samples):
+        if j == 0:
+            continue
+        if not ok_rows[j]:
+            out.append(None)
+            continue
+        text = members[META_MEMBER]
+        try:
+            # json.loads(bytes) reads UTF-8 when the text starts "{" and a non-NUL byte (its encoding
+            # detection); anything else goes to decode_sample
+            if not (text[:1] == b"{" and text[1:2] not in (b"", b"\0")):
+                raise ValueError("not plain UTF-8 JSON")
+            meta = _META_DECODER.decode(text.decode("utf-8", "surrogatepass"))
+            if not isinstance(meta, dict):
+                raise ValueError("not an object")
+            meta = _validated_meta(key, meta, key, from_json=True)
+            if card is not None:
+                _check_meta_against_card(meta, card, key)
+        except (CorpusFormatError, ValueError):
+            out.append(None)
+            continue
+        record = new(SampleRecord)
+        setattr_(record, "key", key)
+        setattr_(record, "states", state_rows[j].clone())
+        setattr_(record, "sigmas", sigma_rows[j].clone())
+        setattr_(record, "meta", meta)
+        out.append(record)
+    return out
+
+
+def _reject_json_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_META_DECODER = json.JSONDecoder(parse_constant=_reject_json_constant)

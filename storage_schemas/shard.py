@@ -14,16 +14,26 @@ an :class:`UnsafeMemberError`; the payload is skipped unread. A tar that is cut 
 headers are corrupt, or that lacks its end-of-archive marker is a :class:`CorpusFormatError`
 naming the shard (the stdlib reader alone silently stops at a bad header or a cut at a member
 boundary; this reader does not).
+
+A shard held in memory (bytes) is first read by a fast path (:func:`index_shard_members`): one
+pass over the raw ustar headers, accepting only what the format writes (regular files with a flat
+``<key>.<suffix>`` name, octal sizes, valid checksums, no ustar prefix, consecutive samples,
+zero end-of-archive). Anything else, however harmless, is handed to the general reader above over
+the same bytes, which then decides: it raises the precise error, or reads a valid but unusual tar
+(pax headers, GNU long names, ...). The fast path never yields before the whole shard is checked,
+so both paths yield the same samples and raise the same errors.
 """
 
 from __future__ import annotations
 
 import io
 import re
+import struct
 import tarfile
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, BinaryIO
 
+import numpy as np
 import webdataset
 
 from .errors import CorpusFormatError, SchemaError, UnsafeMemberError
@@ -174,27 +184,101 @@ def _corrupt(shard_id: str, exc: BaseException) -> CorpusFormatError:
 _TAR_ERRORS = (tarfile.TarError, EOFError, UnicodeError)
 
 
-def iter_shard_members(
-    data: ShardData,
-    shard_id: str,
-    *,
-    collect_unsafe: list[UnsafeMemberError] | None = None,
-) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Stream a shard tar safely, yielding ``(key, {suffix: payload})`` per sample in tar order.
+MemberSpans = dict[str, tuple[int, int]]
+"""A sample's members as ``{suffix: (byte offset of the payload, payload size)}`` in the shard bytes."""
 
-    Args:
-        data: the shard bytes or a binary file object (read once, sequentially).
-        shard_id: names the shard in error messages.
-        collect_unsafe: ``None`` (default) raises on the first unsafe member; a list instead
-            receives every :class:`UnsafeMemberError` while reading goes on (for auditors).
-            Either way the unsafe member's payload is skipped unread.
+_FAST_NAME = re.compile(rb"([A-Za-z0-9_-]+)\.(json|traj\.safetensors)")
+# a tar number field as tarfile's nti reads plain octal: cut at the first NUL, strip whitespace, digits
+_FAST_NUMBER = re.compile(rb"[ \t\n\r\x0b\x0c]*([0-7]+)[ \t\n\r\x0b\x0c]*(?:\0[\x00-\xff]*)?")
+_ZERO_BLOCK = bytes(_BLOCK)
+_REGULAR_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE)
+# the header fields other than name [0, 100), size [124, 136) and checksum [148, 156)
+_OTHER_FIELDS = ((100, 124), (136, 148), (156, _BLOCK))
+assert {m.decode() for m in (b"json", b"traj.safetensors")} == SAMPLE_MEMBER_SUFFIXES
 
-    Raises:
-        UnsafeMemberError: a member outside the format (header checked before the payload).
-        SchemaError: a key whose members are not consecutive, or a duplicated member.
-        CorpusFormatError: truncated or corrupt tar, or no end-of-archive marker.
+
+def _plain_fields_ok(header: bytes) -> bool:
+    """The header's fields other than name and size parse as tarfile parses them, describe a
+    regular file, and carry no ustar name prefix (the format never writes one)."""
+    try:
+        info = tarfile.TarInfo.frombuf(header, tarfile.ENCODING, "surrogateescape")
+    except tarfile.HeaderError:
+        return False
+    return info.type in _REGULAR_TYPES and header[345] == 0
+
+
+def _fast_spans(data: bytes) -> list[tuple[str, MemberSpans]] | None:
+    """Index a shard in one pass over its raw headers, or None if anything is unusual.
+
+    Accepts only: regular-file headers with a valid checksum, a flat ``<key>.<suffix>`` name of
+    the format, an octal size within :data:`MAX_MEMBER_BYTES` whose payload (and padding) is
+    present; samples whose members are consecutive and not repeated; and a zero block followed by
+    nothing but zeros. These are exactly the conditions under which the general reader accepts the
+    tar without error, so for an accepted shard both give the same samples. Nothing is yielded or
+    raised here: on None the caller runs the general reader, which raises the precise error.
     """
-    source = io.BytesIO(data) if isinstance(data, bytes | bytearray | memoryview) else data
+    size_of_data = len(data)
+    samples: list[tuple[str, MemberSpans]] = []
+    seen: set[str] = set()
+    other: tuple[bytes, ...] | None = None  # the other fields of the last header checked with tarfile
+    header_offsets: list[int] = []
+    stored_checksums: list[int] = []
+    key: str | None = None
+    members: MemberSpans = {}
+    name_match, number_match = _FAST_NAME.fullmatch, _FAST_NUMBER.fullmatch
+    offset = 0
+    while True:
+        if offset + _BLOCK > size_of_data:
+            return None  # cut short: no header (or no end-of-archive marker) here
+        if data.startswith(_ZERO_BLOCK, offset):  # end of archive: only zeros may follow
+            if not samples or data.count(0, offset) != size_of_data - offset:
+                return None
+            break
+        nul = data.find(b"\0", offset, offset + 100)
+        name = name_match(data, offset, offset + 100 if nul < 0 else nul)
+        size = number_match(data, offset + 124, offset + 136)
+        checksum = number_match(data, offset + 148, offset + 156)
+        if name is None or size is None or checksum is None:
+            return None
+        size = int(size.group(1), 8)
+        if size > MAX_MEMBER_BYTES:
+            return None
+        if other is None or not (data.startswith(other[0], offset + 100) and data.startswith(other[1], offset + 136)
+                                 and data.startswith(other[2], offset + 156)):
+            header = data[offset : offset + _BLOCK]
+            if not _plain_fields_ok(header):
+                return None
+            other = tuple(header[a:b] for a, b in _OTHER_FIELDS)
+        member_key, suffix = name.group(1).decode("ascii"), name.group(2).decode("ascii")
+        if member_key != key:
+            if member_key in seen:
+                return None
+            seen.add(member_key)
+            key, members = member_key, {}
+            samples.append((key, members))
+        if suffix in members:
+            return None
+        members[suffix] = (offset + _BLOCK, size)
+        header_offsets.append(offset)
+        stored_checksums.append(int(checksum.group(1), 8))
+        offset += _BLOCK + -(-size // _BLOCK) * _BLOCK
+    # checksums of all headers at once: 256 + the sum of every byte but the checksum field's 8
+    raw = np.frombuffer(data, dtype=np.uint8)
+    blocks = raw[np.asarray(header_offsets, dtype=np.int64)[:, None] + np.arange(_BLOCK)]
+    unsigned = 256 + blocks[:, :148].sum(axis=1, dtype=np.int64) + blocks[:, 156:].sum(axis=1, dtype=np.int64)
+    for i in np.flatnonzero(unsigned != np.asarray(stored_checksums, dtype=np.int64)).tolist():
+        # tarfile also accepts the signed-byte sum some old tars wrote
+        if stored_checksums[i] not in tarfile.calc_chksums(data[header_offsets[i] : header_offsets[i] + _BLOCK]):
+            return None
+    return samples
+
+
+def _stream_members(
+    source: BinaryIO,
+    shard_id: str,
+    collect_unsafe: list[UnsafeMemberError] | None,
+) -> Iterator[tuple[str, dict[str, bytes], MemberSpans]]:
+    """The general reader (tarfile, streaming): ``(key, {suffix: payload}, {suffix: span})``."""
     recorder = _TailRecorder(source)
     try:
         tar = tarfile.open(fileobj=recorder, mode="r|")
@@ -203,6 +287,7 @@ def iter_shard_members(
     seen_keys: set[str] = set()
     key: str | None = None
     members: dict[str, bytes] = {}
+    spans: MemberSpans = {}
     try:
         while True:
             try:
@@ -221,14 +306,14 @@ def iter_shard_members(
             member_key, _, suffix = info.name.partition(".")
             if member_key != key:
                 if key is not None:
-                    yield key, members
+                    yield key, members, spans
                 if member_key in seen_keys:
                     raise SchemaError(
                         f"shard {shard_id!r}: sample key {member_key!r} appears again after other samples "
                         "(a sample's members must be consecutive)"
                     )
                 seen_keys.add(member_key)
-                key, members = member_key, {}
+                key, members, spans = member_key, {}, {}
             if suffix in members:
                 raise SchemaError(f"shard {shard_id!r}: member {info.name!r} appears twice")
             if info.size > MAX_MEMBER_BYTES:  # a forged header must not make readers allocate gigabytes
@@ -244,11 +329,68 @@ def iter_shard_members(
                     f"shard {shard_id!r}: truncated tar: member {info.name!r} has {len(payload)} of {info.size} bytes"
                 )
             members[suffix] = payload
+            spans[suffix] = (info.offset_data, info.size)
         recorder.check_end_of_archive(tar.offset, shard_id)
         if key is not None:
-            yield key, members
+            yield key, members, spans
     finally:
         tar.close()
+
+
+def index_shard_members(data: bytes | bytearray | memoryview, shard_id: str) -> list[tuple[str, MemberSpans]]:
+    """Check a whole shard held in memory and say where each sample's payloads lie in it.
+
+    Applies every check of :func:`iter_shard_members` (unsafe members raise; truncation, corrupt
+    headers, a missing end-of-archive marker, non-consecutive or repeated members) to the whole
+    shard before returning, in one fast pass over the headers for the tars the format writes.
+
+    Returns:
+        ``[(key, {suffix: (offset, size)}), ...]`` in tar order; ``data[offset:offset + size]``
+        is the member's payload.
+
+    Raises:
+        UnsafeMemberError, SchemaError, CorpusFormatError: as :func:`iter_shard_members`.
+    """
+    if not isinstance(data, bytes):
+        data = bytes(data)
+    spans = _fast_spans(data)
+    if spans is not None:
+        return spans
+    return [(key, where) for key, _, where in _stream_members(io.BytesIO(data), shard_id, None)]
+
+
+def iter_shard_members(
+    data: ShardData,
+    shard_id: str,
+    *,
+    collect_unsafe: list[UnsafeMemberError] | None = None,
+) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Stream a shard tar safely, yielding ``(key, {suffix: payload})`` per sample in tar order.
+
+    Args:
+        data: the shard bytes (checked whole by the fast path of :func:`index_shard_members`
+            first, then sliced) or a binary file object (read once, sequentially, by the general
+            reader: memory stays at one member).
+        shard_id: names the shard in error messages.
+        collect_unsafe: ``None`` (default) raises on the first unsafe member; a list instead
+            receives every :class:`UnsafeMemberError` while reading goes on (for auditors).
+            Either way the unsafe member's payload is skipped unread.
+
+    Raises:
+        UnsafeMemberError: a member outside the format (header checked before the payload).
+        SchemaError: a key whose members are not consecutive, or a duplicated member.
+        CorpusFormatError: truncated or corrupt tar, or no end-of-archive marker.
+    """
+    if isinstance(data, bytes | bytearray | memoryview):
+        data = data if isinstance(data, bytes) else bytes(data)
+        spans = _fast_spans(data)  # a shard the fast path accepts has no unsafe member to collect
+        if spans is not None:
+            for key, where in spans:
+                yield key, {suffix: data[offset : offset + size] for suffix, (offset, size) in where.items()}
+            return
+        data = io.BytesIO(data)
+    for key, members, _ in _stream_members(data, shard_id, collect_unsafe):
+        yield key, members
 
 
 def iter_shard_samples(

@@ -718,3 +718,224 @@ def test_member_declaring_a_huge_size_is_rejected_before_reading():
     data = info.tobuf(format=tarfile.GNU_FORMAT) + b"\0" * 1024
     with pytest.raises(UnsafeMemberError, match="limit"):
         list(iter_shard_members(data, "shard-000000"))
+
+
+# --------------------------------------------------------------------------------------------------
+# the fast path for shards held in memory (index_shard_members) vs the general (streaming) reader
+
+
+def read_both_ways(data: bytes) -> tuple[object, object]:
+    """What iter_shard_members gives for ``data`` as bytes (fast path) and as a file object (general
+    reader): the samples, or the error type and message."""
+
+    def run(source):
+        try:
+            return list(ss.iter_shard_members(source, SHARD))
+        except CorpusFormatError as exc:
+            return type(exc), str(exc)
+
+    return run(data), run(io.BytesIO(data))
+
+
+def test_fast_path_reads_a_written_shard_like_the_general_reader():
+    from storage_schemas.shard import index_shard_members
+
+    from storage_schemas.shard import _fast_spans
+
+    data = ss.write_shard_bytes(make_records(make_card(), count=7))
+    assert _fast_spans(data) is not None  # the writer's shards take the fast path
+    fast, general = read_both_ways(data)
+    assert fast == general and [k for k, _ in fast] == [ss.sample_key(i) for i in range(7)]
+    spans = index_shard_members(data, SHARD)
+    assert [(key, {s: data[o : o + n] for s, (o, n) in where.items()}) for key, where in spans] == general
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: d[: len(d) // 2],
+        lambda d: d[: member_end_offset(d, 4)],
+        lambda d: d[: member_end_offset(d, 4) + 100],
+        lambda d: d[: member_end_offset(d, 4) + 512],  # the next header, then nothing of its payload
+        lambda d: d[: member_end_offset(d, 6) + 100],  # after the last member, 100 of 512 zero bytes
+        lambda d: b"\x07" + d[1:],
+        lambda d: d[: member_end_offset(d, 2)] + b"x" * 512 + d[member_end_offset(d, 2) + 512 :],
+        lambda d: d[:200] + b"\x01" + d[201:],  # one header byte changed: its checksum no longer matches
+        lambda d: d + b"trailing garbage",
+        lambda d: b"",
+        lambda d: b"this is not a tar file at all" * 40,
+    ],
+)
+def test_fast_path_and_general_reader_reject_damaged_shards_alike(damage):
+    fast, general = read_both_ways(damage(ss.write_shard_bytes(make_records(make_card(), count=3))))
+    assert isinstance(fast, tuple) and issubclass(fast[0], CorpusFormatError) and SHARD in fast[1]
+    assert fast == general
+
+
+def test_an_all_zero_tar_is_an_empty_shard_on_both_paths():
+    assert read_both_ways(bytes(2048)) == ([], [])
+
+
+def test_fast_path_defers_unusual_but_valid_tars_to_the_general_reader():
+    """A pax header, a GNU-format header, a ustar name prefix, members out of order: the fast path
+    hands them over; what comes out (samples or errors) is the general reader's."""
+    from storage_schemas.shard import index_shard_members
+
+    card = make_card()
+    a, b = make_record(0, card), make_record(1, card)
+    pax = tar_bytes(sample_entries(a) + sample_entries(b))
+    info = tarfile.TarInfo("0000000002.json")
+    info.pax_headers = {"comment": "a pax extended header"}
+    pax_with_header = tar_bytes(sample_entries(a) + [(info, b"{}")])
+    gnu = io.BytesIO()
+    with tarfile.open(fileobj=gnu, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for entry, payload in sample_entries(a) + sample_entries(b):
+            entry.size = len(payload)
+            tar.addfile(entry, io.BytesIO(payload))
+    shuffled = tar_bytes([sample_entries(a)[0], sample_entries(b)[0], sample_entries(a)[1]])
+    from storage_schemas.shard import _fast_spans
+
+    assert _fast_spans(pax) is not None and _fast_spans(gnu.getvalue()) is not None  # plain headers
+    assert _fast_spans(pax_with_header) is None and _fast_spans(shuffled) is None
+    for data in (pax, pax_with_header, gnu.getvalue(), shuffled):
+        fast, general = read_both_ways(data)
+        assert fast == general
+        if isinstance(general, list):
+            spans = index_shard_members(data, SHARD)
+            assert [(k, {s: data[o : o + n] for s, (o, n) in w.items()}) for k, w in spans] == general
+    assert [k for k, _ in read_both_ways(pax_with_header)[0]] == ["0000000000", "0000000002"]
+
+
+@pytest.mark.parametrize(
+    ("entry", "needle"),
+    [
+        (regular("0000000001.pt"), "suffix 'pt'"),
+        (regular("../../0000000001.json"), "path traversal"),
+        (regular("/0000000001.json"), "absolute path"),
+        (regular("sub/0000000001.json"), "nested path"),
+        (special("0000000001.json", tarfile.SYMTYPE, "/etc/passwd"), "symbolic link"),
+        (special("0000000001.json", tarfile.LNKTYPE, "0000000000.json"), "hard link"),
+        (special("0000000001", tarfile.DIRTYPE), "directory"),
+        (special("0000000001.json", tarfile.FIFOTYPE), "FIFO"),
+    ],
+)
+def test_index_shard_members_rejects_unsafe_members(entry, needle):
+    from storage_schemas.shard import index_shard_members
+
+    data = tar_bytes(sample_entries(make_record(0, make_card())) + [entry])
+    with pytest.raises(UnsafeMemberError, match=re.escape(needle)):
+        index_shard_members(data, SHARD)
+    fast, general = read_both_ways(data)
+    assert fast == general and fast[0] is UnsafeMemberError
+
+
+def test_index_shard_members_rejects_a_huge_declared_size():
+    from storage_schemas.shard import index_shard_members
+
+    info = tarfile.TarInfo("0000000001.json")
+    info.size = 1 << 40  # base-256 in a GNU header
+    with pytest.raises(UnsafeMemberError, match="limit"):
+        index_shard_members(info.tobuf(format=tarfile.GNU_FORMAT) + b"\0" * 1024, SHARD)
+    info.size = (1 << 30) + 1  # still octal: the fast path itself must refuse it
+    with pytest.raises(UnsafeMemberError, match="limit"):
+        index_shard_members(info.tobuf(format=tarfile.USTAR_FORMAT) + b"\0" * 1024, SHARD)
+
+
+def test_decode_skips_only_a_json_round_trip_that_changes_nothing():
+    """Decoding parses metadata once; what the record holds and rejects is what SampleRecord gives."""
+    card = make_card()
+    record = make_record(1, card)
+    members = ss.encode_sample(record)
+    unsorted = {"seed": record.seed, "index": 1, "guidance": record.guidance, "class_id": 1, "note": {"b": 1, "a": [2]}}
+    members["json"] = json.dumps(unsorted).encode()
+    decoded = ss.decode_sample(record.key, members, card)
+    constructed = SampleRecord(key=record.key, states=record.states, sigmas=record.sigmas, meta=unsorted)
+    assert decoded.meta == constructed.meta and list(decoded.meta) == list(constructed.meta) == sorted(unsorted)
+    assert list(decoded.meta["note"]) == ["a", "b"]
+    members["json"] = b'{"class_id":1,"guidance":2.0,"index":1,"seed":7,"x":1e999}'  # parses to inf
+    with pytest.raises(SchemaError, match="plain JSON"):
+        ss.decode_sample(record.key, members, card)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_finite_states_whose_sum_overflows_still_decode_and_nan_is_caught(dtype):
+    card = make_card(dtype={torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype])
+    record = make_record(1, card)
+    big = torch.full(record.states.shape, torch.finfo(dtype).max, dtype=dtype)  # finite; the sum is not
+    members = ss.encode_sample(SampleRecord(key=record.key, states=big, sigmas=record.sigmas, meta=record.meta))
+    assert torch.equal(ss.decode_sample(record.key, members, card).states, big)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        states = record.states.clone()
+        states[0, 0, 0, 0] = bad
+        members["traj.safetensors"] = safetensors.torch.save({"states": states, "sigmas": record.sigmas})
+        with pytest.raises(NonFiniteError, match="1 non-finite value"):
+            ss.decode_sample(record.key, members, card)
+
+
+def decoded_like_decode_sample(samples, card, shard_id=SHARD) -> list:
+    """decode_samples' results, checked against decode_sample one by one (records or errors)."""
+    from storage_schemas.record import decode_samples
+
+    got = decode_samples(samples, card, shard_id=shard_id)
+    assert len(got) == len(samples)
+    for (key, members), result in zip(samples, got):
+        try:
+            expected = ss.decode_sample(key, members, card, shard_id=shard_id)
+        except CorpusFormatError as exc:
+            assert type(result) is type(exc) and str(result) == str(exc)
+            continue
+        assert isinstance(result, SampleRecord)
+        assert_same_record(result, expected)
+        assert list(result.meta) == list(expected.meta)
+        assert result.states.untyped_storage().nbytes() == result.states.nbytes  # owns its data
+    return got
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_samples_equals_decode_sample_for_good_and_bad_samples(dtype):
+    card = make_card(dtype=dtype)
+    records = make_records(card, count=12)
+    samples = [(r.key, ss.encode_sample(r)) for r in records]
+
+    def with_states(i, change):
+        states = records[i].states.clone()
+        change(states)
+        samples[i][1]["traj.safetensors"] = safetensors.torch.save({"states": states, "sigmas": records[i].sigmas})
+
+    with_states(2, lambda s: s.view(-1).__setitem__(7, float("nan")))
+    with_states(3, lambda s: s.view(-1).__setitem__(0, float("-inf")))
+    sigmas = records[4].sigmas.clone()
+    sigmas[1] += 0.01  # disagrees with the card (same layout)
+    samples[4][1]["traj.safetensors"] = safetensors.torch.save({"states": records[4].states, "sigmas": sigmas})
+    samples[5][1]["json"] = b'{"class_id":99,"guidance":2.5,"index":5,"seed":1239}'  # class out of range
+    samples[6][1]["json"] = b'{"class_id":6,"guidance":2.5,"index":7,"seed":1240}'  # key is not index 7's
+    samples[7][1]["json"] = json.dumps({"seed": 1241, "index": 7, "guidance": 2.5, "class_id": 7}).encode("utf-16")
+    samples[8] = (samples[8][0], {"json": samples[8][1]["json"]})  # no tensors
+    samples[9][1]["json"] = b'{"class_id":9,"guidance":2.5,"index":9,"seed":1243,"z":{"b":1,"a":2}}'
+    samples[10][1]["traj.safetensors"] = safetensors.torch.save(  # a layout of its own, still valid
+        {"states": records[10].states, "sigmas": records[10].sigmas}, metadata={"note": "x"})
+    got = decoded_like_decode_sample(samples, card)
+    assert [isinstance(r, SampleRecord) for r in got] == [True, True, False, False, False, False, False, True,
+                                                          False, True, True, True]
+
+
+def test_decode_samples_does_not_trust_a_bad_first_sample_of_a_layout():
+    card = make_card()
+    records = make_records(card, count=4)
+    samples = [(r.key, ss.encode_sample(r)) for r in records]
+    samples[0][1]["json"] = b"{oops"
+    got = decoded_like_decode_sample(samples, card)
+    assert [isinstance(r, SampleRecord) for r in got] == [False, True, True, True]
+    states = torch.full(card.states_shape, float(torch.finfo(torch.float32).max))  # finite, sum overflows
+    samples[2][1]["traj.safetensors"] = safetensors.torch.save({"states": states, "sigmas": records[2].sigmas})
+    got = decoded_like_decode_sample(samples, card)
+    assert torch.equal(got[2].states, states)
+
+
+def test_decode_samples_without_a_card_and_from_a_real_shard():
+    card = make_card()
+    data = ss.write_shard_bytes(make_records(card, count=9), card)
+    samples = list(ss.iter_shard_members(data, SHARD))
+    assert all(isinstance(r, SampleRecord) for r in decoded_like_decode_sample(samples, card))
+    assert all(isinstance(r, SampleRecord) for r in decoded_like_decode_sample(samples, None))
+    assert decoded_like_decode_sample([], card) == []

@@ -475,3 +475,102 @@ def test_cache_evicts_to_its_budget_and_dedups_fetches(corpus_url, tmp_path):
     assert ShardCache(corpus_url, cache_dir=cfg.cache_dir).cached_bytes() <= budget
     assert stream.cache_stats()["evictions"] > 0
     stream.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# reading: each shard's structure is checked once, items are the stored samples
+
+
+def stored_samples(url: str) -> dict[int, SampleRecord]:
+    """Every sample of the corpus, decoded by the general (streaming) tar reader from the shard files."""
+    corpus = open_corpus(url)
+    fs, root = url_to_fs(url)
+    out = {}
+    for commit in corpus.shards:
+        with fs.open(f"{root}/{commit.path}", "rb") as f:  # a file object: the streaming reader
+            for record in ss.iter_shard_samples(f, commit.shard_id, corpus.card):
+                out[record.index] = record
+    return out
+
+
+def check_items_are_the_stored_samples(stream: CorpusStream, items: list[dict], stored: dict[int, SampleRecord]):
+    for item in items:
+        p = int(item["position"])
+        where = stream.locate(p)
+        record = stored[where.index]
+        assert int(item["index"]) == where.index and int(item["shard"]) == ss.shard_number(where.shard_id)
+        assert torch.equal(item["states"], record.states) and item["states"].dtype == torch.float32
+        assert torch.equal(item["sigmas"], record.sigmas)
+        for name, dtype, value in (("class_id", torch.long, record.meta["class_id"]),
+                                   ("guidance", torch.float32, record.guidance),
+                                   ("index", torch.long, record.index), ("seed", torch.long, record.seed),
+                                   ("position", torch.long, p), ("valid", torch.bool, True)):
+            assert item[name].shape == () and item[name].dtype == dtype
+            assert torch.equal(item[name], torch.tensor(value, dtype=dtype))
+
+
+@pytest.mark.parametrize("shuffle_buffer", [12, 20])
+def test_shards_straddling_blocks_are_checked_once_and_items_are_the_stored_samples(corpus_url, tmp_path,
+                                                                                    shuffle_buffer):
+    """Blocks of 12 or 20 positions over shards of 8: most shards are read in two blocks."""
+    cfg = cfg_for(corpus_url, tmp_path, shuffle_buffer=shuffle_buffer, seed=3)
+    stream = CorpusStream(cfg, 0, 1)
+    order = stream.global_order()
+    spans = sum(len(order.block_slots(b)) for b in range(order.num_blocks))
+    assert spans > 13  # shards really straddle blocks
+    items = list(stream)
+    assert [int(x["position"]) for x in items] == list(range(102))
+    check_items_are_the_stored_samples(stream, items, stored_samples(corpus_url))
+    assert stream._reader.shards_indexed == 13  # once per shard, not once per (block, shard)
+    stream.set_epoch(1)  # the next epoch reuses the indexes (13 shards fit the LRU)
+    again = list(stream)
+    check_items_are_the_stored_samples(stream, again, stored_samples(corpus_url))
+    assert stream._reader.shards_indexed == 13
+
+
+def test_index_lru_is_bounded_and_a_small_one_gives_the_same_items(corpus_url, tmp_path, monkeypatch):
+    import trainer.data
+
+    cfg = cfg_for(corpus_url, tmp_path, shuffle_buffer=12, seed=3)
+    expected = [(int(x["position"]), int(x["index"])) for x in CorpusStream(cfg, 0, 1)]
+    monkeypatch.setattr(trainer.data, "INDEX_CACHE_SHARDS", 1)
+    stream = CorpusStream(cfg, 0, 1)
+    items = list(stream)
+    assert [(int(x["position"]), int(x["index"])) for x in items] == expected
+    check_items_are_the_stored_samples(stream, items, stored_samples(corpus_url))
+    assert len(stream._reader._index) == 1 and stream._reader.shards_indexed > 13
+
+
+def test_resume_mid_block_with_straddling_shards_is_exact(corpus_url, tmp_path):
+    cfg = cfg_for(corpus_url, tmp_path, shuffle_buffer=12, seed=9, batch_size=5)
+    whole = {int(x["position"]): int(x["index"]) for x in CorpusStream(cfg, 0, 1)}
+    stream = CorpusStream(cfg, 0, 1, batched=True)
+    first = consume(stream, num_workers=0, max_steps=3)
+    for _ in range(3):
+        stream.advance()
+    saved = stream.state_dict()
+    assert saved["cursor"] == 15 and 15 % 12 != 0  # inside block 1
+    resumed = [CorpusStream(cfg, r, 2, saved, batched=True) for r in range(2)]
+    second = [consume(s, num_workers=1 if r == 0 else 0) for r, s in enumerate(resumed)]
+    assert positions_of([first]) + positions_of(second) == list(range(15 + ((102 - 15) // 10) * 10))
+    for steps in [first, *second]:
+        for s in steps:
+            for p, i in zip(s["position"].tolist(), s["index"].tolist()):
+                assert whole[p] == i
+
+
+def test_damaged_cache_copy_of_an_indexed_shard_is_fetched_again(corpus_url, tmp_path):
+    """The reader keeps a shard's index across blocks and epochs; a cached copy damaged in between
+    is still noticed (its size), re-hashed, fetched again, and reading goes on."""
+    cfg = cfg_for(corpus_url, tmp_path, shuffle_buffer=12, prefetch_shards=0)
+    stream = CorpusStream(cfg, 0, 1)
+    first = [(int(x["position"]), int(x["index"])) for x in stream]
+    victim = stream.corpus.shards[4]
+    with open(stream._reader.cache.local_path(victim), "r+b") as f:
+        f.truncate(victim.num_bytes - 1024)
+    stream.set_epoch(1)
+    stream.set_epoch(0)
+    assert [(int(x["position"]), int(x["index"])) for x in stream] == first
+    stats = stream.cache_stats()
+    assert stats["invalidations"] == 1
+    assert stream._reader.cache.verify_cached(victim)

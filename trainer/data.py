@@ -41,12 +41,12 @@ from storage_schemas import (
     DatasetCard,
     SampleRecord,
     ShardCommit,
-    decode_sample,
-    iter_shard_members,
     manifest_from_parquet_bytes,
     sample_key,
     shard_number,
 )
+from storage_schemas.record import decode_samples
+from storage_schemas.shard import MemberSpans, index_shard_members
 
 from .shard_cache import CorruptShardError, ShardCache, ShardFetchError, with_retries
 
@@ -430,17 +430,26 @@ class StreamState:
 # --- reading shards in a worker ------------------------------------------------------------------
 
 
+INDEX_CACHE_SHARDS = 16
+"""Shard indexes (checked tar structure, payload offsets) a reader keeps, least recently used first
+out. A shard that straddles shuffle blocks is checked once, not once per block."""
+
+
 class _ShardReader:
     """One process's access to shards: the disk cache plus, in memory, only this worker's samples of
     the current shuffle block.
 
     At the start of a block the worker announces the positions it will read there
-    (:meth:`begin_block`); a shard is then parsed once with
-    :func:`storage_schemas.iter_shard_members` (which rejects unsafe members and truncated or corrupt
-    tars), and only the members of the samples this worker needs are kept. Each is decoded and
-    validated with :func:`storage_schemas.decode_sample` when it is used, and then dropped. A worker
-    uses about ``1 / (world * workers)`` of every shard, so this keeps its memory at about
-    ``shuffle_buffer / (world * workers)`` samples and its decoding work at its own samples.
+    (:meth:`begin_block`). The first time a shard is needed, its bytes are read whole and checked
+    with :func:`storage_schemas.shard.index_shard_members` (which rejects unsafe members and
+    truncated or corrupt tars) and against its manifest row (keys, count); the resulting index of
+    payload offsets is kept in a small LRU (:data:`INDEX_CACHE_SHARDS`), so a shard that straddles
+    blocks is not checked again. For each block, only the payloads of the samples this worker needs
+    are copied out of the shard bytes, which are then dropped. Each sample is decoded and validated
+    with :func:`storage_schemas.decode_sample` when it is used, and then dropped. A worker uses about
+    ``1 / (world * workers)`` of every shard, so this keeps its memory at about
+    ``shuffle_buffer / (world * workers)`` samples (plus one shard's bytes while it is sliced) and
+    its decoding work at its own samples.
     """
 
     def __init__(self, cfg: StreamConfig, corpus: Corpus) -> None:
@@ -450,9 +459,12 @@ class _ShardReader:
                                 max_bytes=cfg.cache_max_bytes, verify_sha256=cfg.verify_sha256,
                                 attempts=cfg.fetch_attempts)
         self._needed: dict[int, set[int]] = {}
-        self._parsed: dict[int, dict[int, tuple[str, dict[str, bytes]]]] = {}
+        self._parsed: dict[int, dict[int, tuple[SampleRecord, tuple[torch.Tensor, ...]] | CorpusFormatError]] = {}
+        self._index: OrderedDict[int, list[tuple[str, MemberSpans]]] = OrderedDict()
         self._bad: dict[int, CorruptShardError] = {}
         self._cache_checked: set[int] = set()
+        self.shards_indexed = 0
+        """How many times this reader checked a shard's whole structure (for tests and stats)."""
 
     def close(self) -> None:
         self.cache.close()
@@ -467,31 +479,64 @@ class _ShardReader:
     def prefetch(self, shard_indices: Sequence[int]) -> None:
         self.cache.prefetch([self.corpus.shards[i] for i in shard_indices])
 
-    def _parse(self, shard_index: int) -> dict[int, tuple[str, dict[str, bytes]]]:
+    def _shard_index(self, shard_index: int, data: bytes) -> list[tuple[str, MemberSpans]]:
+        """The checked index of a shard's bytes, from the LRU or by checking them now."""
+        index = self._index.get(shard_index)
+        if index is not None:
+            self._index.move_to_end(shard_index)
+            return index
         commit = self.corpus.shards[shard_index]
-        wanted = self._needed.get(shard_index, set())
-        kept: dict[int, tuple[str, dict[str, bytes]]] = {}
-        count = 0
-        with self.cache.open(commit) as f:
-            for offset, (key, members) in enumerate(iter_shard_members(f, commit.shard_id)):
-                expected = sample_key(commit.first_index + offset) if offset < commit.num_samples else None
-                if key != expected:
-                    raise CorpusFormatError(
-                        f"shard {commit.shard_id!r}: sample {offset} has key {key!r}, but the manifest's index "
-                        f"range {commit.first_index}..{commit.last_index} "
-                        + (f"says {expected!r}" if expected else f"holds only {commit.num_samples} samples")
-                    )
-                if offset in wanted:
-                    kept[offset] = (key, members)
-                count += 1
-        if count != commit.num_samples:
+        index = index_shard_members(data, commit.shard_id)
+        self.shards_indexed += 1
+        for offset, (key, _) in enumerate(index):
+            expected = sample_key(commit.first_index + offset) if offset < commit.num_samples else None
+            if key != expected:
+                raise CorpusFormatError(
+                    f"shard {commit.shard_id!r}: sample {offset} has key {key!r}, but the manifest's index "
+                    f"range {commit.first_index}..{commit.last_index} "
+                    + (f"says {expected!r}" if expected else f"holds only {commit.num_samples} samples")
+                )
+        if len(index) != commit.num_samples:
             raise CorpusFormatError(
-                f"shard {commit.shard_id!r} holds {count} samples, the manifest says {commit.num_samples}"
+                f"shard {commit.shard_id!r} holds {len(index)} samples, the manifest says {commit.num_samples}"
             )
-        return kept
+        self._index[shard_index] = index
+        while len(self._index) > INDEX_CACHE_SHARDS:
+            self._index.popitem(last=False)
+        return index
 
-    def sample(self, shard_index: int, offset: int) -> SampleRecord:
-        """Decode one sample. Raises CorruptShardError (shard-level problems are remembered)."""
+    def _parse(self, shard_index: int) -> dict[int, tuple[SampleRecord, tuple[torch.Tensor, ...]] | CorpusFormatError]:
+        commit = self.corpus.shards[shard_index]
+        with self.cache.open(commit) as f:
+            data = f.read()
+        if len(data) != commit.num_bytes:  # the cached copy changed since it was verified
+            raise CorpusFormatError(
+                f"shard {commit.shard_id!r}: the cached copy holds {len(data)} bytes, the manifest says "
+                f"{commit.num_bytes}"
+            )
+        index = self._shard_index(shard_index, data)
+        offsets = sorted(self._needed.get(shard_index, ()))
+        samples = []
+        for offset in offsets:
+            key, spans = index[offset]
+            samples.append((key, {suffix: data[start:start + size] for suffix, (start, size) in spans.items()}))
+        del data
+        # every needed sample decoded and validated at once; a bad one keeps its error for its turn
+        records = decode_samples(samples, self.corpus.card, shard_id=commit.shard_id)
+        good = [r for r in records if isinstance(r, SampleRecord)]
+        # the per-sample scalars of the items, made for all of them at once (0-dim views)
+        scalars = iter(zip(
+            torch.tensor([int(r.meta.get("class_id", -1)) for r in good], dtype=torch.long).unbind(),
+            torch.tensor([r.guidance for r in good], dtype=torch.float32).unbind(),
+            torch.tensor([r.index for r in good], dtype=torch.long).unbind(),
+            torch.tensor([r.seed for r in good], dtype=torch.long).unbind(),
+        ))
+        return {offset: (r, next(scalars)) if isinstance(r, SampleRecord) else r for offset, r in zip(offsets, records)}
+
+    def sample(self, shard_index: int, offset: int) -> tuple[SampleRecord, tuple[torch.Tensor, ...]]:
+        """One decoded sample and its item scalars ``(class_id, guidance, index, seed)``.
+
+        Raises CorruptShardError (shard-level problems are remembered)."""
         if shard_index in self._bad:
             raise self._bad[shard_index]
         commit = self.corpus.shards[shard_index]
@@ -501,8 +546,10 @@ class _ShardReader:
                 if parsed is None or offset not in parsed:
                     self._needed.setdefault(shard_index, set()).add(offset)
                     parsed = self._parsed[shard_index] = self._parse(shard_index)
-                key, payloads = parsed.pop(offset)  # each position is read once: free it now
-                return decode_sample(key, payloads, self.corpus.card, shard_id=commit.shard_id)
+                record = parsed.pop(offset)  # each position is read once: free it now
+                if isinstance(record, CorpusFormatError):
+                    raise record
+                return record
             except CorruptShardError as exc:  # the stored object is missing or disagrees with the manifest
                 self._bad[shard_index] = exc
                 raise
@@ -516,6 +563,7 @@ class _ShardReader:
                                     commit.shard_id, exc)
                         self.cache.invalidate(commit)
                         self._parsed.pop(shard_index, None)
+                        self._index.pop(shard_index, None)
                         continue
                 error = CorruptShardError(commit.shard_id, str(exc))
                 if shard_index not in self._parsed:  # the whole shard is unreadable
@@ -584,6 +632,7 @@ class CorpusStream(IterableDataset):
         self.corpus = corpus if corpus is not None else open_corpus(cfg.url, cfg.storage_options,
                                                                     attempts=cfg.fetch_attempts)
         self._shard_sizes = [c.num_samples for c in self.corpus.shards]
+        self._shard_numbers = [shard_number(c.shard_id) for c in self.corpus.shards]
         self._num_positions = sum(self._shard_sizes)
         self._epoch = 0
         self._cursor = 0
@@ -772,8 +821,12 @@ class CorpusStream(IterableDataset):
             located = [order.locate(p) for p in block_positions]
             reader.begin_block(located)
             self._prefetch(reader, order, block)
-            for p, (shard_index, offset) in zip(block_positions, located):
-                yield self._item(reader, p, shard_index, offset)
+            # the block's position and shard scalars, made at once (0-dim views)
+            position_t = torch.tensor(block_positions, dtype=torch.long).unbind()
+            shard_t = torch.tensor([self._shard_numbers[i] for i, _ in located], dtype=torch.long).unbind()
+            valid_t = torch.ones(len(block_positions), dtype=torch.bool).unbind()
+            for j, (p, (shard_index, offset)) in enumerate(zip(block_positions, located)):
+                yield self._item(reader, p, shard_index, offset, (position_t[j], shard_t[j], valid_t[j]))
 
     def _prefetch(self, reader: _ShardReader, order: EpochOrder, block: int) -> None:
         if self.cfg.prefetch_shards == 0:
@@ -782,10 +835,11 @@ class CorpusStream(IterableDataset):
         end = min(len(order.shard_order), slots.stop + self.cfg.prefetch_shards)
         reader.prefetch([order.shard_order[j] for j in range(slots.start, end)])
 
-    def _item(self, reader: _ShardReader, position: int, shard_index: int, offset: int) -> dict[str, Any]:
+    def _item(self, reader: _ShardReader, position: int, shard_index: int, offset: int,
+              block_scalars: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, Any]:
         commit = self.corpus.shards[shard_index]
         try:
-            record = reader.sample(shard_index, offset)
+            record, (class_id, guidance, index, seed) = reader.sample(shard_index, offset)
         except CorruptShardError as exc:
             if self.cfg.on_corrupt == "error":
                 raise
@@ -794,19 +848,21 @@ class CorpusStream(IterableDataset):
                 log.warning("skipping corrupt data (on_corrupt='skip'): %s", exc)
             self.skipped_samples += 1
             return self._placeholder(commit, offset, position)
-        meta = record.meta
+        position_t, shard_t, valid_t = block_scalars
+        states, sigmas = record.states, record.sigmas
         item: dict[str, Any] = {
-            "states": record.states.to(torch.float32),
-            "sigmas": record.sigmas.to(torch.float32),
-            "class_id": torch.tensor(int(meta.get("class_id", -1)), dtype=torch.long),
-            "guidance": torch.tensor(record.guidance, dtype=torch.float32),
-            "index": torch.tensor(record.index, dtype=torch.long),
-            "seed": torch.tensor(record.seed, dtype=torch.long),
-            "position": torch.tensor(position, dtype=torch.long),
-            "shard": torch.tensor(shard_number(commit.shard_id), dtype=torch.long),
-            "valid": torch.tensor(True),
+            "states": states if states.dtype == torch.float32 else states.to(torch.float32),
+            "sigmas": sigmas if sigmas.dtype == torch.float32 else sigmas.to(torch.float32),
+            "class_id": class_id,
+            "guidance": guidance,
+            "index": index,
+            "seed": seed,
+            "position": position_t,
+            "shard": shard_t,
+            "valid": valid_t,
         }
         if self.card.conditioning.kind == "prompt":
+            meta = record.meta
             item["prompt"] = str(meta.get("prompt", ""))
             item["prompt_id"] = "" if meta.get("prompt_id") is None else str(meta["prompt_id"])
         return item
