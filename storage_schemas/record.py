@@ -485,6 +485,7 @@ def _decode_same_layout(
     ok_rows = ok.tolist()
     state_rows, sigma_rows = states.unbind(0), sigmas.unbind(0)
     new, setattr_ = object.__new__, object.__setattr__
+    class_card = card is not None and card.conditioning.kind == "class"
     out: list[SampleRecord | None] = []
     for j, (key, members) in enumerate(samples):
         if j == 0:
@@ -501,9 +502,10 @@ def _decode_same_layout(
             meta = _META_DECODER.decode(text.decode("utf-8", "surrogatepass"))
             if not isinstance(meta, dict):
                 raise ValueError("not an object")
-            meta = _validated_meta(key, meta, key, from_json=True)
-            if card is not None:
-                _check_meta_against_card(meta, card, key)
+            if not (class_card and _common_class_meta_ok(key, meta, card)):  # else the general checks
+                meta = _validated_meta(key, meta, key, from_json=True)
+                if card is not None:
+                    _check_meta_against_card(meta, card, key)
         except (CorpusFormatError, ValueError):
             out.append(None)
             continue
@@ -514,6 +516,24 @@ def _decode_same_layout(
         setattr_(record, "meta", meta)
         out.append(record)
     return out
+
+
+_COMMON_CLASS_META = ("class_id", "guidance", "index", "seed")  # sorted, as canonical JSON stores them
+
+
+def _common_class_meta_ok(key: str, meta: dict[str, Any], card: DatasetCard) -> bool:
+    """True when ``meta`` (fresh from ``json.loads``) is exactly the pipeline's class-conditioned
+    metadata and passes every check :func:`_validated_meta` and :func:`_check_meta_against_card`
+    make (key, sorted plain JSON, index/seed ranges, finite guidance the card allows, class id in
+    range), without changing it. False means: run those checks."""
+    if tuple(meta) != _COMMON_CLASS_META:
+        return False
+    class_id, guidance, index, seed = meta["class_id"], meta["guidance"], meta["index"], meta["seed"]
+    num_classes = card.conditioning.num_classes
+    return (type(index) is int and 0 <= index <= MAX_INDEX and type(seed) is int and 0 <= seed <= MAX_SEED
+            and type(class_id) is int and num_classes is not None and 0 <= class_id < num_classes
+            and type(guidance) is float and math.isfinite(guidance) and card.solver.guidance_allows(guidance)
+            and key == f"{index:0{KEY_DIGITS}d}")
 
 
 def _reject_json_constant(name: str) -> Any:

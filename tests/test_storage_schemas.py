@@ -939,3 +939,29 @@ def test_decode_samples_without_a_card_and_from_a_real_shard():
     assert all(isinstance(r, SampleRecord) for r in decoded_like_decode_sample(samples, card))
     assert all(isinstance(r, SampleRecord) for r in decoded_like_decode_sample(samples, None))
     assert decoded_like_decode_sample([], card) == []
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        '{"class_id":3,"guidance":2,"index":3,"seed":1237}',  # an int guidance: becomes 2.0
+        '{"class_id":3,"guidance":9.5,"index":3,"seed":1237}',  # not allowed by the card
+        '{"class_id":true,"guidance":2.5,"index":3,"seed":1237}',
+        '{"class_id":10,"guidance":2.5,"index":3,"seed":1237}',
+        '{"class_id":3,"guidance":2.5,"index":3,"seed":-1}',
+        '{"class_id":3,"guidance":2.5,"index":3,"seed":9223372036854775808}',
+        '{"class_id":3,"guidance":2.5,"index":3.0,"seed":1237}',
+        '{"guidance":2.5,"index":3,"seed":1237}',
+        '{"class_id":3,"guidance":2.5,"index":3,"prompt":"x","seed":1237}',
+        '{"seed":1237,"index":3,"guidance":2.5,"class_id":3}',
+        '{"class_id":3,"guidance":2.5,"index":3,"seed":1237,"guidance":3.0}',
+        '{"class_id":3,"guidance":NaN,"index":3,"seed":1237}',
+    ],
+)
+def test_decode_samples_checks_metadata_like_decode_sample(meta):
+    card = make_card()
+    records = make_records(card, count=5)
+    samples = [(r.key, ss.encode_sample(r)) for r in records]
+    samples[3][1]["json"] = meta.encode()
+    got = decoded_like_decode_sample(samples, card)
+    assert all(isinstance(r, SampleRecord) for i, r in enumerate(got) if i != 3)
