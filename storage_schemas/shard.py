@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import io
 import re
-import struct
 import tarfile
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, BinaryIO

@@ -738,9 +738,7 @@ def read_both_ways(data: bytes) -> tuple[object, object]:
 
 
 def test_fast_path_reads_a_written_shard_like_the_general_reader():
-    from storage_schemas.shard import index_shard_members
-
-    from storage_schemas.shard import _fast_spans
+    from storage_schemas.shard import _fast_spans, index_shard_members
 
     data = ss.write_shard_bytes(make_records(make_card(), count=7))
     assert _fast_spans(data) is not None  # the writer's shards take the fast path
