@@ -13,9 +13,11 @@ batched call of size 2B with the *negative* (unconditional) half first, then
 when every guidance weight is exactly 1; rows with w == 1 in a mixed batch return the
 conditional velocity exactly.
 
-Prompts are encoded outside flowcore (text encoders are large and belong to whoever builds the
-prompt set); the teacher consumes ``PromptCondition`` embeddings. Only local paths are loaded
-(``local_files_only=True``): flowcore never downloads.
+The teacher consumes ``PromptCondition`` embeddings. Loaded from a whole pipeline folder it also
+carries the pipeline's frozen text encoders (``flowcore.diffusers_text.SD3PromptEncoder``):
+``teacher.encode_prompts(texts)`` then makes the conditions, the empty prompt's embeddings are the
+``null_condition`` (the stock pipeline's CFG negative), and the encoders' weights are part of the
+fingerprint. Only local paths are loaded (``local_files_only=True``): flowcore never downloads.
 """
 
 from __future__ import annotations
@@ -222,8 +224,12 @@ class DiffusersFlowTeacher:
         null_condition: PromptCondition | None = None,
         num_train_timesteps: int = 1000,
         config_for_card: dict[str, Any] | None = None,
+        prompt_encoder=None,
     ):
         self.transformer = transformer.eval()
+        self.prompt_encoder = prompt_encoder
+        if prompt_encoder is not None and null_condition is None:
+            null_condition = prompt_encoder.null_condition()
         self.sample_shape = tuple(int(s) for s in sample_shape)
         if len(self.sample_shape) != 3:
             raise ValueError(f"sample_shape must be (C, H, W), got {self.sample_shape}")
@@ -244,10 +250,25 @@ class DiffusersFlowTeacher:
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> DiffusersFlowTeacher:
         """Move the transformer (and null condition) in place; returns self."""
-        self.transformer.to(device=device, dtype=dtype)
+        if dtype is None:  # diffusers warns about to(dtype=...) even when the dtype is None
+            self.transformer.to(device)
+        else:
+            self.transformer.to(device=device, dtype=dtype)
+        if self.prompt_encoder is not None and device is not None:
+            self.prompt_encoder.to(device)
         if self.null_condition is not None:
             self.null_condition = self.null_condition.to(device=device)
         return self
+
+    # ------------------------------------------------------------------ prompts
+    def encode_prompts(self, texts: Sequence[str]) -> PromptCondition:
+        """PromptCondition for prompt strings through the pipeline's frozen text encoders (CFG uses
+        ``null_condition``, the empty prompt's embeddings). Needs a teacher loaded with its encoders."""
+        if self.prompt_encoder is None:
+            raise ValueError(
+                "this SD3 teacher has no text encoders: load it from the whole pipeline folder (with text_encoder/, "
+                "text_encoder_2/, tokenizer/, tokenizer_2/) to condition on prompt text")
+        return self.prompt_encoder.encode(texts)
 
     # ------------------------------------------------------------------ velocity
     def _forward(self, x: torch.Tensor, sigma_B: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor):
@@ -334,6 +355,7 @@ class DiffusersFlowTeacher:
             "num_train_timesteps": self.num_train_timesteps,
             "dtype": str(self.dtype).removeprefix("torch."),
             "null_condition": self.null_condition is not None,
+            **({} if self.prompt_encoder is None else {"text_encoders": self.prompt_encoder.config()}),
         }
 
     def config(self) -> dict[str, Any]:
@@ -349,6 +371,8 @@ class DiffusersFlowTeacher:
         tensors = dict(self.transformer.state_dict())
         if self.null_condition is not None:
             tensors.update({f"null_condition.{k}": v for k, v in self.null_condition.tensors().items()})
+        if self.prompt_encoder is not None:
+            tensors.update({f"text_encoders.{k}": v for k, v in self.prompt_encoder.tensors().items()})
         return fingerprint_of(self._model_config(), tensors)
 
     # ------------------------------------------------------------------ loading
@@ -363,6 +387,9 @@ class DiffusersFlowTeacher:
         null_condition: PromptCondition | None = None,
         num_train_timesteps: int | None = None,
         device: str | torch.device | None = None,
+        text_encoders: bool | None = None,
+        resolution: int | None = None,
+        max_sequence_length: int | None = None,
     ) -> DiffusersFlowTeacher:
         """Load an ``SD3Transformer2DModel`` from a LOCAL diffusers folder (never a hub download).
 
@@ -371,6 +398,11 @@ class DiffusersFlowTeacher:
         sample_size) of the transformer config (the latent size the model was trained at);
         ``num_train_timesteps`` to the pipeline's ``scheduler/scheduler_config.json`` when present,
         else 1000.
+
+        ``text_encoders``: also load the pipeline's text encoders (``encode_prompts``; the empty
+        prompt becomes the ``null_condition``); default: when ``path`` is a pipeline folder that has
+        them. ``resolution``: image side in pixels; sample_shape becomes (C, px / s, px / s) with the
+        VAE's scale factor s (from ``vae/config.json``). ``max_sequence_length``: T5 tokens (256).
         """
         from diffusers import SD3Transformer2DModel
 
@@ -396,6 +428,10 @@ class DiffusersFlowTeacher:
             if subfolder and os.path.isfile(sched_cfg):
                 with open(sched_cfg) as f:
                     num_train_timesteps = int(json.load(f).get("num_train_timesteps", 1000))
+        if resolution is not None:
+            if sample_shape is not None:
+                raise ValueError("give sample_shape or resolution, not both")
+            sample_shape = latent_shape_for_resolution(root, model.config, resolution)
         if sample_shape is None:
             c = model.config
             sample_shape = (c.in_channels, c.sample_size, c.sample_size)
@@ -404,12 +440,24 @@ class DiffusersFlowTeacher:
             "subfolder": subfolder,
             "torch_dtype": None if dtype is None else str(dtype).removeprefix("torch."),
         }
+        encoder = None
+        if text_encoders is None:
+            from flowcore.diffusers_text import has_text_encoders
+
+            text_encoders = bool(subfolder) and has_text_encoders(root)
+        if text_encoders:
+            from flowcore.diffusers_text import DEFAULT_MAX_SEQUENCE_LENGTH, SD3PromptEncoder
+
+            msl = int(max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH)
+            encoder = SD3PromptEncoder.from_pretrained(root, torch_dtype=dtype, device=device, max_sequence_length=msl)
+            source.update(text_encoders=True, max_sequence_length=msl)
         return cls(
             model,
             sample_shape=sample_shape,
             null_condition=null_condition,
             num_train_timesteps=num_train_timesteps,
             config_for_card=source,
+            prompt_encoder=encoder,
         )
 
     @classmethod
@@ -420,6 +468,8 @@ class DiffusersFlowTeacher:
             raise ValueError("this diffusers teacher config has no source.path to load weights from")
         kwargs.setdefault("sample_shape", config.get("sample_shape"))
         kwargs.setdefault("num_train_timesteps", config.get("num_train_timesteps"))
+        kwargs.setdefault("text_encoders", bool(source.get("text_encoders", False)))
+        kwargs.setdefault("max_sequence_length", source.get("max_sequence_length"))
         return cls.from_pretrained(
             source["path"],
             subfolder=source.get("subfolder"),
@@ -432,6 +482,28 @@ class DiffusersFlowTeacher:
             f"DiffusersFlowTeacher({type(self.transformer).__name__}, sample_shape={self.sample_shape}, "
             f"dtype={self.dtype}, null_condition={self.null_condition is not None})"
         )
+
+
+def latent_shape_for_resolution(root: str, transformer_config, resolution: int) -> tuple[int, int, int]:
+    """(C, px / s, px / s) for square ``resolution``-pixel images, with the VAE scale factor
+    s = 2 ** (len(vae block_out_channels) - 1) read from ``root/vae/config.json`` (8 for SD3)."""
+    vae_cfg = os.path.join(root, "vae", "config.json")
+    if not os.path.isfile(vae_cfg):
+        raise FileNotFoundError(f"resolution needs the pipeline's vae/config.json (for the latent scale), not found "
+                                f"under {root!r}; pass sample_shape instead")
+    with open(vae_cfg) as f:
+        scale = 2 ** (len(json.load(f).get("block_out_channels", [0] * 4)) - 1)
+    px = int(resolution)
+    patch = int(getattr(transformer_config, "patch_size", 1) or 1)
+    if px < 1 or px % (scale * patch):
+        raise ValueError(f"resolution {resolution} must be a positive multiple of {scale * patch} (VAE scale {scale} "
+                         f"x patch size {patch})")
+    side = px // scale
+    max_side = getattr(transformer_config, "pos_embed_max_size", None)
+    if max_side is not None and side // patch > int(max_side):
+        raise ValueError(f"resolution {px} gives {side // patch} patches per side; the transformer's position "
+                         f"embedding covers at most {max_side} (resolution <= {int(max_side) * patch * scale})")
+    return (int(transformer_config.in_channels), side, side)
 
 
 def tiny_sd3_transformer(seed: int = 0, **overrides):

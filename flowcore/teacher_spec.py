@@ -54,9 +54,17 @@ def parse_teacher_spec(spec: str) -> TeacherSpec:
     return TeacherSpec(kind, rest, variant)
 
 
-def build_teacher(spec: str | TeacherSpec, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """Build a Teacher from a SPEC whose target is a preset or a LOCAL path."""
+def build_teacher(spec: str | TeacherSpec, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                  resolution: int | None = None, sample_shape=None):
+    """Build a Teacher from a SPEC whose target is a preset or a LOCAL path.
+
+    ``resolution`` (image pixels) or ``sample_shape`` (latent C, H, W) size a diffusers teacher's
+    samples (default: the model config's sample_size); other teachers have a fixed shape. A
+    diffusers SD3 pipeline folder is loaded with its text encoders (``encode_prompts``)."""
     s = parse_teacher_spec(spec) if isinstance(spec, str) else spec
+    if s.kind != "diffusers" and (resolution is not None or sample_shape is not None):
+        raise ValueError(f"resolution / sample_shape apply to diffusers teachers only; {s.kind}: teachers have a "
+                         "fixed sample shape")
     if s.kind == "gmm":
         from flowcore.gmm import PRESETS, GMMSpec, GMMTeacher, load_preset
 
@@ -74,12 +82,24 @@ def build_teacher(spec: str | TeacherSpec, device: str | torch.device = "cpu", d
     kwargs = {"subfolder": diffusers_subfolder(s.target, s.variant)}
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
+    if sample_shape is not None:
+        kwargs["sample_shape"] = tuple(int(d) for d in sample_shape)
     if _is_unet_folder(s.target, kwargs["subfolder"]):
+        from types import SimpleNamespace
+
+        from flowcore.diffusers_teacher import latent_shape_for_resolution
         from flowcore.diffusers_unet import DiffusersUNetTeacher
+
+        if resolution is not None and sample_shape is None:
+            with open(os.path.join(s.target, kwargs["subfolder"], "config.json")) as f:
+                unet_cfg = SimpleNamespace(in_channels=int(json.load(f).get("in_channels", 4)))
+            kwargs["sample_shape"] = latent_shape_for_resolution(s.target, unet_cfg, resolution)
 
         return DiffusersUNetTeacher.from_pretrained(s.target, **kwargs).to(device)
     from flowcore.diffusers_teacher import DiffusersFlowTeacher
 
+    if resolution is not None and sample_shape is None:
+        kwargs["resolution"] = int(resolution)
     return DiffusersFlowTeacher.from_pretrained(s.target, **kwargs).to(device)
 
 

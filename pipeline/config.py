@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -72,6 +73,10 @@ class GenerateConfig:
     prompts: str | None = None
     #: dtype of stored states (data)
     dtype: str = "float32"
+    #: image side in pixels for diffusers teachers: latent = px / VAE scale (default: the model's sample_size) (data)
+    resolution: int | None = None
+    #: dtype the teacher network runs in (diffusers teachers: bfloat16 / float16 on GPUs; default: as saved) (data)
+    teacher_dtype: str | None = None
     #: trajectories per solver batch (data: batch composition can change the low bits of network teachers)
     batch_size: int = 64
     #: number of worker actors
@@ -90,7 +95,10 @@ class GenerateConfig:
     progress: bool = True
 
     def __post_init__(self):
-        parse_teacher_spec(self.teacher)
+        spec = parse_teacher_spec(self.teacher)
+        if spec.kind == "diffusers" and "://" not in spec.target and not os.path.isabs(spec.target):
+            # workers (and the card's source.path, read by audit and trainer) need a path valid from any cwd
+            self.teacher = str(type(spec)(spec.kind, os.path.abspath(spec.target), spec.variant))
         if not self.out:
             raise ValueError("--out is required: a corpus root URL or path")
         for name in ("num_trajectories", "shard_size", "num_steps", "batch_size", "num_workers", "max_retries"):
@@ -103,6 +111,13 @@ class GenerateConfig:
             raise ValueError(f"solver must be euler or heun, got {self.solver!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.teacher_dtype is not None and self.teacher_dtype not in DTYPES:
+            raise ValueError(f"teacher-dtype must be one of {', '.join(DTYPES)}, got {self.teacher_dtype!r}")
+        if self.resolution is not None:
+            if not isinstance(self.resolution, int) or isinstance(self.resolution, bool) or self.resolution < 1:
+                raise ValueError(f"resolution must be a positive integer (pixels), got {self.resolution!r}")
+            if parse_teacher_spec(self.teacher).kind != "diffusers":
+                raise ValueError("resolution applies to diffusers teachers only")
         self.stages = tuple(int(s) for s in self.stages)
         self.schedule = StageSchedule(self.stages, float(self.shift))
         self.grid = solver_sigmas(self.num_steps, float(self.shift), self.schedule.finest)

@@ -96,6 +96,8 @@ def build_card(cfg: GenerateConfig, described: dict[str, Any], prompts_sha: str 
         "classes": described["classes"],
         "prompts": None if not cfg.prompts else {"url": cfg.prompts, "sha256": prompts_sha},
         "shift": cfg.shift,
+        "resolution": cfg.resolution,
+        "teacher_dtype": cfg.teacher_dtype,
         "seed_rule": "sha256('trajflow-seed:{base_seed}:{index}')[:8] & (2**63-1)",
         "guidance_rule": "fixed, or min + (max-min) * sha256('trajflow-guidance:{base_seed}:{index}')[:8] / 2**64 "
                          "rounded to 1e-6",

@@ -40,8 +40,11 @@ from storage_schemas.fetch import fetch_to_local
 CACHE_DIR = os.environ.get("TRAJFLOW_CACHE", os.path.expanduser("~/.cache/trajflow"))
 
 
-def resolve_teacher(spec: str, storage_options: dict[str, Any] | None, device: str):
-    """Build a teacher, fetching a remote flownet/diffusers target into the local cache first."""
+def resolve_teacher(spec: str, storage_options: dict[str, Any] | None, device: str, dtype: str | None = None,
+                    resolution: int | None = None):
+    """Build a teacher, fetching a remote flownet/diffusers target into the local cache first.
+    ``dtype`` (a name: bfloat16, ...) is the teacher network's dtype, ``resolution`` a diffusers
+    teacher's image size in pixels."""
     s = parse_teacher_spec(spec)
     target = s.target
     if "://" in target and not target.startswith("file://"):
@@ -53,7 +56,8 @@ def resolve_teacher(spec: str, storage_options: dict[str, Any] | None, device: s
         target = fetch_to_local(target, os.path.join(CACHE_DIR, "teachers"), storage_options)
     elif target.startswith("file://"):
         target = target[len("file://"):]
-    return build_teacher(type(s)(s.kind, target, s.variant), device=device)
+    return build_teacher(type(s)(s.kind, target, s.variant), device=device,
+                         dtype=None if dtype is None else TORCH_DTYPES[dtype], resolution=resolution)
 
 
 def default_device() -> str:
@@ -71,7 +75,9 @@ class GenerationWorker:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         self.device = device or default_device()
-        self.teacher = resolve_teacher(self.cfg.teacher, self.cfg.storage_options, self.device)
+        self.teacher = resolve_teacher(self.cfg.teacher, self.cfg.storage_options, self.device,
+                                       self.cfg.teacher_dtype, self.cfg.resolution)
+        self._prompt_cache: dict[str, Any] = {}  # prompt text -> its condition, for the shard being solved
         self.card_fingerprint = card_fingerprint
         self.prompts = None
         if self.cfg.prompts:
@@ -101,6 +107,7 @@ class GenerationWorker:
         cfg, dtype = self.cfg, TORCH_DTYPES[self.cfg.dtype]
         specs = self.plan.shard_samples(number)
         chunks, metas = [], []
+        self._prompt_cache = {}  # embeddings are cached per shard (a shard cycles over a slice of the prompts)
         for start in range(0, len(specs), cfg.batch_size):
             batch = specs[start:start + cfg.batch_size]
             noise = seeded_noise([s.seed for s in batch], self.teacher.sample_shape, torch.float32, self.device)
@@ -137,7 +144,12 @@ class GenerationWorker:
             encode = getattr(self.teacher, "encode_prompts", None)
             if encode is None:
                 raise ValueError(f"teacher {self.cfg.teacher} cannot encode prompts (it has no text encoders)")
-            return encode([s.prompt for s in batch])
+            texts = [s.prompt for s in batch]
+            new = list(dict.fromkeys(t for t in texts if t not in self._prompt_cache))
+            if new:  # one encoder call per batch, for the prompts this shard has not seen yet
+                cond = encode(new)
+                self._prompt_cache.update({t: cond.index(i) for i, t in enumerate(new)})
+            return type(self._prompt_cache[texts[0]]).cat([self._prompt_cache[t] for t in texts])
         return None
 
     def shard_bytes(self, number: int) -> bytes:

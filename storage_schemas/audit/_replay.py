@@ -38,7 +38,7 @@ def _local_target(target: str) -> str:
     return target
 
 
-def _from_spec(spec: str, device: str):
+def _from_spec(spec: str, device: str, card: DatasetCard | None = None):
     from flowcore.teacher_spec import TeacherSpec, build_teacher, parse_teacher_spec
 
     s = parse_teacher_spec(spec)
@@ -46,7 +46,13 @@ def _from_spec(spec: str, device: str):
     if s.kind != "gmm" and not os.path.exists(target):
         raise ReplayUnavailable(f"teacher {spec!r}: {target} does not exist on this machine; pass "
                                 "--replay-teacher KIND:/local/path")
-    return build_teacher(TeacherSpec(s.kind, target, s.variant), device=device)
+    kwargs = {}
+    if s.kind == "diffusers" and card is not None:  # the corpus's latent size and the teacher's dtype
+        kwargs["sample_shape"] = tuple(card.sample_shape)
+        dtype_name = card.run.get("teacher_dtype")
+        if isinstance(dtype_name, str) and dtype_name:
+            kwargs["dtype"] = getattr(torch, dtype_name)
+    return build_teacher(TeacherSpec(s.kind, target, s.variant), device=device, **kwargs)
 
 
 def rebuild_teacher(card: DatasetCard, override: str | None, device: str) -> tuple[Any, list[str]]:
@@ -58,7 +64,7 @@ def rebuild_teacher(card: DatasetCard, override: str | None, device: str) -> tup
     config = card.teacher.config
     builders = []
     if override:
-        builders.append((f"--replay-teacher {override}", lambda: _from_spec(override, device)))
+        builders.append((f"--replay-teacher {override}", lambda: _from_spec(override, device, card)))
     else:
         if card.teacher.kind == "gmm" and isinstance(config.get("spec"), dict):
             def from_config():
@@ -69,7 +75,7 @@ def rebuild_teacher(card: DatasetCard, override: str | None, device: str) -> tup
             builders.append(("teacher.config.spec", from_config))
         spec = card.run.get("teacher_spec")
         if isinstance(spec, str) and spec:
-            builders.append((f"run.teacher_spec {spec}", lambda: _from_spec(spec, device)))
+            builders.append((f"run.teacher_spec {spec}", lambda: _from_spec(spec, device, card)))
         source = config.get("source") if card.teacher.kind == "diffusers" else None
         if isinstance(source, dict) and source.get("path"):
             def from_source():

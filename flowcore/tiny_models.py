@@ -1,0 +1,103 @@
+"""Tiny, random-weight diffusers pipelines built locally (tests, docs, demos; no hub, no downloads).
+
+``make_tiny_sd3_pipeline(folder)`` writes a complete ``StableDiffusion3Pipeline`` folder with
+``save_pretrained``: the tiny ``SD3Transformer2DModel`` of ``flowcore.diffusers_teacher``
+(``TINY_SD3_CONFIG``), a tiny ``AutoencoderKL`` (2 blocks: 16 px images <-> 8x8x4 latents), two
+tiny ``CLIPTextModelWithProjection`` and a tiny ``T5EncoderModel`` with tokenizers built here from
+a character vocabulary, and a ``FlowMatchEulerDiscreteScheduler`` config (shift 3, like SD3).
+It loads with ``StableDiffusion3Pipeline.from_pretrained(folder, local_files_only=True)`` and has
+the real pipeline's shapes in miniature: prompt embeddings [B, 77 + 256, 32], pooled [B, 16].
+
+The same code path then serves a real SD3-Medium folder; only the sizes differ.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+__all__ = ["make_tiny_sd3_pipeline", "TINY_SD3_RESOLUTION"]
+
+#: image side in pixels of the tiny pipeline's native latent (8x8 latents, VAE scale factor 2)
+TINY_SD3_RESOLUTION = 16
+
+_CHARS = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789")
+
+
+def _clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    # a byte-level BPE vocabulary of single characters (+ their word-final forms) and no merges:
+    # every word is spelled out character by character, which is all a tiny random encoder needs
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in _CHARS:
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _t5_tokenizer():
+    from transformers import T5Tokenizer
+
+    # a Unigram vocabulary (sentencepiece-style, "\u2581" marks a word start); no extra ids
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in _CHARS] + [("\u2581" + c, -2.5) for c in _CHARS]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def _seeded(seed: int, build):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def make_tiny_sd3_pipeline(folder: str | os.PathLike, seed: int = 0, shift: float = 3.0,
+                           transformer_overrides: dict[str, Any] | None = None) -> str:
+    """Write a tiny random-weight SD3 pipeline folder (see module docstring); returns the folder.
+
+    Deterministic in ``seed``: the same seed writes the same weights. The global RNG is untouched.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from flowcore.diffusers_teacher import tiny_sd3_transformer
+
+    folder = os.fspath(folder)
+    clip_tok, t5_tok = _clip_tokenizer(), _t5_tokenizer()
+    transformer = tiny_sd3_transformer(seed, **(transformer_overrides or {}))
+    cfg = transformer.config
+    # SD3 concatenates the two CLIP hidden states (and zero-pads them to the T5 width = joint_attention_dim)
+    # and the two CLIP projections (= pooled_projection_dim)
+    if cfg.pooled_projection_dim % 2 or cfg.joint_attention_dim < cfg.pooled_projection_dim:
+        raise ValueError("the tiny SD3 builder needs an even pooled_projection_dim <= joint_attention_dim")
+    width = cfg.pooled_projection_dim // 2
+
+    def clip():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(clip_tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=77, projection_dim=width, bos_token_id=0,
+            eos_token_id=1, pad_token_id=1)).eval()
+
+    def t5():
+        return T5EncoderModel(T5Config(
+            vocab_size=len(t5_tok), d_model=cfg.joint_attention_dim, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+            relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
+
+    def vae():
+        return AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=cfg.in_channels, block_out_channels=(8, 16),
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            layers_per_block=1, norm_num_groups=8, sample_size=TINY_SD3_RESOLUTION,
+            scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False).eval()
+
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=float(shift)),
+        vae=_seeded(seed + 4, vae),
+        text_encoder=_seeded(seed + 1, clip), tokenizer=clip_tok,
+        text_encoder_2=_seeded(seed + 2, clip), tokenizer_2=clip_tok,
+        text_encoder_3=_seeded(seed + 3, t5), tokenizer_3=t5_tok,
+    )
+    pipe.save_pretrained(folder)
+    return folder
