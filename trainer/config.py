@@ -74,6 +74,14 @@ class TrainConfig:
     student_depth: int = 3
     #: accelerate mixed precision: no | fp16 | bf16 (GPU)
     mixed_precision: str = "no"
+    #: diffusers (SD3) corpora: LoRA rank of the student's adapters (None = full fine-tune of the transformer)
+    lora_rank: int | None = None
+    #: LoRA alpha (default: the rank, i.e. scale 1)
+    lora_alpha: float | None = None
+    #: diffusers students: recompute activations in the backward pass (None = on when training on a GPU)
+    gradient_checkpointing: bool | None = None
+    #: diffusers students: prompt embeddings kept between steps (LRU entries)
+    prompt_cache_size: int = 1024
     #: corrupt shard policy: error (stop, naming the shard) | skip (count and continue)
     on_corrupt: str = "error"
     #: DataLoader worker processes per rank (1: decoding overlaps the step)
@@ -139,6 +147,14 @@ class TrainConfig:
             raise ValueError("student-arch must be auto, mlp or conv")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError("mixed-precision must be no, fp16 or bf16")
+        if self.lora_rank is not None and (not isinstance(self.lora_rank, int) or self.lora_rank < 1):
+            raise ValueError(f"lora-rank must be a positive integer, got {self.lora_rank!r}")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError("lora-alpha must be > 0")
+        if self.lora_alpha is not None and self.lora_rank is None:
+            raise ValueError("lora-alpha needs --lora-rank")
+        if self.prompt_cache_size < 0:
+            raise ValueError("prompt-cache-size must be >= 0")
         if self.on_corrupt not in ("error", "skip"):
             raise ValueError("on-corrupt must be error or skip")
         if self.num_workers < 0:

@@ -55,6 +55,8 @@ class Trainer:
         self.cfg = cfg
         self.step = 0
         self.rollout_teacher = rollout_teacher
+        # what close() releases, so that a build() that fails part-way can still be closed
+        self.ota = self._metrics = self._consumed = self.stream = None
         if cfg.ota_ratio > 0 and rollout_teacher is None:
             raise ValueError("ota-ratio > 0 needs a teacher pool: `trajflow train` connects to one (see --address), "
                              "Python callers pass rollout_teacher=")
@@ -92,13 +94,21 @@ class Trainer:
             stage_boundary_indices(K, stage)  # raises with a clear message if the corpus cannot serve it
         self.stage_steps = cfg.stage_steps(self.card.teacher.kind)
         self.total_steps = sum(self.stage_steps)
-        self.teacher = teacher_from_card(self.card, cfg.storage_options)
-        self.net_cfg = student_net_config(self.card, cfg.student_arch, cfg.student_width, cfg.student_depth)
-        with acc.main_process_first():  # rank 0 fits (and caches) the GMM teacher's net first
-            student = build_student(self.card, self.net_cfg, cfg.init, self.teacher, cfg.teacher_fit_steps,
-                                    seed=cfg.seed, progress=cfg.progress and acc.is_main_process)
-        self.ema = copy.deepcopy(student).requires_grad_(False) if cfg.ema_decay > 0 else None
-        optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sd3 = self.card.teacher.kind == "diffusers"  # an SD3-class transformer student (full or LoRA)
+        self.sd3_ema = None
+        if self.sd3:
+            student = self._build_sd3_student()
+            self.ema = None
+            params = [p for p in student.parameters() if p.requires_grad]
+        else:
+            self.teacher = teacher_from_card(self.card, cfg.storage_options)
+            self.net_cfg = student_net_config(self.card, cfg.student_arch, cfg.student_width, cfg.student_depth)
+            with acc.main_process_first():  # rank 0 fits (and caches) the GMM teacher's net first
+                student = build_student(self.card, self.net_cfg, cfg.init, self.teacher, cfg.teacher_fit_steps,
+                                        seed=cfg.seed, progress=cfg.progress and acc.is_main_process)
+            self.ema = copy.deepcopy(student).requires_grad_(False) if cfg.ema_decay > 0 else None
+            params = list(student.parameters())
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.model, self.optimizer = acc.prepare(student, optimizer)
         self.disc = self.disc_optimizer = None
         if cfg.adv_weight > 0:
@@ -133,12 +143,36 @@ class Trainer:
             self._consumed = open(Path(cfg.consumed_log) / f"rank-{self.rank}.jsonl", "a")
         return self
 
+    def _build_sd3_student(self):
+        """The teacher's transformer as the student (LoRA or full), its frozen text encoders for the prompts."""
+        from trainer.diffusers_student import PromptEmbeddingCache, build_sd3_student, check_sd3_corpus
+
+        cfg, acc = self.cfg, self.accelerator
+        check_sd3_corpus(self.card, cfg)
+        teacher = teacher_from_card(self.card, cfg.storage_options, device=acc.device)
+        gc = cfg.gradient_checkpointing
+        if gc is None:  # memory-aware default: activations dominate at 1024 px on a GPU; CPU runs are tiny
+            gc = acc.device.type == "cuda"
+        student = build_sd3_student(teacher, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                                    gradient_checkpointing=gc, init=cfg.init, seed=cfg.seed)
+        self.teacher = None  # its transformer *is* the student now: no second copy in memory
+        self.prompts = PromptEmbeddingCache(teacher.prompt_encoder, cfg.prompt_cache_size)
+        self.net_cfg = None
+        if cfg.ema_decay > 0:  # EMA of the trainable weights only (the LoRA adapters, or the whole transformer)
+            self.sd3_ema = {n: p.detach().clone() for n, p in student.trainable_state_dict().items()}
+        return student
+
     def _resume(self) -> None:
         latest = self.ckpt.latest()
         if latest is None:
             return
         ck = self.ckpt.load(latest["path"])
-        self.accelerator.unwrap_model(self.model).load_state_dict(ck["model"])
+        if self.sd3:
+            self.accelerator.unwrap_model(self.model).load_trainable_state_dict(ck["model"])
+            if self.sd3_ema is not None and ck["ema"] is not None:
+                self.sd3_ema = {n: t.to(self.sd3_ema[n].device, self.sd3_ema[n].dtype) for n, t in ck["ema"].items()}
+        else:
+            self.accelerator.unwrap_model(self.model).load_state_dict(ck["model"])
         if self.ema is not None and ck["ema"] is not None:
             self.ema.load_state_dict(ck["ema"])
         self.optimizer.load_state_dict(ck["optimizer"])
@@ -180,8 +214,44 @@ class Trainer:
 
         return fn
 
+    def _sd3_train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        """One step of an SD3 student: windows as for flow nets, prompts encoded by the frozen text encoders."""
+        cfg, acc = self.cfg, self.accelerator
+        device = acc.device
+        valid = batch["valid"].bool()
+        g = torch.Generator().manual_seed(_seed_of(cfg.seed, self.step, self.rank))
+        stage = self.stage_at(self.step)
+        wb = sample_windows(batch["states"], batch["sigmas"][0], stage, cfg.window_points, generator=g)
+        texts = batch.get("prompt") or [""] * len(valid)  # unconditional corpora: the empty prompt
+        cond = self.prompts(list(texts)).to(device=device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        with acc.autocast():
+            v = self.model(wb.x_BX.to(device), wb.sigma_B.to(device), cond.prompt_embeds, cond.pooled_prompt_embeds)
+        v, target, m = v.float(), wb.v_target_BX.to(device), valid.to(device)
+        if bool(m.all()):
+            loss = aligned_v_loss(v, target, cfg.alpha)
+        elif bool(m.any()):
+            loss = aligned_v_loss(v[m], target[m], cfg.alpha)
+        else:  # a whole batch of placeholders (skip policy): keep DDP in lockstep with a zero loss
+            loss = v.sum() * 0.0
+        acc.backward(loss)
+        grad_norm = acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.sd3_ema is not None:
+            with torch.no_grad():
+                for n, p in acc.unwrap_model(self.model).trainable_state_dict().items():
+                    self.sd3_ema[n].lerp_(p.detach().to(self.sd3_ema[n].dtype), 1.0 - cfg.ema_decay)
+        self.skipped_samples += int((~valid).sum())
+        return {"loss": float(loss.detach()), "reflow_loss": float(loss.detach()), "grad_norm": float(grad_norm),
+                "stage": stage, "lr": self.lr_at(self.step), "valid": int(valid.sum()),
+                "prompt_cache_hits": self.prompts.hits, "prompt_cache_misses": self.prompts.misses}
+
     def train_step(self, batch: dict[str, Any] | None) -> dict[str, float]:
         """One optimizer step on a corpus batch (None when training online only) plus online windows."""
+        if self.sd3:
+            return self._sd3_train_step(batch)
         cfg, acc = self.cfg, self.accelerator
         device = acc.device
         g = torch.Generator().manual_seed(_seed_of(cfg.seed, self.step, self.rank))
@@ -377,7 +447,14 @@ class Trainer:
     def save_checkpoint(self) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
-        if acc.is_main_process:
+        if acc.is_main_process and self.sd3:
+            model = acc.unwrap_model(self.model)
+            self.ckpt.save(self.step, model=model.trainable_state_dict(), ema=self.sd3_ema,
+                           optimizer=self.optimizer.state_dict(),
+                           state={"data": self.stream.state_dict(), "skipped_samples": self.skipped_samples,
+                                  "stage": self.stage_at(max(0, self.step - 1)), "train_config": self.cfg.to_dict()},
+                           net_config=model.config())
+        elif acc.is_main_process:
             model = acc.unwrap_model(self.model)
             self.ckpt.save(self.step, model=model.state_dict(), ema=None if self.ema is None else self.ema.state_dict(),
                            optimizer=self.optimizer.state_dict(),
@@ -393,6 +470,8 @@ class Trainer:
         acc = self.accelerator
         if not acc.is_main_process:
             return None
+        if self.sd3:
+            return self._export_sd3_student()
         net = self.ema if self.ema is not None else acc.unwrap_model(self.model)
         import tempfile
 
@@ -406,6 +485,23 @@ class Trainer:
             self.ckpt.write("student/student.safetensors", Path(path).read_bytes())
         return f"{self.cfg.out}/student/student.safetensors"
 
+    def _export_sd3_student(self) -> str:
+        """out/student/: LoRA weights (or the transformer), our scheduler's config, trajflow_student.json."""
+        import tempfile
+
+        from trainer.diffusers_student import export_sd3_student
+
+        model = self.accelerator.unwrap_model(self.model)
+        weights = self.sd3_ema if self.sd3_ema is not None else model.trainable_state_dict()
+        with tempfile.TemporaryDirectory() as tmp:
+            files = export_sd3_student(model, weights, self.card, tmp, extra={
+                "data": self.cfg.data, "train_steps": self.step, "stages": list(self.cfg.stages),
+                "num_inference_steps": self.cfg.stages[-1], "alpha": self.cfg.alpha,
+                "window_points": self.cfg.window_points, "ema": self.sd3_ema is not None})
+            for rel in files:
+                self.ckpt.write(f"student/{rel}", Path(tmp, rel).read_bytes())
+        return f"{self.cfg.out}/student"
+
     def close(self) -> None:
         if self.ota is not None:
             self.ota.close()
@@ -413,5 +509,6 @@ class Trainer:
             self._metrics.close()
         if self._consumed is not None:
             self._consumed.close()
-        self.stream.close()
+        if self.stream is not None:
+            self.stream.close()
         self.accelerator.end_training()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -18,6 +19,9 @@ examples:
   trajflow audit s3://bucket/corpus --deep --replay 8
   trajflow train --data s3://bucket/corpus --out s3://bucket/runs/r1 --stages 8,4
   trajflow eval --student s3://bucket/runs/r1 --steps 1,2,4
+  trajflow generate --teacher diffusers:/models/sd3 --prompts prompts.jsonl --resolution 1024 --shift 3 ...
+  trajflow train --data s3://bucket/sd3-corpus --out s3://bucket/runs/sd3 --stages 8,4 --lora-rank 64
+  trajflow sample --student s3://bucket/runs/sd3 --prompt "a red cat" --steps 4 --out ./samples
   trajflow pool up --teacher gmm:latent10 --replicas 2 && trajflow train ... --ota-ratio 0.25 --address auto
 
 URLs are fsspec URLs (s3://, gs://, file://, plain paths). S3 endpoints and credentials come from the
@@ -72,6 +76,10 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--classes", type=_int_list, help="class ids to cycle through (default: all classes)")
     g.add_argument("--prompts", help="prompt file (.jsonl/.parquet with prompt_id, prompt) for prompt teachers")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="stored state dtype (default float32)")
+    g.add_argument("--resolution", type=int, help="image side in pixels for diffusers teachers (latent = PX / VAE "
+                   "scale; default: the model's sample_size)")
+    g.add_argument("--teacher-dtype", choices=["float32", "float16", "bfloat16"],
+                   help="dtype the teacher network runs in (e.g. bfloat16 for SD3 on GPUs; default: as saved)")
     g.add_argument("--batch-size", type=int, help="trajectories per solver batch (default 64)")
     r = p.add_argument_group("where and how to run")
     r.add_argument("--out", help="corpus root URL: s3://bucket/prefix, gs://..., /local/dir")
@@ -86,7 +94,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 GENERATE_KEYS = ("teacher", "num_trajectories", "shard_size", "base_seed", "solver", "num_steps", "shift", "stages",
-                 "saved_sigmas", "guidance", "classes", "prompts", "dtype", "batch_size", "out", "num_workers",
+                 "saved_sigmas", "guidance", "classes", "prompts", "dtype", "resolution", "teacher_dtype", "batch_size",
+                 "out", "num_workers",
                  "gpus_per_worker", "cpus_per_worker", "max_retries", "address", "storage_options")
 
 
@@ -130,7 +139,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             "warmup_steps", "grad_clip", "ema_decay", "seed", "checkpoint_every", "log_every", "init",
             "teacher_fit_steps", "student_arch", "student_width", "student_depth", "mixed_precision", "on_corrupt",
             "num_workers", "shuffle_buffer", "cache_dir", "storage_options", "consumed_log", "ota_ratio", "ota_mode",
-            "ota_prefetch", "ota_timeout", "adv_weight", "fm_weight", "adv_step_probs", "disc_lr", "disc_blocks")
+            "ota_prefetch", "ota_timeout", "adv_weight", "fm_weight", "adv_step_probs", "disc_lr", "disc_blocks",
+            "lora_rank", "lora_alpha", "gradient_checkpointing", "prompt_cache_size")
     values = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     try:
         cfg = TrainConfig(**values, resume=not args.no_resume, progress=not args.no_progress)
@@ -172,6 +182,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from trajflow.evaluation import run_eval
 
     return run_eval(args)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from trajflow.sample import run_sample
+
+    return run_sample(args)
+
+
+def cmd_make_tiny_sd3(args: argparse.Namespace) -> int:
+    from flowcore.tiny_models import TINY_SD3_RESOLUTION, make_tiny_sd3_pipeline
+
+    if os.path.exists(args.dir) and os.listdir(args.dir):
+        raise UsageError(f"{args.dir} exists and is not empty")
+    folder = make_tiny_sd3_pipeline(args.dir, seed=args.seed)
+    print(f"wrote a tiny SD3 pipeline to {folder} (random weights; --resolution {TINY_SD3_RESOLUTION} "
+          f"for its native 8x8 latents)")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -266,9 +293,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probabilities of judging student step 1..N (default 0.2,0.2,0.2,0.4 for 4 steps)")
     g.add_argument("--disc-lr", type=float, help="discriminator learning rate (default 1e-4)")
     g.add_argument("--disc-blocks", type=int, help="discriminator trunk blocks (default 2)")
+    g = p.add_argument_group("diffusers (SD3) students: the teacher's transformer, conditioned on the records' prompts")
+    g.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank (peft) instead of every weight "
+                   "(default: full fine-tune)")
+    g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank)")
+    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations in the backward pass (default: on when training on a GPU)")
+    g.add_argument("--prompt-cache-size", type=int, help="prompt embeddings kept between steps (default 1024)")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints under --out")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="few-step images from an exported SD3 student in a stock diffusers pipeline",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Load StableDiffusion3Pipeline from the student's base pipeline with the student "
+                                   "(transformer or LoRA) and flowcore's corrected few-step scheduler, and write PNGs.",
+                       epilog="example:\n  trajflow sample --student s3://bucket/runs/r1 --prompt 'a red cat' "
+                              "--steps 4 --out ./samples")
+    p.add_argument("--student", required=True, help="a run's --out, or its student/ folder (local or remote URL)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--steps", type=int, default=4, help="sampling steps (default 4; best: the stage trained last)")
+    p.add_argument("--out", required=True, help="local directory for the PNGs")
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--resolution", type=int, help="image side in pixels (default: the corpus's)")
+    p.add_argument("--base", help="base pipeline folder (default: the one recorded at export)")
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="pipeline dtype (default: as saved)")
+    p.add_argument("--storage-options", type=json_object_arg)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("make-tiny-sd3", help="write a tiny random-weight SD3 pipeline folder (tests, docs, dry runs)",
+                       description="Write a complete StableDiffusion3Pipeline folder with tiny random weights and "
+                                   "locally built tokenizers (16 px images, 8x8x4 latents): the whole SD3 path runs on "
+                                   "a CPU in seconds. No downloads.")
+    p.add_argument("dir", help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_tiny_sd3)
 
     p = sub.add_parser("eval", help="evaluate a student against its teacher at 1/2/4 steps",
                        description="Few-step sampling on the corrected schedule, with exact metrics for GMM teachers: "

@@ -1,0 +1,211 @@
+"""Students for diffusers (SD3-class) corpora: the teacher's transformer, fully fine-tuned or with LoRA.
+
+The corpus holds the teacher's trajectories, so the trainer needs the teacher only for its frozen
+text encoders (prompt embeddings, computed here from the prompts in the records, no grad) and as
+the student's initial weights. The student *is* the teacher's transformer module (no second copy
+in memory): with ``lora_rank`` set, its base weights stay frozen in the teacher's dtype and only
+peft LoRA adapters on the attention projections train (optimizer state and EMA cover those only);
+without, every weight trains in float32 (accelerate's ``mixed_precision`` autocasts the forward).
+
+Export (``export_sd3_student``) writes a folder a stock ``StableDiffusion3Pipeline`` consumes:
+
+    student/trajflow_student.json           base pipeline path, LoRA or full, steps, shift, resolution, card
+    student/scheduler/scheduler_config.json CorrectedFlowMatchEulerScheduler (flowcore) on the corpus's shift
+    student/pytorch_lora_weights.safetensors   (LoRA: loads with pipe.load_lora_weights(student_dir))
+    student/transformer/                       (full fine-tune: SD3Transformer2DModel.from_pretrained)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from flowcore.diffusers_teacher import DiffusersFlowTeacher, PromptCondition
+
+#: attention projections of SD3's joint transformer blocks that LoRA adapts (as diffusers' SD3 LoRA recipes)
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+STUDENT_META = "trajflow_student.json"
+STUDENT_FORMAT = "trajflow-sd3-student/1"
+
+
+def check_sd3_corpus(card, cfg) -> None:
+    """Clear errors for what the SD3 student path does not do (yet)."""
+    if card.teacher.config.get("model_class") != "SD3Transformer2DModel":
+        raise ValueError(f"diffusers students are SD3-class transformers; this corpus's teacher is "
+                         f"{card.teacher.config.get('model_class')!r}")
+    if not isinstance(card.solver.guidance, (int, float)):
+        raise ValueError("an SD3 student has no guidance input: distil from a corpus generated with one fixed "
+                         "--guidance (the student then samples with guidance_scale=1)")
+    if cfg.ota_ratio > 0:
+        raise ValueError("--ota-ratio (online rollouts) is not supported for diffusers students yet")
+    if cfg.adv_weight > 0:
+        raise ValueError("--adv-weight (adversarial distillation) is not supported for diffusers students yet")
+    if card.conditioning.kind == "class":
+        raise ValueError("a diffusers corpus cannot be class-conditioned")
+
+
+class SD3Student(torch.nn.Module):
+    """v_theta(x, sigma, prompt embeddings) of an ``SD3Transformer2DModel`` (full or LoRA)."""
+
+    def __init__(self, transformer: torch.nn.Module, *, num_train_timesteps: int = 1000,
+                 lora_rank: int | None = None, lora_alpha: float | None = None,
+                 gradient_checkpointing: bool = False):
+        super().__init__()
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.lora_rank = int(lora_rank) if lora_rank else None
+        if self.lora_rank:
+            try:
+                from peft import LoraConfig
+            except ImportError:
+                raise ImportError("LoRA students need peft: pip install 'peft>=0.17'") from None
+            transformer.requires_grad_(False)
+            transformer.add_adapter(LoraConfig(r=self.lora_rank, lora_alpha=float(lora_alpha or self.lora_rank),
+                                               init_lora_weights="gaussian", target_modules=list(LORA_TARGETS)))
+            for p in transformer.parameters():  # adapters train in float32 even on a bf16/fp16 base
+                if p.requires_grad:
+                    p.data = p.data.float()
+        else:
+            transformer.float().requires_grad_(True)
+        if gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        self.transformer = transformer.train()
+
+    def forward(self, x: torch.Tensor, sigma_B: torch.Tensor, prompt_embeds: torch.Tensor,
+                pooled_prompt_embeds: torch.Tensor) -> torch.Tensor:
+        dt = next(self.transformer.parameters()).dtype
+        return self.transformer(
+            hidden_states=x.to(dt), encoder_hidden_states=prompt_embeds.to(dt),
+            pooled_projections=pooled_prompt_embeds.to(dt),
+            timestep=sigma_B.float() * self.num_train_timesteps, return_dict=False)[0]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights that train (LoRA adapters, or the whole transformer), by parameter name."""
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        own = self.trainable_state_dict()
+        if set(own) != set(tensors):
+            missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+            raise ValueError(f"checkpoint does not fit this student (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                             "was it trained with another --lora-rank?")
+        with torch.no_grad():
+            for n, p in own.items():
+                p.copy_(tensors[n].to(p.dtype))
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": "sd3", "lora_rank": self.lora_rank, "num_train_timesteps": self.num_train_timesteps,
+                "lora_targets": list(LORA_TARGETS) if self.lora_rank else None}
+
+
+class PromptEmbeddingCache:
+    """Prompt text -> (embeds [L, D], pooled [P]) through the frozen encoder, least-recently-used
+    entries evicted beyond ``max_entries``; misses of one call are encoded in one batch."""
+
+    def __init__(self, encoder, max_entries: int = 1024):
+        self.encoder, self.max_entries = encoder, int(max_entries)
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def __call__(self, texts: Sequence[str]) -> PromptCondition:
+        texts = list(texts)
+        new = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        self.misses += len(new)
+        self.hits += len(texts) - len(new)
+        if new:
+            cond = self.encoder.encode(new)
+            for i, t in enumerate(new):
+                self._cache[t] = (cond.prompt_embeds[i], cond.pooled_prompt_embeds[i])
+        rows = []
+        for t in texts:
+            self._cache.move_to_end(t)
+            rows.append(self._cache[t])
+        while len(self._cache) > self.max_entries:
+            self._cache.popitem(last=False)
+        return PromptCondition(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
+
+
+def build_sd3_student(teacher: DiffusersFlowTeacher, *, lora_rank: int | None, lora_alpha: float | None,
+                      gradient_checkpointing: bool, init: str, seed: int) -> SD3Student:
+    """The student around the teacher's transformer (``init="teacher"``), or a re-initialised copy."""
+    if teacher.prompt_encoder is None:
+        raise ValueError("the corpus's SD3 teacher was loaded without text encoders; the trainer needs them to "
+                         "encode the records' prompts (point the card's source.path at the whole pipeline folder)")
+    transformer = teacher.transformer
+    if init == "scratch":
+        from diffusers import SD3Transformer2DModel
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            transformer = SD3Transformer2DModel.from_config(transformer.config).to(teacher.device)
+    torch.manual_seed(seed)  # LoRA's gaussian init
+    return SD3Student(transformer, num_train_timesteps=teacher.num_train_timesteps, lora_rank=lora_rank,
+                      lora_alpha=lora_alpha, gradient_checkpointing=gradient_checkpointing)
+
+
+def _vae_scale(base: str) -> int:
+    try:
+        with open(os.path.join(base, "vae", "config.json")) as f:
+            return 2 ** (len(json.load(f)["block_out_channels"]) - 1)
+    except (OSError, KeyError, ValueError):
+        return 8
+
+
+def export_sd3_student(student: SD3Student, trainable: dict[str, torch.Tensor], card, folder: str,
+                       extra: dict[str, Any]) -> list[str]:
+    """Write the student folder (module docstring) into the LOCAL ``folder`` with the weights
+    ``trainable`` (e.g. the EMA) swapped in; returns the written files relative to ``folder``."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from flowcore.diffusers_scheduler import CorrectedFlowMatchEulerScheduler
+
+    source = card.teacher.config.get("source") or {}
+    base = str(source.get("path", ""))
+    saved = {n: p.detach().clone() for n, p in student.trainable_state_dict().items()}
+    student.load_trainable_state_dict(trainable)
+    try:
+        tr = student.transformer
+        if student.lora_rank:
+            from peft.utils import get_peft_model_state_dict
+
+            StableDiffusion3Pipeline.save_lora_weights(
+                folder, transformer_lora_layers=get_peft_model_state_dict(tr),
+                transformer_lora_adapter_metadata=tr.peft_config["default"].to_dict())
+        else:
+            tr.save_pretrained(os.path.join(folder, "transformer"))
+    finally:
+        student.load_trainable_state_dict(saved)
+    shift = float(card.run.get("shift", 1.0))
+    sched_cfg = {}
+    sched_file = os.path.join(base, "scheduler", "scheduler_config.json")
+    if os.path.isfile(sched_file):
+        with open(sched_file) as f:
+            sched_cfg = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    # the student was trained on the corpus's windows: few_step_sigmas(N, corpus shift), no dynamic shifting
+    sched_cfg.update(shift=shift, use_dynamic_shifting=False,
+                     num_train_timesteps=student.num_train_timesteps)
+    for k in CorrectedFlowMatchEulerScheduler._INCOMPATIBLE:
+        sched_cfg.pop(k, None)
+    CorrectedFlowMatchEulerScheduler.from_config(sched_cfg).save_pretrained(os.path.join(folder, "scheduler"))
+    shape = list(card.sample_shape)
+    meta = {
+        "format": STUDENT_FORMAT,
+        "base_pipeline": base,
+        "lora": bool(student.lora_rank),
+        "lora_rank": student.lora_rank,
+        "shift": shift,
+        "sample_shape": shape,
+        "resolution": int(shape[-1]) * _vae_scale(base),
+        "guidance_distilled": card.solver.guidance,
+        "max_sequence_length": source.get("max_sequence_length"),
+        "teacher_fingerprint": card.teacher.fingerprint,
+        "card": json.loads(card.to_json()),
+        **extra,
+    }
+    with open(os.path.join(folder, STUDENT_META), "w") as f:
+        json.dump(meta, f, indent=2)
+    return sorted(os.path.relpath(os.path.join(d, n), folder) for d, _, files in os.walk(folder) for n in files)

@@ -1,0 +1,106 @@
+"""`trajflow sample`: few-step images from an exported SD3 student in a stock diffusers pipeline.
+
+The student folder (``trainer.diffusers_student.export_sd3_student``) names its base pipeline; this
+loads ``StableDiffusion3Pipeline`` from it with the student's transformer (full fine-tune) or its
+LoRA (``pipe.load_lora_weights``) and flowcore's ``CorrectedFlowMatchEulerScheduler`` from the
+student's ``scheduler/`` config, then samples with ``guidance_scale=1`` (the student was distilled
+from the teacher's guided velocity). Remote student URLs are copied to a local cache first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+from trainer.diffusers_student import STUDENT_META
+
+
+def local_student_dir(url: str, storage_options: dict[str, Any] | None = None) -> str:
+    """A local folder holding the student: ``url`` itself, or a cached copy of a remote one. ``url``
+    may be a run's --out (its student/ is used) or the student folder."""
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(url, **(storage_options or {}))
+    path = path.rstrip("/")
+    if not fs.exists(f"{path}/{STUDENT_META}") and fs.exists(f"{path}/student/{STUDENT_META}"):
+        path = f"{path}/student"
+    if not fs.exists(f"{path}/{STUDENT_META}"):
+        raise FileNotFoundError(f"no exported SD3 student at {url}: {STUDENT_META} missing (train one with "
+                                "`trajflow train` on a diffusers corpus; its --out has student/)")
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    if "file" in protocols or "local" in protocols:
+        return path
+    import hashlib
+
+    cache = os.path.join(os.environ.get("TRAJFLOW_CACHE", os.path.expanduser("~/.cache/trajflow")), "students",
+                         hashlib.sha256(url.encode()).hexdigest()[:16])
+    fs.get(path + "/", cache + "/", recursive=True)
+    return cache
+
+
+def load_student_pipeline(student_dir: str, base: str | None = None, device: str | None = None,
+                          torch_dtype=None):
+    """(StableDiffusion3Pipeline with the student and the corrected scheduler, the student's metadata)."""
+    import torch
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from flowcore.diffusers_scheduler import CorrectedFlowMatchEulerScheduler
+
+    with open(os.path.join(student_dir, STUDENT_META)) as f:
+        meta = json.load(f)
+    base = base or meta.get("base_pipeline")
+    if not base or not os.path.isdir(base):
+        raise FileNotFoundError(f"the student's base pipeline {base!r} is not a local folder; pass --base "
+                                "/path/to/the/teacher/pipeline (the folder the corpus was generated from)")
+    kwargs: dict[str, Any] = {
+        "scheduler": CorrectedFlowMatchEulerScheduler.from_pretrained(student_dir, subfolder="scheduler")}
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    if not meta.get("lora"):
+        kwargs["transformer"] = SD3Transformer2DModel.from_pretrained(
+            student_dir, subfolder="transformer", local_files_only=True, torch_dtype=torch_dtype)
+    pipe = StableDiffusion3Pipeline.from_pretrained(base, local_files_only=True, **kwargs)
+    if meta.get("lora"):
+        pipe.load_lora_weights(student_dir)
+    pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, meta
+
+
+def run_sample(args) -> int:
+    import torch
+
+    from trajflow.cli import UsageError
+
+    if args.steps < 1 or args.num_images < 1:
+        raise UsageError("--steps and --num-images must be >= 1")
+    try:
+        student = local_student_dir(args.student, args.storage_options)
+        dtype = None if args.dtype is None else getattr(torch, args.dtype)
+        pipe, meta = load_student_pipeline(student, args.base, args.device, dtype)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"trajflow sample: error: {e}", file=sys.stderr)
+        return 1
+    trained = meta.get("num_inference_steps")
+    if trained and args.steps != trained:
+        print(f"note: the student was distilled for {trained} steps; sampling with {args.steps}", file=sys.stderr)
+    res = args.resolution or int(meta["resolution"])
+    os.makedirs(args.out, exist_ok=True)
+    device = pipe._execution_device
+    written = []
+    for i in range(args.num_images):
+        g = torch.Generator(device="cpu").manual_seed(args.seed + i)
+        kw = {}
+        if meta.get("max_sequence_length"):
+            kw["max_sequence_length"] = int(meta["max_sequence_length"])
+        image = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=1.0, height=res, width=res,
+                     generator=g, **kw).images[0]
+        path = os.path.join(args.out, f"sample-{args.seed + i:06d}.png")
+        image.save(path)
+        written.append(path)
+    sig = [round(float(s), 6) for s in pipe.scheduler.sigmas]
+    print(f"wrote {len(written)} PNG(s) to {args.out} ({res}x{res}, {args.steps} steps on sigmas {sig}, "
+          f"{'LoRA' if meta.get('lora') else 'full'} student, device {device})")
+    return 0
