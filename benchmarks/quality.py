@@ -35,6 +35,7 @@ def parse_args(argv=None, default_methods: str = "quality"):
     ap.add_argument("--trajectories", type=int, default=8192, help="corpus size (default 8192)")
     ap.add_argument("--steps", type=int, help="optimizer steps of every method (default: the teacher's profile)")
     ap.add_argument("--batch-size", type=int, help="samples per step of every method (default 256)")
+    ap.add_argument("--width", type=int, help="student width of every method (default: the teacher's profile)")
     ap.add_argument("--guidance", type=float, default=2.0, help="CFG weight of the corpus (class-conditional GMMs)")
     ap.add_argument("--shift", type=float, default=1.0, help="time shift of the grids (default 1.0)")
     ap.add_argument("--num-samples", type=int, default=2000, help="evaluation samples (default 2000)")
@@ -68,6 +69,8 @@ def main(argv=None, default_methods: str = "quality") -> dict:
         profile.steps = args.steps
     if args.batch_size:
         profile.batch_size = args.batch_size
+    if args.width:
+        profile.student_width = args.width
     guidance = args.guidance if teacher.num_classes else 1.0
     key = hashlib.sha256(json.dumps([teacher.fingerprint(), args.trajectories, guidance, args.shift]).encode()).hexdigest()[:10]
     root = Path(args.out) / f"{name}-{key}"
