@@ -275,6 +275,7 @@ class Trainer:
         if not parts:
             raise RuntimeError(f"no online rollout arrived within {cfg.ota_timeout:.0f} s and there is no corpus "
                                "part (ota-ratio 1); is the teacher pool up?")
+        n_online = sum(len(p[0]) for p in parts[0 if batch is None else 1:])
         x, sigma, target, mask = (torch.cat([p[i] for p in parts]) for i in range(4))
         cls = torch.cat([p[4] for p in parts]) if self.net_cfg.num_classes else None
         guid = torch.cat([p[5] for p in parts]) if self.net_cfg.guidance_cond else None
@@ -317,7 +318,7 @@ class Trainer:
                     pe.lerp_(pm.detach().to(pe.dtype), 1.0 - cfg.ema_decay)
         self.skipped_samples += int((~valid).sum())
         return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "stage": stage,
-                "lr": self.lr_at(self.step), "valid": int(valid.sum()), **stats}
+                "lr": self.lr_at(self.step), "valid": int(valid.sum()), "online_in_step": n_online, **stats}
 
     # -- adversarial distillation on trajectory states ----------------------------------------------
     def _adversarial_inputs(self, batch, stage: int, g: torch.Generator) -> dict[str, Any]:
@@ -403,7 +404,7 @@ class Trainer:
         while self.step < self.total_steps and self.online_only:  # ota-ratio 1: no corpus batches
             last = self.train_step(None)
             self.step += 1
-            self._after_step(last, bar, cfg.ota_samples * self.world)
+            self._after_step(last, bar, last.get("online_in_step", 0) * self.world)
         while self.step < self.total_steps:
             if self.stream.remaining_steps == 0:
                 self.stream.set_epoch(self.stream.epoch + 1)
@@ -413,8 +414,8 @@ class Trainer:
                 last = self.train_step(batch)
                 self.stream.advance()
                 self.step += 1
-                self._after_step(last, bar, self.stream.global_batch + (0 if self.ota is None else
-                                                                        cfg.ota_samples * self.world))
+                # online samples that really arrived (per rank, times the world size)
+                self._after_step(last, bar, self.stream.global_batch + last.get("online_in_step", 0) * self.world)
                 if self.step >= self.total_steps:
                     break
         if bar is not None:
