@@ -38,8 +38,9 @@ def timed_run(corpus: str, out: str, args, ratio: float, mode: str, client) -> d
     finally:
         t.close()
     rows = [json.loads(line) for line in (Path(out) / "logs" / "metrics.jsonl").read_text().splitlines()]
-    # samples_per_s of each logged step (log_every=1) -> per-step wall time, start-up excluded
-    times = [1.0 / r["samples_per_s"] * args.batch_size for r in rows[args.skip:]]
+    # wall time between consecutive logged steps (log_every=1), start-up excluded
+    stamps = [r["time"] for r in rows[args.skip:]]
+    times = [b - a for a, b in zip(stamps, stamps[1:])]
     return {"ota_ratio": ratio, "ota_mode": mode, "step_ms_median": 1000 * sorted(times)[len(times) // 2],
             "step_ms_mean": 1000 * sum(times) / len(times), **stats}
 

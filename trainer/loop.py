@@ -433,7 +433,7 @@ class Trainer:
             last["skipped_samples"] = self.skipped_samples
             acc.log(last, step=self.step)
             if self._metrics is not None:
-                self._metrics.write(json.dumps({"step": self.step, **last}) + "\n")
+                self._metrics.write(json.dumps({"step": self.step, "time": time.time(), **last}) + "\n")
                 self._metrics.flush()
             if bar is not None:
                 extra = {} if self.ota is None else {"ota_short": last.get("ota_shortfall", 0)}
