@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["make_tiny_sd3_pipeline", "TINY_SD3_RESOLUTION"]
+__all__ = ["make_tiny_sd3_pipeline", "make_tiny_clip", "TINY_SD3_RESOLUTION"]
 
 #: image side in pixels of the tiny pipeline's native latent (8x8 latents, VAE scale factor 2)
 TINY_SD3_RESOLUTION = 16
@@ -100,4 +100,27 @@ def make_tiny_sd3_pipeline(folder: str | os.PathLike, seed: int = 0, shift: floa
         text_encoder_3=_seeded(seed + 3, t5), tokenizer_3=t5_tok,
     )
     pipe.save_pretrained(folder)
+    return folder
+
+
+def make_tiny_clip(folder: str | os.PathLike, seed: int = 0, image_size: int = 32) -> str:
+    """Write a tiny random-weight ``CLIPModel`` + ``CLIPProcessor`` folder: a stand-in for the CLIP /
+    PickScore evaluation models (``flowcore.image_metrics.CLIPScorer``) in tests. Returns the folder."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    folder = os.fspath(folder)
+    tok = _clip_tokenizer()
+    cfg = CLIPConfig(
+        text_config={"vocab_size": len(tok), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 1,
+                     "pad_token_id": 1},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": image_size, "patch_size": 8},
+        projection_dim=16)
+    model = _seeded(seed, lambda: CLIPModel(cfg).eval())
+    model.save_pretrained(folder)
+    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": image_size},
+                                                            crop_size={"height": image_size, "width": image_size}),
+                         tokenizer=tok)
+    proc.save_pretrained(folder)
     return folder

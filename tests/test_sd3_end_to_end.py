@@ -171,3 +171,30 @@ def test_sd3_student_errors(sd3_dir, corpus, tmp_path, capsys):
     assert "no exported SD3 student" in capsys.readouterr().err
     # make-tiny-sd3 refuses to write into a non-empty folder
     assert main(["make-tiny-sd3", sd3_dir]) == 2
+
+
+@pytest.mark.slow
+def test_eval_sd3_student_with_stand_in_evaluators(sd3_dir, corpus, tmp_path, capsys):
+    from flowcore.tiny_models import make_tiny_clip
+
+    run = str(tmp_path / "run")
+    assert main(["train", "--data", corpus, "--out", run, "--stages", str(STEPS), "--max-steps", "2", "--batch-size",
+                 "4", "--lora-rank", "2", "--num-workers", "0", "--no-progress"]) == 0
+    clip = make_tiny_clip(tmp_path / "clip")
+    pick = make_tiny_clip(tmp_path / "pick", seed=1)
+    # absent evaluation weights: a clear error before any sampling, exit 1
+    capsys.readouterr()
+    assert main(["eval", "--student", run, "--clip", str(tmp_path / "missing"), "--num-images", "2"]) == 1
+    assert "never downloaded" in capsys.readouterr().err
+    assert main(["eval", "--student", run, "--num-images", "2"]) == 1
+    assert "--clip DIR" in capsys.readouterr().err
+    assert main(["eval", "--student", run, "--clip", clip, "--pickscore", pick, "--steps", "1,4", "--num-images",
+                 "4", "--teacher-steps", "8", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_images"] == 4 and report["teacher"]["steps"] == 8 and report["teacher"]["guidance"] == 2.0
+    for key in ("1_steps", "4_steps"):
+        row = report["student"][key]
+        assert set(row) == {"clip_score", "pickscore", "fd_clip_to_teacher"}
+        assert 0 <= row["clip_score"] <= 100 and row["fd_clip_to_teacher"] >= 0
+    # random tiny models rank nothing; but 1 and 4 steps give different images, hence different scores
+    assert report["student"]["1_steps"] != report["student"]["4_steps"]

@@ -180,6 +180,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from trajflow.evaluation import run_eval
+    from trajflow.sample import local_student_dir
+
+    try:
+        local_student_dir(args.student, args.storage_options)
+    except FileNotFoundError:
+        pass  # not an SD3 student: a flow-net student (exact GMM metrics)
+    else:
+        from trajflow.evaluation_sd3 import run_eval_sd3
+
+        if args.num_images < 2 or args.teacher_steps < 1 or any(n < 1 for n in args.steps):
+            raise UsageError("--num-images must be >= 2, --teacher-steps and --steps >= 1")
+        return run_eval_sd3(args)
 
     return run_eval(args)
 
@@ -340,6 +352,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=2000)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--storage-options", type=json_object_arg)
+    g = p.add_argument_group("SD3 students (exported by training on a diffusers corpus): scores from LOCAL weights")
+    g.add_argument("--clip", help="CLIPModel + CLIPProcessor folder: CLIP score and FD-CLIP to the teacher's images")
+    g.add_argument("--pickscore", help="PickScore_v1 folder (a CLIPModel + processor): preference score")
+    g.add_argument("--prompts", help="prompt file (default: the corpus's)")
+    g.add_argument("--num-images", type=int, default=64, help="images per sampler (default 64)")
+    g.add_argument("--teacher-steps", type=int, default=28, help="teacher reference steps (default 28)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--base", help="base pipeline folder (default: the one recorded at export)")
+    g.add_argument("--device", help="cuda, cpu, ... (default cpu)")
     p.set_defaults(func=cmd_eval)
 
     from trajflow.cli_pool import add_pool_parser
