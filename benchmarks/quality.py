@@ -51,18 +51,19 @@ def main(argv=None, default_methods: str = "quality") -> dict:
     args = parse_args(argv, default_methods)
     import torch
 
-    from flowcore.teacher_spec import parse_teacher_spec
+    from flowcore.teacher_spec import build_teacher, parse_teacher_spec
     from trajflow.compare import PROFILES, Profile, check_targets, compare, markdown_table, resolve_methods
 
-    spec = parse_teacher_spec(args.teacher)
-    if spec.kind != "gmm":
-        sys.exit("quality.py needs a GMM teacher (gmm:PRESET or gmm:FILE.json): its metrics are exact")
-    methods = resolve_methods(args.methods)
+    try:
+        spec = parse_teacher_spec(args.teacher)
+        if spec.kind != "gmm":
+            raise ValueError("quality.py needs a GMM teacher (gmm:PRESET or gmm:FILE.json): its metrics are exact")
+        methods = resolve_methods(args.methods)
+        teacher = build_teacher(args.teacher)  # a bad spec fails here, before any work
+    except (ValueError, OSError) as e:
+        sys.exit(f"quality.py: error: {e}")
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     t0 = time.perf_counter()
-    from flowcore.teacher_spec import build_teacher
-
-    teacher = build_teacher(args.teacher)  # a bad spec fails here, before any work
     name = Path(spec.target).stem if spec.target.endswith(".json") else spec.target
     profile = PROFILES.get(name, Profile())
     if args.steps:

@@ -230,8 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("demo", help="the whole job on embedded defaults (local Ray, local files, built-in teacher)",
-                       description="Generate latent10 and ring2d corpora on an embedded local Ray cluster, audit "
-                                   "them, distil a 4-step ring2d student, evaluate it against the exact teacher, and "
+                       description="Generate latent10 and ring2d corpora on an embedded local Ray cluster, audit them, start the "
+                                   "live teacher pool, distil 4-step ring2d students (trajflow vs 2-rectified flow and "
+                                   "PeRFlow-style baselines), evaluate them against the exact teacher, and "
                                    "write DIR/report.md, DIR/metrics.json and plots. Re-running reuses what is done.")
     p.add_argument("--out", default="demo_out", help="output directory (default ./demo_out)")
     p.add_argument("--num-trajectories", type=int, default=2048, help="corpus size (default 2048)")
