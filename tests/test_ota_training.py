@@ -102,3 +102,9 @@ def test_bad_rollouts_are_counted_and_training_goes_on(corpus, teacher, tmp_path
             _cfg(corpus, tmp_path / "bad", **bad)
     with pytest.raises(ValueError, match="adversarial"):
         Trainer(_cfg(corpus, tmp_path / "advonline", ota_ratio=1.0, adv_weight=0.1), broken).build()
+
+
+def test_resuming_a_run_with_another_student_is_a_clear_error(corpus, tmp_path):
+    _run(_cfg(corpus, tmp_path / "w", max_steps=10))
+    with pytest.raises(ValueError, match="student_width"):
+        Trainer(_cfg(corpus, tmp_path / "w", student_width=32)).build()

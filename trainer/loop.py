@@ -39,6 +39,10 @@ from trainer.data import CorpusStream, StreamConfig, make_dataloader
 from trainer.ota import OTAMixer
 from trainer.student import build_student, student_net_config, teacher_from_card
 
+#: TrainConfig fields that do not change what a checkpoint holds (ignored when explaining a mismatch)
+_RUN_ONLY_KEYS = {"data", "out", "max_steps", "steps_per_stage", "resume", "progress", "cache_dir", "storage_options",
+                  "consumed_log", "log_every", "checkpoint_every", "num_workers", "ota_timeout", "ota_prefetch"}
+
 
 def _seed_of(*parts) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big") & (2**63 - 1)
@@ -167,15 +171,23 @@ class Trainer:
         if latest is None:
             return
         ck = self.ckpt.load(latest["path"])
-        if self.sd3:
-            self.accelerator.unwrap_model(self.model).load_trainable_state_dict(ck["model"])
-            if self.sd3_ema is not None and ck["ema"] is not None:
-                self.sd3_ema = {n: t.to(self.sd3_ema[n].device, self.sd3_ema[n].dtype) for n, t in ck["ema"].items()}
-        else:
-            self.accelerator.unwrap_model(self.model).load_state_dict(ck["model"])
-        if self.ema is not None and ck["ema"] is not None:
-            self.ema.load_state_dict(ck["ema"])
-        self.optimizer.load_state_dict(ck["optimizer"])
+        try:
+            if self.sd3:
+                self.accelerator.unwrap_model(self.model).load_trainable_state_dict(ck["model"])
+                if self.sd3_ema is not None and ck["ema"] is not None:
+                    self.sd3_ema = {n: t.to(self.sd3_ema[n].device, self.sd3_ema[n].dtype) for n, t in ck["ema"].items()}
+            else:
+                self.accelerator.unwrap_model(self.model).load_state_dict(ck["model"])
+            if self.ema is not None and ck["ema"] is not None:
+                self.ema.load_state_dict(ck["ema"])
+            self.optimizer.load_state_dict(ck["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:  # another student than this run's
+            before = ck["state"].get("train_config", {})
+            now = self.cfg.to_dict()
+            diff = sorted(k for k in now if k in before and before[k] != now[k] and k not in _RUN_ONLY_KEYS)
+            raise ValueError(f"the checkpoint under {self.cfg.out} ({latest['path']}) does not fit this run's student "
+                             f"(settings that differ: {', '.join(diff) or 'none recorded'}; {str(e)[:160]}); "
+                             "use a new --out, or --no-resume") from None
         if self.disc is not None:
             if "disc" not in ck["extra"]:
                 raise ValueError(f"the checkpoint under {self.cfg.out} has no discriminator; it was trained without "

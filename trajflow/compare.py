@@ -21,6 +21,7 @@ Teachers are reported on the corrected grid (``few_step_sigmas``) and on diffuse
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,14 +90,18 @@ def train_method(name: str, corpus: str, run_dir: Path, profile: Profile, *, rol
                       student_depth=profile.student_depth, teacher_fit_steps=profile.teacher_fit_steps,
                       ema_decay=profile.ema_decay, seed=seed, num_workers=0, progress=progress,
                       checkpoint_every=max(profile.steps, 1), log_every=10, **recipe)
+    key = json.dumps({k: v for k, v in cfg.to_dict().items() if k not in ("out", "progress")}, sort_keys=True,
+                     default=str)
+    run_dir = run_dir.with_name(f"{run_dir.name}-{hashlib.sha256(key.encode()).hexdigest()[:8]}")
+    cfg.out = str(run_dir)  # one directory per recipe + budget: other settings never resume this run
     done = run_dir / "done.json"
-    key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
     if done.exists() and json.loads(done.read_text()).get("config") == key:  # re-running reuses finished work
         from trainer.data import open_corpus
         from trainer.student import teacher_from_card
 
         net, _ = load_flow_net(run_dir / "student" / "student.safetensors")
-        return net, teacher_from_card(open_corpus(corpus).card), json.loads(done.read_text())["summary"]
+        return net, teacher_from_card(open_corpus(corpus).card), {**json.loads(done.read_text())["summary"],
+                                                                  "run_dir": str(run_dir)}
     if cfg.ota_ratio > 0 and rollout_teacher is None:
         raise ValueError(f"method {name} needs a rollout teacher (pool client or LocalRollout)")
     trainer = Trainer(cfg, rollout_teacher if cfg.ota_ratio > 0 else None)
@@ -110,7 +115,8 @@ def train_method(name: str, corpus: str, run_dir: Path, profile: Profile, *, rol
     finally:
         trainer.close()
     samples = profile.steps * cfg.corpus_batch_size * (0 if cfg.ota_ratio >= 1 else 1) + ota.get("ota_samples", 0)
-    summary = {"steps": trainer.step, "training_samples": samples, "last_loss": last.get("loss"), **ota}
+    summary = {"steps": trainer.step, "training_samples": samples, "last_loss": last.get("loss"), "run_dir": str(run_dir),
+               **ota}
     done.write_text(json.dumps({"config": key, "summary": summary}))
     return net, teacher, summary
 

@@ -279,7 +279,7 @@ def _compare_ring2d(out: Path, corpus: str, rollout_teacher, progress: bool) -> 
                      rollout_teacher=rollout_teacher, num_samples=2000, progress=progress,
                      log=lambda m: print("      " + m.strip(), flush=True))
     result["targets"] = check_targets(result)
-    runs = {m: out / "runs" / m.lstrip("+") for m in methods}
+    runs = {m: Path(result["training"][m]["run_dir"]) for m in methods}
     students = {m: load_flow_net(r / "student" / "student.safetensors")[0] for m, r in runs.items()}
     from trainer.data import open_corpus
     from trainer.student import teacher_from_card
