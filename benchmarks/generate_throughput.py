@@ -22,15 +22,16 @@ import time
 import torch
 
 
-def bare_loop(cfg, threads: int, device: str) -> float:
-    """Seconds to solve every trajectory of the plan in one process, no I/O."""
+def bare_loop(cfg, threads: int, device: str) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this thread) to solve every trajectory of the plan in one
+    process, no I/O."""
     from flowcore.solvers import seeded_noise, solve_teacher
     from pipeline.worker import make_plan, resolve_teacher
 
     torch.set_num_threads(threads)
     teacher = resolve_teacher(cfg.teacher, cfg.storage_options, device)
     plan = make_plan(cfg, teacher, None)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.thread_time()
     for n in range(plan.num_shards):
         specs = plan.shard_samples(n)
         for s in range(0, len(specs), cfg.batch_size):
@@ -43,7 +44,7 @@ def bare_loop(cfg, threads: int, device: str) -> float:
             traj.states_BKX.to("cpu")
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.thread_time() - cpu0
 
 
 def main() -> None:
@@ -70,6 +71,7 @@ def main() -> None:
                          shard_size=args.shard_size, num_steps=args.num_steps, batch_size=args.batch_size,
                          guidance=args.guidance, cpus_per_worker=args.threads,
                          gpus_per_worker=1 if args.device.startswith("cuda") else 0, progress=False)
+    load_before = os.getloadavg()[0]  # other work on the machine slows both sides, not equally
     bare_before = bare_loop(cfg, args.threads, args.device)
     ray.init(address="local", num_cpus=max(2, args.threads + 1), include_dashboard=False, log_to_driver=False)
     try:
@@ -78,7 +80,8 @@ def main() -> None:
         ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
     bare_after = bare_loop(cfg, args.threads, args.device)  # bracket the pipeline run: machine drift cancels
-    bare_s = (bare_before + bare_after) / 2
+    bare_s = (bare_before[0] + bare_after[0]) / 2
+    bare_cpu_s = (bare_before[1] + bare_after[1]) / 2
     bare_tps = args.num_trajectories / bare_s
     # steady state: from the first worker being up (teacher loaded) to the manifest written
     pipe_tps = summary.steady_trajectories_per_second
@@ -91,6 +94,11 @@ def main() -> None:
         "pipeline_seconds": round(summary.seconds, 2), "pipeline_startup_seconds": round(summary.startup_seconds, 2),
         "pipeline_traj_per_s_including_startup": round(summary.trajectories_per_second, 1),
         "bare_seconds": round(bare_s, 2), "pipeline_worker_solve_seconds": round(summary.solve_seconds, 2),
+        # CPU seconds the solving thread got: wall above CPU means the core was shared (other load)
+        "bare_cpu_seconds": round(bare_cpu_s, 2), "pipeline_worker_solve_cpu_seconds": round(summary.solve_cpu_seconds, 2),
+        "committer_seconds_per_shard": round(summary.commit_seconds / max(summary.committed_now, 1), 3),
+        "committer_cpu_seconds_per_shard": round(summary.commit_cpu_seconds / max(summary.committed_now, 1), 3),
+        "load_average_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
     }))
 

@@ -65,6 +65,13 @@ class GenerationSummary:
     startup_seconds: float = 0.0
     #: worker seconds spent solving (summed over shards committed now)
     solve_seconds: float = 0.0
+    #: CPU seconds of the solving thread in those solves (less than solve_seconds when the core
+    #: was shared with other processes)
+    solve_cpu_seconds: float = 0.0
+    #: committer seconds (wall, and CPU of the committing thread) spent packing, uploading,
+    #: verifying and recording the shards committed now (summed)
+    commit_seconds: float = 0.0
+    commit_cpu_seconds: float = 0.0
 
     @property
     def steady_trajectories_per_second(self) -> float:
@@ -231,6 +238,9 @@ def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = N
 
     config_dict = cfg.to_dict()
     actors = [new_actor() for _ in range(cfg.num_workers)]
+    # committers start with the workers: their start-up (imports) overlaps the teacher load instead
+    # of competing with the first solves for CPU
+    committers = [new_committer() for _ in range(max(1, cfg.num_workers))]
     # the first worker to start describes the teacher (fingerprint, shapes) for the dataset card
     starting = {a.describe.remote(): a for a in actors}
     described = None
@@ -239,7 +249,7 @@ def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = N
     while described is None:
         done, _ = ray.wait(list(starting), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
         if not done:
-            for a in actors:
+            for a in actors + committers:
                 ray.kill(a)
             raise GenerationFailed(
                 f"no worker could be placed within {start_timeout_s:.0f}s ({gpus} GPU(s) and "
@@ -250,17 +260,21 @@ def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = N
             ready.append(actor)
         except (RayTaskError, RayActorError) as e:
             if not starting:
-                for a in actors:
+                for a in actors + committers:
                     ray.kill(a)
                 raise GenerationFailed(f"the workers could not start teacher {cfg.teacher!r}: {e}") from None
             actors.remove(actor)
+    # the committers need no GPU and were started alongside: wait (bounded) until they are up too.
+    # One that failed to start is replaced when its first commit fails (see the loop below).
+    ray.wait([c.pid.remote() for c in committers], num_returns=len(committers),
+             timeout=max(0.0, deadline - time.monotonic()))
     startup_s = time.perf_counter() - t_start
     try:
         card = build_card(cfg, described, prompts_sha)
         fp = card.fingerprint()
         committed = prepare_corpus(store, card)
     except BaseException:
-        for a in actors:
+        for a in actors + committers:
             ray.kill(a)
         raise
     planned = [shard_id(n) for n in range(cfg.num_shards)]
@@ -274,7 +288,6 @@ def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = N
     solving: dict[Any, tuple[int, Any]] = {}  # status ref -> (shard, worker)
     committing: dict[Any, tuple[int, Any, Any]] = {}  # commit ref -> (shard, payload ref, committer)
     status_of: dict[Any, Any] = {}  # payload ref -> status ref
-    committers = [new_committer() for _ in range(max(1, len(actors)))]
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
@@ -346,7 +359,7 @@ def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = N
         pending.appendleft(n)
 
     committed_now = new_samples = 0
-    solve_total = 0.0
+    solve_total = solve_cpu_total = commit_total = commit_cpu_total = 0.0
     try:
         fill()
         while solving or committing or (pending and starting):
@@ -409,6 +422,9 @@ def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = N
                 committed_now += 1
                 new_samples += commit.num_samples
                 solve_total += float(result.get("_solve_seconds", 0.0))
+                solve_cpu_total += float(result.get("_solve_cpu_seconds", 0.0))
+                commit_total += float(result.get("_commit_seconds", 0.0))
+                commit_cpu_total += float(result.get("_commit_cpu_seconds", 0.0))
                 if bar is not None:
                     bar.update(commit.num_samples)
             if bar is not None:
@@ -433,4 +449,5 @@ def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = N
     seconds = time.perf_counter() - t_start
     total = sum(committed[s].num_samples for s in planned)
     return GenerationSummary(cfg.out, cfg.num_shards, total, committed_now, skipped, retries, replaced,
-                             seconds, new_samples / max(seconds, 1e-9), startup_s, solve_total)
+                             seconds, new_samples / max(seconds, 1e-9), startup_s, solve_total, solve_cpu_total,
+                             commit_total, commit_cpu_total)

@@ -141,7 +141,11 @@ class ObjectStore:
 
     def put_verified(self, rel: str, data: bytes) -> tuple[str, int]:
         """Upload ``data`` and read it back: returns (sha256, num_bytes) only once the stored object
-        has exactly that size and hash. A mismatch is retried; past the retries, StorageError."""
+        has exactly that size and hash. A mismatch is retried; past the retries, StorageError.
+
+        ``data`` is hashed once; the read-back is compared with it byte for byte, which implies
+        the same size and sha256 (and is much cheaper than hashing it again)."""
+        data = bytes(data)
         expected = sha256_hex(data)
 
         def upload_and_verify():
@@ -151,7 +155,7 @@ class ObjectStore:
                 stored = self.fs.cat_file(self.path(rel))
             except FileNotFoundError as e:  # not yet visible (eventual consistency) or raced: upload again
                 raise UploadVerificationError(f"read-back of {rel}: object missing right after upload") from e
-            if len(stored) != len(data) or sha256_hex(stored) != expected:
+            if stored != data:
                 raise UploadVerificationError(
                     f"read-back of {rel} gave {len(stored)} bytes / sha256 {sha256_hex(stored)[:12]}, "
                     f"expected {len(data)} / {expected[:12]}"

@@ -254,6 +254,129 @@ def encode_sample(record: SampleRecord) -> dict[str, bytes]:
     }
 
 
+def encode_samples(
+    states: torch.Tensor, sigmas: torch.Tensor | Sequence[float], metas: Sequence[Mapping[str, Any]]
+) -> list[tuple[str, dict[str, bytes]]]:
+    """:func:`encode_sample` of a whole shard given as arrays, with the tensor work vectorised.
+
+    The result, validation and errors are exactly those of building
+    ``SampleRecord(sample_key(meta["index"]), states[i], sigmas, meta)`` for every ``metas[i]`` in
+    order and encoding each: ``[(key, {suffix: bytes}), ...]``, byte-identical. The common case (a
+    supported dtype, shared float32 ``sigmas``, plain metadata) is checked once per shard (sigma
+    values, finite states) plus each sample's metadata, and serialised from one contiguous buffer
+    (one safetensors layout, made by safetensors itself for the first sample and checked against
+    it). Anything else, including any failed check, takes the per-record path, which raises the
+    precise error. ``metas`` are not modified.
+
+    Args:
+        states: [N, K, *sample_shape] (float32 | float16 | bfloat16).
+        sigmas: [K] float32, shared by every sample.
+        metas: N metadata dicts (``index``, ``seed``, ``guidance``, condition, ...).
+    """
+    fast = _encode_samples_fast(states, sigmas, metas)
+    if fast is not None:
+        return fast
+    if not isinstance(states, torch.Tensor) or states.ndim < 1 or len(states) != len(metas):
+        raise ShapeMismatchError(
+            f"states {list(getattr(states, 'shape', []))} must have one row per metadata dict ({len(metas)})"
+        )
+    out = []
+    for i, meta in enumerate(metas):
+        record = SampleRecord(sample_key(meta["index"]), states[i], sigmas, meta)
+        out.append((record.key, encode_sample(record)))
+    return out
+
+
+def _plain_str_keyed(meta: Any) -> bool:
+    """True when ``meta`` is a dict of str keys and plain scalar values (str, int, bool, finite
+    float, None; exact types): its JSON round trip would only sort its keys."""
+    if type(meta) is not dict:
+        return False
+    for key, value in meta.items():
+        if type(key) is not str:
+            return False
+        kind = type(value)
+        if kind is float:
+            if not math.isfinite(value):
+                return False
+        elif not (kind is int or kind is str or kind is bool or value is None):
+            return False
+    return True
+
+
+def _encode_samples_fast(
+    states: Any, sigmas: Any, metas: Sequence[Mapping[str, Any]]
+) -> list[tuple[str, dict[str, bytes]]] | None:
+    """The common case of :func:`encode_samples`, or None where the per-record path must decide."""
+    count = len(metas)
+    if not (isinstance(states, torch.Tensor) and isinstance(sigmas, torch.Tensor) and sys.byteorder == "little"):
+        return None
+    if not (states.dtype in _DTYPE_NAMES and states.device.type == "cpu" and not states.requires_grad
+            and states.ndim >= 3 and states.shape[0] == count and count > 0 and states.shape[1] >= 2
+            and states.numel() > 0):
+        return None
+    if not (sigmas.dtype == torch.float32 and sigmas.device.type == "cpu" and not sigmas.requires_grad
+            and sigmas.ndim == 1 and sigmas.shape[0] == states.shape[1]):
+        return None
+    # the sigma and state checks of SampleRecord, once for the shard
+    values = sigmas.tolist()
+    if not all(math.isfinite(s) and 0.0 <= s <= 1.0 for s in values):
+        return None
+    if any(not values[i] < values[i - 1] for i in range(1, len(values))):
+        return None
+    states = states.contiguous()
+    if not bool(torch.isfinite(states).all()):
+        return None
+    # metadata: the checks of SampleRecord, per sample (on a copy: metas are the caller's)
+    keys, texts = [], []
+    try:
+        for meta in metas:
+            if not isinstance(meta, Mapping) or "index" not in meta:
+                return None
+            key = sample_key(meta["index"])
+            where = _where(key, None)
+            if _plain_str_keyed(meta):
+                checked = _validated_meta(key, dict(sorted(meta.items())), where, from_json=True)
+            else:
+                checked = _validated_meta(key, meta, where, from_json=False)
+            keys.append(key)
+            texts.append(canonical_json(checked).encode("utf-8"))
+    except (CorpusFormatError, ValueError, TypeError, KeyError, UnicodeError):
+        return None
+    # safetensors: one layout for every sample (same shapes and dtypes); safetensors writes the first
+    sigmas = sigmas.contiguous()
+    template = safetensors.torch.save({STATES_TENSOR: states[0], SIGMAS_TENSOR: sigmas})
+    layout = _safetensors_layout(template)
+    if layout is None:
+        return None
+    try:
+        header = json.loads(layout[8:])
+        spans = sorted((header[name]["data_offsets"], name) for name in SAMPLE_TENSORS)
+    except (ValueError, TypeError, KeyError):
+        return None
+    rows = states.view(count, -1).view(torch.uint8).numpy()
+    sigma_bytes = sigmas.view(torch.uint8).numpy().tobytes()
+    expected_begin = 0
+    for (begin, end), name in spans:
+        size = rows.shape[1] if name == STATES_TENSOR else len(sigma_bytes)
+        if begin != expected_begin or end - begin != size:
+            return None
+        expected_begin = end
+    states_first = spans[0][1] == STATES_TENSOR
+    if len(template) != len(layout) + expected_begin:
+        return None
+
+    def traj(i: int) -> bytes:
+        row = rows[i].tobytes()
+        return b"".join((layout, row, sigma_bytes) if states_first else (layout, sigma_bytes, row))
+
+    if traj(0) != template:  # the layout must give exactly what safetensors wrote
+        return None
+    out = [(keys[0], {META_MEMBER: texts[0], TRAJ_MEMBER: template})]
+    out += [(keys[i], {META_MEMBER: texts[i], TRAJ_MEMBER: traj(i)}) for i in range(1, count)]
+    return out
+
+
 def check_record_against_card(
     record: SampleRecord, card: DatasetCard, *, shard_id: str | None = None
 ) -> None:

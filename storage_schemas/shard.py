@@ -1,10 +1,12 @@
 """Shard tars: write them byte-identically, read them without trusting them.
 
 A shard is an uncompressed POSIX (ustar) tar in WebDataset layout: for each sample, in the order
-given, the members ``<key>.json`` then ``<key>.traj.safetensors`` (TarWriter sorts a sample's
-members by suffix). Every header is fixed (mtime 0, uid/gid 0, user/group ``trajflow``, mode
-0444), so the same records always give the same bytes: a retried or resumed shard is
-byte-identical and its sha256 is a pure function of the run config.
+given, the members ``<key>.json`` then ``<key>.traj.safetensors`` (a sample's members sorted by suffix,
+as WebDataset's TarWriter writes them). Every header is fixed (mtime 0, uid/gid 0, user/group
+``trajflow``, mode 0444), so the same records always give the same bytes: a retried or resumed
+shard is byte-identical and its sha256 is a pure function of the run config. The writer builds
+these plain ustar headers itself (the bytes TarWriter + tarfile write for them, which the tests
+check); anything unusual is packed by TarWriter.
 
 Reading streams the tar with the standard library (``tarfile`` mode ``'r|'``), never extracts
 to disk, and checks each member's header before its payload is read: only regular files named
@@ -29,8 +31,8 @@ from __future__ import annotations
 import io
 import re
 import tarfile
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, BinaryIO
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import webdataset
@@ -42,9 +44,12 @@ from .record import (
     check_record_against_card,
     decode_sample,
     encode_sample,
+    encode_samples,
 )
 
 if TYPE_CHECKING:
+    import torch
+
     from .card import DatasetCard
 
 TAR_USER = "trajflow"
@@ -77,25 +82,104 @@ def write_shard_bytes(records: Iterable[SampleRecord], card: DatasetCard | None 
         SchemaError: duplicate key, no record, or a record that disagrees with ``card``.
         ShapeMismatchError: a record whose shape disagrees with ``card``.
     """
-    buffer = io.BytesIO()
+    samples: list[tuple[str, dict[str, bytes]]] = []
     seen: set[str] = set()
+    for record in records:
+        if not isinstance(record, SampleRecord):
+            raise TypeError(
+                f"write_shard_bytes takes SampleRecord objects, found {type(record).__name__}"
+            )
+        if record.key in seen:
+            raise SchemaError(f"duplicate sample key {record.key!r} in one shard")
+        seen.add(record.key)
+        if card is not None:
+            check_record_against_card(record, card)
+        samples.append((record.key, encode_sample(record)))
+    return _pack_shard(samples)
+
+
+def write_shard_arrays(
+    states: torch.Tensor, sigmas: torch.Tensor, metas: Sequence[Mapping[str, Any]]
+) -> bytes:
+    """:func:`write_shard_bytes` of ``SampleRecord(sample_key(meta["index"]), states[i], sigmas,
+    meta)`` for each ``metas[i]``, from the arrays the solver produced: the same bytes, the same
+    checks and errors, with the per-sample work vectorised (see
+    :func:`~storage_schemas.record.encode_samples`).
+
+    Args:
+        states: [N, K, *sample_shape] in the stored dtype.
+        sigmas: [K] float32, the saved sigmas of every sample.
+        metas: N metadata dicts, in the order to store them.
+    """
+    samples = encode_samples(states, sigmas, metas)
+    seen: set[str] = set()
+    for key, _ in samples:
+        if key in seen:
+            raise SchemaError(f"duplicate sample key {key!r} in one shard")
+        seen.add(key)
+    return _pack_shard(samples)
+
+
+def _header_template() -> tuple[bytes, int]:
+    """The ustar header of every member with name, size and checksum blanked (checksum field as
+    the 8 spaces the checksum is computed over), and the byte sum of that block."""
+    info = tarfile.TarInfo("x")
+    info.size, info.mtime, info.mode, info.uname, info.gname = 0, TAR_MTIME, TAR_MODE, TAR_USER, TAR_GROUP
+    block = bytearray(info.tobuf(tarfile.USTAR_FORMAT, "ascii", "replace"))
+    block[0:100] = bytes(100)
+    block[124:136] = bytes(12)
+    block[148:156] = b" " * 8
+    return bytes(block), sum(block)
+
+
+_HEADER_TEMPLATE, _HEADER_TEMPLATE_SUM = _header_template()
+_HEADER_AFTER_SIZE = _HEADER_TEMPLATE[136:148]
+_HEADER_AFTER_CHECKSUM = _HEADER_TEMPLATE[156:]
+_PLAIN_MEMBER_NAME = re.compile(r"[A-Za-z0-9_-]+\.(?:json|traj\.safetensors)")
+_MAX_PLAIN_SIZE = 8**11 - 1  # the largest size a ustar header holds in octal (no pax record)
+
+
+def _pack_shard(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
+    """The tar that ``webdataset.TarWriter(format=ustar, ...)`` writes for ``samples`` (each
+    ``(key, {suffix: payload})``, members in suffix order), byte for byte.
+
+    For the names and sizes the format writes (flat ASCII ``<key>.<suffix>`` of at most 100
+    bytes, sizes below 8 GiB) tarfile writes a plain ustar header: that header is built here from a
+    template (only name, size and checksum differ between members). Anything else goes through
+    TarWriter itself (which then writes pax records).
+    """
+    if not samples:
+        raise SchemaError("a shard holds at least one sample; no records were given")
+    members = [(f"{key}.{suffix}", payload[suffix]) for key, payload in samples for suffix in sorted(payload)]
+    if not all(len(name) <= 100 and _PLAIN_MEMBER_NAME.fullmatch(name) and len(data) <= _MAX_PLAIN_SIZE
+               for name, data in members):
+        return _pack_shard_with_tarwriter(samples)
+    parts: list[bytes] = []
+    offset = 0
+    for name, data in members:
+        raw_name = name.encode("ascii")
+        size_field = b"%011o\0" % len(data)
+        checksum = _HEADER_TEMPLATE_SUM + sum(raw_name) + sum(size_field)
+        parts += (raw_name, _HEADER_TEMPLATE[len(raw_name):124], size_field, _HEADER_AFTER_SIZE,
+                  b"%06o\0 " % checksum, _HEADER_AFTER_CHECKSUM, data)
+        padding = -len(data) % _BLOCK
+        if padding:
+            parts.append(bytes(padding))
+        offset += _BLOCK + len(data) + padding
+    # end of archive: two zero blocks, then zeros up to a whole record (tarfile.TarFile.close)
+    offset += 2 * _BLOCK
+    parts.append(bytes(2 * _BLOCK + -offset % tarfile.RECORDSIZE))
+    return b"".join(parts)
+
+
+def _pack_shard_with_tarwriter(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
+    buffer = io.BytesIO()
     with webdataset.TarWriter(
         buffer, user=TAR_USER, group=TAR_GROUP, mode=TAR_MODE, mtime=TAR_MTIME, encoder=False, compress=False,
-        format=tarfile.USTAR_FORMAT,  # plain ustar headers: our names are short ASCII, no pax records needed
+        format=tarfile.USTAR_FORMAT,
     ) as writer:
-        for record in records:
-            if not isinstance(record, SampleRecord):
-                raise TypeError(
-                    f"write_shard_bytes takes SampleRecord objects, found {type(record).__name__}"
-                )
-            if record.key in seen:
-                raise SchemaError(f"duplicate sample key {record.key!r} in one shard")
-            seen.add(record.key)
-            if card is not None:
-                check_record_against_card(record, card)
-            writer.write({"__key__": record.key, **encode_sample(record)})
-    if not seen:
-        raise SchemaError("a shard holds at least one sample; no records were given")
+        for key, payload in samples:
+            writer.write({"__key__": key, **payload})
     return buffer.getvalue()
 
 

@@ -71,6 +71,35 @@ def test_worker_without_ray_is_deterministic_and_authentic(tmp_path):
     assert len(list(iter_shard_samples(GenerationWorker(cfg).shard_bytes(2), "shard-000002"))) == 8
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_committer_writes_exactly_the_records_path_shard(tmp_path, dtype):
+    import numpy as np
+
+    from pipeline.worker import ShardCommitter
+    from storage_schemas import NonFiniteError, write_shard_bytes
+
+    out = tmp_path / "c"
+    cfg = dict(teacher="gmm:latent10", out=str(out), num_trajectories=24, shard_size=16, num_steps=16,
+               stages=(8, 4), guidance="1.5:3.0", dtype=dtype)
+    worker = GenerationWorker(cfg)
+    expected = write_shard_bytes(worker.solve_shard(1))  # one validated SampleRecord per sample
+    payload = worker.solve_payload(1)
+    assert isinstance(payload["states"], np.ndarray)  # numpy travels through Ray's object store as is
+    payload["states"].setflags(write=False)  # as the committer gets it: read-only, in the object store
+    commit = ShardCommitter(str(out), niceness=0).commit(payload, "f" * 64)
+    stored = (out / commit["path"]).read_bytes()
+    assert stored == expected
+    assert commit["sha256"] == hashlib.sha256(expected).hexdigest() and commit["num_bytes"] == len(expected)
+    assert (commit["num_samples"], commit["first_index"], commit["last_index"]) == (8, 16, 23)
+    assert json.loads((out / "commits" / "shard-000001.json").read_text())["sha256"] == commit["sha256"]
+    # a bad sample is refused before anything is stored
+    bad = worker.solve_payload(0)
+    bad["states"][5, 1, 0, 0, 0] = bad["states"][0, 0, 0, 0, 1] * np.inf if dtype != "bfloat16" else 0x7FC0
+    with pytest.raises(NonFiniteError, match="sample '0000000005'"):
+        ShardCommitter(str(out), niceness=0).commit(bad, "f" * 64)
+    assert not (out / "shards" / "shard-000000.tar").exists() and not (out / "commits" / "shard-000000.json").exists()
+
+
 def test_config_file_and_flag_errors(tmp_path):
     f = tmp_path / "gen.toml"
     f.write_text('teacher = "gmm:ring2d"\nnum-trajectories = 100\nout = "/tmp/x"\nguidance = "1:2"\n')

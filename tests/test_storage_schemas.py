@@ -963,3 +963,147 @@ def test_decode_samples_checks_metadata_like_decode_sample(meta):
     samples[3][1]["json"] = meta.encode()
     got = decoded_like_decode_sample(samples, card)
     assert all(isinstance(r, SampleRecord) for i, r in enumerate(got) if i != 3)
+
+
+# --------------------------------------------------------------------------------------------------
+# the fast shard writers (write_shard_arrays, the ustar packer) against the original TarWriter path
+
+
+def tarwriter_shard_bytes(records: list[SampleRecord]) -> bytes:
+    """The shard bytes as first written: webdataset's TarWriter (through tarfile) over encode_sample."""
+    buffer = io.BytesIO()
+    with webdataset.TarWriter(buffer, user="trajflow", group="trajflow", mode=0o444, mtime=0, encoder=False,
+                              compress=False, format=tarfile.USTAR_FORMAT) as writer:
+        for record in records:
+            writer.write({"__key__": record.key, **ss.encode_sample(record)})
+    return buffer.getvalue()
+
+
+def solver_like_arrays(dtype: torch.dtype, count: int, shape=(4, 8, 8), start: int = 0, prompts: bool = False):
+    """(states [N, K, *shape], sigmas [K], metas) as a worker hands them to the committer."""
+    card = make_card()
+    sigmas = torch.tensor(card.saved_sigmas, dtype=torch.float32)
+    states = torch.randn((count, len(sigmas), *shape), generator=torch.Generator().manual_seed(count)).to(dtype)
+    metas = []
+    for i in range(start, start + count):
+        meta = {"index": i, "seed": (i * 2654435761) % (2**63), "guidance": 1.5 + (i % 7) / 3}
+        if prompts:  # prompt ids are ints or strings; texts may be any unicode, empty, or need escaping
+            meta["prompt_id"] = i if i % 2 else f"p-{i}"
+            meta["prompt"] = ["a cat", "", "naïve \"café\" \\ 東京 \U0001f600\n", "x" * 300][i % 4]
+        else:
+            meta["class_id"] = i % 10
+        metas.append(meta)
+    return states, sigmas, metas
+
+
+def records_the_old_way(states, sigmas, metas) -> list[SampleRecord]:
+    return [SampleRecord(ss.sample_key(m["index"]), states[i].clone(), sigmas, m) for i, m in enumerate(metas)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("prompts", [False, True])
+def test_write_shard_arrays_is_byte_identical_to_the_tarwriter_path(dtype, prompts):
+    states, sigmas, metas = solver_like_arrays(dtype, count=13, start=40, prompts=prompts)
+    before = json.dumps(metas)
+    reference = tarwriter_shard_bytes(records_the_old_way(states, sigmas, metas))
+    assert ss.shard.write_shard_arrays(states, sigmas, metas) == reference
+    assert ss.write_shard_bytes(records_the_old_way(states, sigmas, metas)) == reference
+    # it was the vectorised path that wrote it (the per-record fallback would give the same bytes)
+    assert ss.record._encode_samples_fast(states, sigmas, metas) is not None
+    assert json.dumps(metas) == before  # the caller's metadata is not touched
+    decoded = list(ss.iter_shard_samples(reference, SHARD))
+    assert [r.index for r in decoded] == list(range(40, 53))
+    assert all(torch.equal(r.states, states[i]) for i, r in enumerate(decoded))
+    assert [r.meta for r in decoded] == [dict(sorted(m.items())) for m in metas]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"guidance": 3},  # an int guidance is stored as 3.0, as a record stores it
+        {"note": None, "flag": True, "Zeta": -0.0, "big": 2**62},  # more plain fields, any order
+        {"tags": ["a", 1, {"b": None}], "nested": {"z": 1, "a": [2.5]}},  # not flat: the general checks
+    ],
+)
+def test_write_shard_arrays_handles_unusual_metadata_like_records(extra):
+    states, sigmas, metas = solver_like_arrays(torch.float32, count=5)
+    metas = [{**m, **extra} for m in metas]
+    expected = tarwriter_shard_bytes(records_the_old_way(states, sigmas, metas))
+    assert ss.shard.write_shard_arrays(states, sigmas, metas) == expected
+    assert ss.record._encode_samples_fast(states, sigmas, metas) is not None
+
+
+def test_write_shard_arrays_from_non_contiguous_states_and_odd_shapes():
+    states, sigmas, metas = solver_like_arrays(torch.float32, count=6, shape=(3, 5, 7))
+    view = states.transpose(2, 4).contiguous().transpose(2, 4)  # same values, not contiguous
+    assert not view.is_contiguous()
+    expected = tarwriter_shard_bytes(records_the_old_way(states, sigmas, metas))
+    assert ss.shard.write_shard_arrays(view, sigmas, metas) == expected
+    flat, sigmas, metas = solver_like_arrays(torch.bfloat16, count=3, shape=(2,))
+    assert ss.shard.write_shard_arrays(flat, sigmas, metas) == tarwriter_shard_bytes(
+        records_the_old_way(flat, sigmas, metas))
+
+
+def error_of(fn) -> tuple[type, str]:
+    with pytest.raises(Exception) as info:
+        fn()
+    return type(info.value), str(info.value)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda s, g, m: s[3, 2].view(-1).__setitem__(5, float("nan")),
+        lambda s, g, m: s[4, 0].view(-1).__setitem__(0, float("inf")),
+        lambda s, g, m: g.__setitem__(2, g[1]),  # not strictly decreasing
+        lambda s, g, m: g.__setitem__(0, 1.5),  # out of [0, 1]
+        lambda s, g, m: m[2].pop("seed"),
+        lambda s, g, m: m[1].update(guidance=float("nan")),
+        lambda s, g, m: m[1].update(guidance="2.5"),
+        lambda s, g, m: m[3].update(index=-4),
+        lambda s, g, m: m[3].update(class_id=True),
+        lambda s, g, m: m[0].update(blob=object()),
+    ],
+)
+def test_write_shard_arrays_refuses_what_records_refuse_with_the_same_error(damage):
+    states, sigmas, metas = solver_like_arrays(torch.float32, count=6)
+    damage(states, sigmas, metas)
+    expected = error_of(lambda: ss.write_shard_bytes(records_the_old_way(states, sigmas, metas)))
+    assert issubclass(expected[0], CorpusFormatError)
+    assert error_of(lambda: ss.shard.write_shard_arrays(states, sigmas, metas)) == expected
+    assert ss.record._encode_samples_fast(states, sigmas, metas) is None  # the records path decided
+
+
+def test_write_shard_arrays_refuses_duplicates_empty_and_mismatched_inputs():
+    states, sigmas, metas = solver_like_arrays(torch.float32, count=4)
+    metas[2]["index"] = metas[1]["index"]
+    with pytest.raises(SchemaError, match="duplicate sample key '0000000001'"):
+        ss.shard.write_shard_arrays(states, sigmas, metas)
+    with pytest.raises(SchemaError, match="at least one sample"):
+        ss.shard.write_shard_arrays(states[:0], sigmas, [])
+    with pytest.raises(ShapeMismatchError, match="one row per metadata"):
+        ss.shard.write_shard_arrays(states[:3], sigmas, metas)
+    _, _, fine = solver_like_arrays(torch.float32, count=4)
+    with pytest.raises(SchemaError, match="'states' dtype"):
+        ss.shard.write_shard_arrays(states.double(), sigmas, fine)
+    # sigmas given as a list or in another float dtype are converted, as records convert them
+    expected = tarwriter_shard_bytes(records_the_old_way(states, sigmas, fine))
+    assert ss.shard.write_shard_arrays(states, sigmas.tolist(), fine) == expected
+    assert ss.shard.write_shard_arrays(states, sigmas.double(), fine) == expected
+
+
+@pytest.mark.parametrize("key_length", [10, 83, 84, 90])
+def test_ustar_packer_matches_tarwriter_and_falls_back_for_long_names(key_length):
+    # "<key>.traj.safetensors" is 100 bytes at key length 83: up to there a plain ustar header, beyond
+    # it TarWriter (pax records) writes the shard
+    samples = [("k" * (key_length - 1) + str(i), {"json": b'{"a":%d}' % i, "traj.safetensors": bytes(range(i * 50))})
+               for i in range(3)]
+    buffer = io.BytesIO()
+    with webdataset.TarWriter(buffer, user="trajflow", group="trajflow", mode=0o444, mtime=0, encoder=False,
+                              compress=False, format=tarfile.USTAR_FORMAT) as writer:
+        for key, members in samples:
+            writer.write({"__key__": key, **members})
+    assert ss.shard._pack_shard(samples) == buffer.getvalue()
+    plain = all(len(f"{key}.{suffix}") <= 100 for key, members in samples for suffix in members)
+    assert plain == (key_length <= 83)
+    assert (b"PaxHeader" in buffer.getvalue()) == (not plain)
