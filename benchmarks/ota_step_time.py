@@ -6,7 +6,7 @@
 The pool is the real Ray Serve deployment (1 replica, 1 CPU thread) on an embedded local Ray; the
 trainer is the real Trainer (1 torch thread, so the replica has a core to itself: "spare capacity").
 Each configuration trains --steps optimizer steps at the same total batch; the first --skip steps
-are excluded (start-up). Prints one JSON object; target: ratio <= 1.1.
+are excluded (start-up); the three configurations are interleaved over --cycles and the medians compared. Prints one JSON object; target: ratio <= 1.1.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--depth", type=int, default=3)
     ap.add_argument("--trajectories", type=int, default=4096)
+    ap.add_argument("--cycles", type=int, default=2, help="interleaved repetitions of the three configurations")
     args = ap.parse_args()
     import logging
 
@@ -72,18 +73,28 @@ def main() -> None:
     try:
         pool.pool_up("gmm:latent10", name="ota-bench", replicas=1, cpus_per_replica=1)
         client = pool.PoolClient("ota-bench")
-        results = [timed_run(corpus, os.path.join(tmp, "base"), args, 0.0, "fresh", None)]
-        for mode in ("fresh", "student"):
-            results.append(timed_run(corpus, os.path.join(tmp, mode), args, 0.25, mode, client))
-        results.append(timed_run(corpus, os.path.join(tmp, "base2"), args, 0.0, "fresh", None))  # drift check
+        # configurations interleaved over --cycles, so machine drift hits every configuration alike
+        results = []
+        for cycle in range(args.cycles):
+            for ratio, mode in ((0.0, "none"), (0.25, "fresh"), (0.25, "student")):
+                r = timed_run(corpus, os.path.join(tmp, f"{mode}-{cycle}"), args, ratio, mode if ratio else "fresh",
+                              client)
+                results.append({**r, "config": mode, "cycle": cycle})
         client.close()
         pool.pool_down("ota-bench")
     finally:
         ray.shutdown()
-    base = min(results[0]["step_ms_median"], results[-1]["step_ms_median"])
+    def median_of(config):
+        v = sorted(r["step_ms_median"] for r in results if r["config"] == config)
+        return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+    base = median_of("none")
     out = {
         "benchmark": "ota_step_time", "results": results, "baseline_step_ms_median": base,
-        "ratio_fresh": results[1]["step_ms_median"] / base, "ratio_student": results[2]["step_ms_median"] / base,
+        "ratio_fresh": median_of("fresh") / base, "ratio_student": median_of("student") / base,
+        "ratio_per_cycle": [{m: next(r["step_ms_median"] for r in results if r["cycle"] == c and r["config"] == m) /
+                             next(r["step_ms_median"] for r in results if r["cycle"] == c and r["config"] == "none")
+                             for m in ("fresh", "student")} for c in range(args.cycles)],
         "target": "ratio <= 1.1",
         "config": vars(args), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                           "torch": torch.__version__},

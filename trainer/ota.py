@@ -6,6 +6,11 @@ oldest request if it is done and ``fill``s the queue again. When the pool is slo
 goes on with the corpus part of the batch only; the missing samples are counted (``shortfall``),
 a warning is printed once per outage, and mixing resumes by itself when results arrive again.
 
+In ``student`` mode the student's own Euler steps to each window start (EMA weights, no grad) run on
+a helper thread together with the request, so they do not lengthen the training step either; the
+thread reads the EMA weights while the step updates them, which at most mixes two adjacent EMA
+states.
+
 Noise, classes, guidance weights and windows of request n come from a generator seeded by
 (seed, rank, n): a request is reproducible, but *which* step consumes it depends on the pool's
 timing, so runs with OTA are not bit-reproducible (the corpus part still is).
@@ -13,6 +18,7 @@ timing, so runs with OTA are not bit-reproducible (the corpus part still is).
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import hashlib
 import time
 import warnings
@@ -87,6 +93,7 @@ class OTAMixer:
         self.saved_sigmas = list(card.saved_sigmas)
         self.method = card.solver.name
         self.pending: deque[_Pending] = deque()
+        self._prep = cf.ThreadPoolExecutor(self.prefetch, thread_name_prefix="ota-student") if mode == "student" else None
         self.requested = 0
         self.stats = {"ota_samples": 0, "ota_shortfall": 0, "ota_failures": 0, "ota_timeouts": 0, "ota_stale": 0}
         self._outage = False
@@ -121,14 +128,23 @@ class OTAMixer:
             w = torch.randint(0, stage, (self.n,), generator=g)
             grid = window_grids(self.solver_sigmas, bounds, w)
             s0, s1 = grid[:, 0].float(), grid[:, -1].float()
-            if self.mode == "student":
-                boundary = [self.solver_sigmas[i] for i in bounds]
-                x_start = student_window_starts(lambda x, s: student_fn(x, s, cls, guid), noise, boundary, w)
-            else:
-                x0, real_cls = self.real_sampler(self.n, g, cls)
-                x_start = interpolated_starts(x0, noise, s0)
             save = [0, grid.shape[1] - 1]
-            p.window_B, p.x_start_BX, p.sigma_start_B, p.sigma_end_B = w, x_start, s0, s1
+            p.window_B, p.sigma_start_B, p.sigma_end_B = w, s0, s1
+            if self.mode == "student":
+                # the student's own steps to the window start run on a helper thread, off the training step
+                boundary = [self.solver_sigmas[i] for i in bounds]
+
+                def prepare_and_roll_out(p=p, noise=noise, grid=grid, save=save, cls=cls, guid=guid, w=w):
+                    p.x_start_BX = student_window_starts(lambda x, s: student_fn(x, s, cls, guid), noise, boundary, w)
+                    return self.client.submit(p.x_start_BX, grid, save, cls, guid, method=self.method).result(
+                        timeout=self.timeout_s)
+
+                p.future = self._prep.submit(prepare_and_roll_out)
+                self.pending.append(p)
+                return
+            x0, real_cls = self.real_sampler(self.n, g, cls)
+            x_start = interpolated_starts(x0, noise, s0)
+            p.x_start_BX = x_start
         try:
             p.future = self.client.submit(x_start, grid, save, cls, guid, method=self.method)
         except Exception as e:  # noqa: BLE001 - a pool that is gone must not stop training
@@ -218,3 +234,5 @@ class OTAMixer:
         for p in self.pending:
             p.future.cancel()
         self.pending.clear()
+        if self._prep is not None:
+            self._prep.shutdown(wait=False, cancel_futures=True)
