@@ -44,6 +44,16 @@ _RUN_ONLY_KEYS = {"data", "out", "max_steps", "steps_per_stage", "resume", "prog
                   "consumed_log", "log_every", "checkpoint_every", "num_workers", "ota_timeout", "ota_prefetch"}
 
 
+def _masked_loss(v: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Aligned-v loss over the valid rows; a batch of placeholders only (skip policy) gives a zero loss
+    that still touches every parameter, which keeps DDP in lockstep."""
+    if bool(valid.all()):
+        return aligned_v_loss(v, target, alpha)
+    if bool(valid.any()):
+        return aligned_v_loss(v[valid], target[valid], alpha)
+    return v.sum() * 0.0
+
+
 def _seed_of(*parts) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big") & (2**63 - 1)
 
@@ -240,13 +250,7 @@ class Trainer:
             group["lr"] = self.lr_at(self.step)
         with acc.autocast():
             v = self.model(wb.x_BX.to(device), wb.sigma_B.to(device), cond.prompt_embeds, cond.pooled_prompt_embeds)
-        v, target, m = v.float(), wb.v_target_BX.to(device), valid.to(device)
-        if bool(m.all()):
-            loss = aligned_v_loss(v, target, cfg.alpha)
-        elif bool(m.any()):
-            loss = aligned_v_loss(v[m], target[m], cfg.alpha)
-        else:  # a whole batch of placeholders (skip policy): keep DDP in lockstep with a zero loss
-            loss = v.sum() * 0.0
+        loss = _masked_loss(v.float(), wb.v_target_BX.to(device), valid.to(device), cfg.alpha)
         acc.backward(loss)
         grad_norm = acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip)
         self.optimizer.step()
@@ -307,13 +311,7 @@ class Trainer:
             v_all = self.model(x.to(device), sigma.to(device), None if cls is None else cls.to(device),
                                None if guid is None else guid.to(device))
         v = v_all[:n_reflow]
-        target, m = target.to(device), mask.to(device)
-        if bool(m.all()):
-            loss = aligned_v_loss(v, target, cfg.alpha)
-        elif bool(m.any()):
-            loss = aligned_v_loss(v[m], target[m], cfg.alpha)
-        else:  # a whole batch of placeholders (skip policy): keep DDP in lockstep with a zero loss
-            loss = v.sum() * 0.0
+        loss = _masked_loss(v, target.to(device), mask.to(device), cfg.alpha)
         stats["reflow_loss"] = float(loss.detach())
         if adv is not None:
             fake = self._adversarial_generator_part(adv, v_all[n_reflow:], stats)

@@ -61,6 +61,15 @@ def _plot_ring2d(corpus: Path, png: Path, max_samples: int = 400) -> None:
     plt.close(fig)
 
 
+def _save(fig, png: Path, dpi: int) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(png, dpi=dpi)
+    plt.close(fig)
+    return png
+
+
 def _plot_samples(out: Path, students: dict[str, Any], teacher, shift: float, n: int = 800) -> Path:
     """ring2d samples of each method (rows) at 1/2/4 steps (columns), teacher rows first."""
     import matplotlib
@@ -96,11 +105,7 @@ def _plot_samples(out: Path, students: dict[str, Any], teacher, shift: float, n:
             ax.set_xlim(-5, 5)
             ax.set_ylim(-5, 5)
             ax.set_aspect("equal")
-    fig.tight_layout()
-    png = out / "ring2d_samples.png"
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
-    return png
+    return _save(fig, out / "ring2d_samples.png", dpi=90)
 
 
 def _plot_losses(out: Path, runs: dict[str, Path]) -> Path:
@@ -121,11 +126,7 @@ def _plot_losses(out: Path, runs: dict[str, Path]) -> Path:
     ax.set_ylabel("reflow loss (aligned-v or MSE)")
     ax.set_title("training loss per method (ring2d)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    png = out / "loss_curves.png"
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+    return _save(fig, out / "loss_curves.png", dpi=100)
 
 
 def _plot_straightness(out: Path, reports: dict[str, Any], teacher, shift: float, n: int = 2000) -> Path:
@@ -166,11 +167,7 @@ def _plot_straightness(out: Path, reports: dict[str, Any], teacher, shift: float
     a2.set_yscale("log")
     a2.set_title("one-jump error per window (4 steps)")
     a2.legend(fontsize=8)
-    fig.tight_layout()
-    png = out / "straightness.png"
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+    return _save(fig, out / "straightness.png", dpi=100)
 
 
 def run_demo(args) -> int:
