@@ -156,6 +156,15 @@ def build_app(teacher_spec: str, *, name: str = DEFAULT_POOL, replicas: int = 1,
     return TeacherPoolDeployment.bind(teacher_spec, storage_options or {}, _stats_name(name))
 
 
+def _quiet_serve() -> None:
+    """Serve logs every deployment event at INFO to the console; keep a user's terminal for progress bars
+    (run with -v, i.e. INFO logging, to see them)."""
+    import logging
+
+    if logging.getLogger().getEffectiveLevel() > logging.INFO:
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+
+
 def connect(address: str | None) -> None:
     """Join the Ray cluster at ``address`` (``auto``: the one running on this machine), unless joined already."""
     if ray.is_initialized():
@@ -175,6 +184,7 @@ def pool_up(teacher_spec: str, *, name: str = DEFAULT_POOL, replicas: int = 1, g
 
     if replicas < 1:
         raise ValueError("a pool needs at least 1 replica")
+    _quiet_serve()
     if gpus_per_replica is None:  # GPU workers when the cluster has GPUs, else CPU replicas
         gpus_per_replica = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     try:
@@ -254,6 +264,7 @@ class PoolClient:
     def __init__(self, name: str = DEFAULT_POOL, *, timeout_s: float = 60.0, max_inflight: int = 8):
         from ray import serve
 
+        _quiet_serve()
         if name not in serve.status().applications:
             raise PoolError(f"no teacher pool named {name!r} on this Ray cluster; start one with "
                             f"`trajflow pool up --teacher SPEC --name {name}`")
