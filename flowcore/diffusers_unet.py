@@ -39,8 +39,14 @@ Classifier-free guidance is applied to the UNet's raw output, as diffusers' SD p
 (negative half first in one batched 2B call); the conversion output -> velocity is affine with
 weights that do not depend on the output, so this equals CFG on velocities.
 
-Prompts are encoded outside flowcore; the teacher consumes ``UNetCondition`` embeddings
-(SD1.5/SD2: ``encoder_hidden_states``; SDXL: plus ``text_embeds`` (pooled) and ``time_ids``).
+The teacher consumes ``UNetCondition`` embeddings (SD1.5/SD2: ``encoder_hidden_states``; SDXL: plus
+``text_embeds`` (pooled) and ``time_ids``). Loaded from a whole SD1.5/SD2 pipeline folder (with
+text_encoder/ and tokenizer/) it also carries the pipeline's frozen CLIP text encoder
+(``flowcore.diffusers_text.SD15PromptEncoder``): ``teacher.encode_prompts(texts)`` makes the
+conditions with the stock ``StableDiffusionPipeline.encode_prompt``, the empty prompt's embeddings
+are the ``null_condition`` (the stock pipeline's CFG negative), and the encoder's weights are part of
+the fingerprint. SDXL prompt encoding (two encoders + pooled + time ids) is not implemented:
+``encode_prompts`` raises NotImplementedError for an SDXL UNet; pass precomputed embeddings.
 Only local folders are loaded (``local_files_only=True``).
 """
 
@@ -109,6 +115,11 @@ TINY_SDXL_UNET_CONFIG: dict[str, Any] = {
     "projection_class_embeddings_input_dim": 16 + 6 * 8,
     "use_linear_projection": True,
 }
+
+
+_SDXL_PROMPTS = ("prompt encoding for SDXL UNets (two CLIP encoders, pooled embeddings, time ids) is not "
+                 "implemented in trajflow: condition an SDXL teacher on precomputed UNetCondition embeddings "
+                 "(prompt_embeds, pooled_prompt_embeds, time_ids)")
 
 
 def sigma_of_alpha_cumprod(abar) -> np.ndarray:
@@ -212,6 +223,22 @@ class UNetCondition:
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> UNetCondition:
         return cls(**{f.name: tensors.get(f.name) for f in fields(cls)})
 
+    @staticmethod
+    def cat(conditions: Sequence[UNetCondition]) -> UNetCondition:
+        """Concatenate along the batch (batch-1 tensors are broadcast first); each optional tensor
+        must be present in all conditions or in none."""
+        if not conditions:
+            raise ValueError("nothing to concatenate")
+        parts = [c.expand(c.batch_size) for c in conditions]
+        out = []
+        for f in fields(UNetCondition):
+            ts = [getattr(c, f.name) for c in parts]
+            present = {t is not None for t in ts}
+            if len(present) != 1:
+                raise ValueError(f"cannot concatenate conditions with and without {f.name}")
+            out.append(torch.cat(ts) if present == {True} else None)
+        return UNetCondition(*out)
+
 
 def _schedule_config(scheduler_config: Any) -> dict[str, Any]:
     """The schedule-defining keys of a scheduler config (dict, FrozenDict or scheduler object)."""
@@ -253,7 +280,9 @@ class DiffusersUNetTeacher:
     ``null_condition``: unconditional embeddings ([1, L, D], + pooled/time_ids for SDXL) for CFG
     when a condition has no negative embeddings, and the condition when ``cond`` is None.
     ``config_for_card``: provenance (path, subfolder) written into ``config()["source"]``; not part
-    of the fingerprint.
+    of the fingerprint. ``prompt_encoder``: the pipeline's frozen text encoder
+    (``flowcore.diffusers_text.SD15PromptEncoder``) for ``encode_prompts``; its empty-prompt
+    embeddings become the ``null_condition`` unless one is given; its weights enter the fingerprint.
     """
 
     kind = "diffusers_unet"
@@ -267,6 +296,7 @@ class DiffusersUNetTeacher:
         sample_shape: Sequence[int] | None = None,
         null_condition: UNetCondition | None = None,
         config_for_card: dict[str, Any] | None = None,
+        prompt_encoder=None,
     ):
         self.unet = unet.eval()
         self.schedule = _schedule_config(scheduler_config)
@@ -291,6 +321,11 @@ class DiffusersUNetTeacher:
             raise NotImplementedError(
                 f"UNet addition_embed_type {ucfg.addition_embed_type!r} is not supported (SD1.5/SD2: none, SDXL: "
                 "'text_time')")
+        if prompt_encoder is not None and self.is_sdxl:
+            raise NotImplementedError(_SDXL_PROMPTS)
+        self.prompt_encoder = prompt_encoder
+        if prompt_encoder is not None and null_condition is None:
+            null_condition = prompt_encoder.null_condition()
         self.null_condition = null_condition
         self.config_for_card = dict(config_for_card) if config_for_card else None
         if config_for_card is not None:
@@ -307,7 +342,12 @@ class DiffusersUNetTeacher:
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> DiffusersUNetTeacher:
         """Move the UNet (and null condition) in place; returns self."""
-        self.unet.to(device=device, dtype=dtype)
+        if dtype is None:  # diffusers warns about to(dtype=...) even when the dtype is None
+            self.unet.to(device)
+        else:
+            self.unet.to(device=device, dtype=dtype)
+        if self.prompt_encoder is not None and device is not None:
+            self.prompt_encoder.to(device)
         if self.null_condition is not None:
             self.null_condition = self.null_condition.to(device=device)
         return self
@@ -321,6 +361,27 @@ class DiffusersUNetTeacher:
     def sigma_min(self) -> float:
         """sigma of timestep 0 (> 0)."""
         return float(sigma_of_alpha_cumprod(self.alphas_cumprod[0]))
+
+    # ------------------------------------------------------------------ prompts
+    def encode_prompts(self, texts: Sequence[str]) -> UNetCondition:
+        """UNetCondition for prompt strings through the pipeline's frozen CLIP text encoder (the stock
+        ``StableDiffusionPipeline.encode_prompt``; CFG uses ``null_condition``, the empty prompt's
+        embeddings). Needs a teacher loaded from a whole SD1.5/SD2 pipeline folder."""
+        if self.is_sdxl:
+            raise NotImplementedError(_SDXL_PROMPTS)
+        if self.prompt_encoder is None:
+            where = ""
+            path = (self.config_for_card or {}).get("path")
+            if path:
+                from flowcore.diffusers_text import missing_sd15_text_parts
+
+                missing = missing_sd15_text_parts(path)
+                where = f" ({path!r} has no {' or '.join(missing)})" if missing else ""
+            raise ValueError(
+                f"this UNet teacher has no text encoder{where}: load it from the whole SD1.5/SD2 pipeline folder "
+                "(with text_encoder/ and tokenizer/) to condition on prompt text, or pass precomputed "
+                "UNetCondition embeddings")
+        return self.prompt_encoder.encode(texts)
 
     # ------------------------------------------------------------------ sigma <-> timestep
     def timestep_of_sigma(self, sigma) -> np.ndarray:
@@ -480,6 +541,7 @@ class DiffusersUNetTeacher:
             "sample_shape": list(self.sample_shape),
             "dtype": str(self.dtype).removeprefix("torch."),
             "null_condition": self.null_condition is not None,
+            **({} if self.prompt_encoder is None else {"text_encoders": self.prompt_encoder.config()}),
         }
 
     def config(self) -> dict[str, Any]:
@@ -490,10 +552,13 @@ class DiffusersUNetTeacher:
         return cfg
 
     def fingerprint(self) -> str:
-        """sha256 over ``config()`` minus ``source``, the UNet's state_dict and the null condition."""
+        """sha256 over ``config()`` minus ``source``, the UNet's state_dict, the null condition and the
+        text encoder's weights (when loaded)."""
         tensors = dict(self.unet.state_dict())
         if self.null_condition is not None:
             tensors.update({f"null_condition.{k}": v for k, v in self.null_condition.tensors().items()})
+        if self.prompt_encoder is not None:
+            tensors.update({f"text_encoders.{k}": v for k, v in self.prompt_encoder.tensors().items()})
         return fingerprint_of(self._model_config(), tensors)
 
     # ------------------------------------------------------------------ loading
@@ -508,12 +573,18 @@ class DiffusersUNetTeacher:
         sample_shape: Sequence[int] | None = None,
         null_condition: UNetCondition | None = None,
         device: str | torch.device | None = None,
+        text_encoders: bool | None = None,
     ) -> DiffusersUNetTeacher:
         """Load a ``UNet2DConditionModel`` and its noise schedule from a LOCAL diffusers folder.
 
         ``path`` is a pipeline folder (``subfolder="unet"``; the schedule is read from
         ``scheduler/scheduler_config.json``) or the UNet folder itself (``subfolder=None``; then pass
         ``scheduler_config=`` a dict, a scheduler or a scheduler_config.json path). Never downloads.
+
+        ``text_encoders``: also load the pipeline's CLIP text encoder + tokenizer (``encode_prompts``;
+        the empty prompt becomes the ``null_condition``); default: when ``path`` is a non-SDXL
+        pipeline folder with text_encoder/ and tokenizer/. True for an SDXL UNet raises
+        NotImplementedError.
         """
         from diffusers import UNet2DConditionModel
 
@@ -543,8 +614,19 @@ class DiffusersUNetTeacher:
             model.to(device)
         source = {"path": root, "subfolder": subfolder,
                   "torch_dtype": None if dtype is None else str(dtype).removeprefix("torch.")}
+        from flowcore.diffusers_text import SD15PromptEncoder, missing_sd15_text_parts
+
+        sdxl = getattr(model.config, "addition_embed_type", None) == "text_time"
+        if text_encoders is None:
+            text_encoders = bool(subfolder) and not sdxl and not missing_sd15_text_parts(root)
+        encoder = None
+        if text_encoders:
+            if sdxl:
+                raise NotImplementedError(_SDXL_PROMPTS)
+            encoder = SD15PromptEncoder.from_pretrained(root, torch_dtype=dtype, device=device)
+            source["text_encoders"] = True
         return cls(model, scheduler_config, sample_shape=sample_shape, null_condition=null_condition,
-                   config_for_card=source)
+                   config_for_card=source, prompt_encoder=encoder)
 
     @classmethod
     def from_config(cls, config: dict[str, Any], **kwargs) -> DiffusersUNetTeacher:
@@ -555,6 +637,7 @@ class DiffusersUNetTeacher:
             raise ValueError("this diffusers UNet teacher config has no source.path to load weights from")
         kwargs.setdefault("sample_shape", config.get("sample_shape"))
         kwargs.setdefault("scheduler_config", config.get("schedule"))
+        kwargs.setdefault("text_encoders", bool(source.get("text_encoders", False)))
         return cls.from_pretrained(source["path"], subfolder=source.get("subfolder"),
                                    torch_dtype=source.get("torch_dtype") or config.get("dtype"), **kwargs)
 

@@ -9,6 +9,13 @@ It loads with ``StableDiffusion3Pipeline.from_pretrained(folder, local_files_onl
 the real pipeline's shapes in miniature: prompt embeddings [B, 77 + 256, 32], pooled [B, 16].
 
 The same code path then serves a real SD3-Medium folder; only the sizes differ.
+
+``make_tiny_sd15_pipeline(folder)`` does the same for a ``StableDiffusionPipeline`` (SD1.5 layout:
+unet/ + vae/ + text_encoder/ + tokenizer/ + scheduler/): the tiny ``UNet2DConditionModel`` of
+``flowcore.diffusers_unet`` (``TINY_UNET_CONFIG``, cross-attention width 32), a tiny ``AutoencoderKL``
+(16 px images <-> 8x8x4 latents), a tiny ``CLIPTextModel`` (width 32) with the locally built
+character tokenizer, SD1.5's ``DDIMScheduler`` config, and no safety checker. Prompt embeddings
+are [B, 77, 32], as SD1.5's are [B, 77, 768].
 """
 
 from __future__ import annotations
@@ -18,10 +25,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["make_tiny_sd3_pipeline", "make_tiny_clip", "TINY_SD3_RESOLUTION"]
+__all__ = ["make_tiny_sd3_pipeline", "make_tiny_sd15_pipeline", "make_tiny_clip", "TINY_SD3_RESOLUTION",
+           "TINY_SD15_RESOLUTION"]
 
 #: image side in pixels of the tiny pipeline's native latent (8x8 latents, VAE scale factor 2)
 TINY_SD3_RESOLUTION = 16
+
+#: image side in pixels of the tiny SD1.5 pipeline's native latent (8x8 latents, VAE scale factor 2)
+TINY_SD15_RESOLUTION = 16
 
 _CHARS = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789")
 
@@ -99,6 +110,44 @@ def make_tiny_sd3_pipeline(folder: str | os.PathLike, seed: int = 0, shift: floa
         text_encoder_2=_seeded(seed + 2, clip), tokenizer_2=clip_tok,
         text_encoder_3=_seeded(seed + 3, t5), tokenizer_3=t5_tok,
     )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def make_tiny_sd15_pipeline(folder: str | os.PathLike, seed: int = 0,
+                            unet_overrides: dict[str, Any] | None = None) -> str:
+    """Write a tiny random-weight SD1.5 ``StableDiffusionPipeline`` folder (see module docstring);
+    returns the folder. Deterministic in ``seed``; the global RNG is untouched."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from flowcore.diffusers_unet import SD15_SCHEDULER_CONFIG, tiny_unet
+
+    folder = os.fspath(folder)
+    tok = _clip_tokenizer()
+    unet = tiny_unet(seed, **(unet_overrides or {}))
+    cfg = unet.config
+    width = int(cfg.cross_attention_dim)
+
+    def clip():
+        return CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+            pad_token_id=1)).eval()
+
+    def vae():
+        return AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=cfg.in_channels, block_out_channels=(8, 16),
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            layers_per_block=1, norm_num_groups=8, sample_size=TINY_SD15_RESOLUTION,
+            scaling_factor=0.18215).eval()
+
+    # SD1.5's scheduler_config.json: PNDM there; DDIM with the same schedule and spacing here
+    scheduler = DDIMScheduler(**SD15_SCHEDULER_CONFIG, clip_sample=False, set_alpha_to_one=False,
+                              steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionPipeline(
+        unet=unet, scheduler=scheduler, vae=_seeded(seed + 2, vae), text_encoder=_seeded(seed + 1, clip),
+        tokenizer=tok, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
     return folder
 

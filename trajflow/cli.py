@@ -213,6 +213,17 @@ def cmd_make_tiny_sd3(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_tiny_sd15(args: argparse.Namespace) -> int:
+    from flowcore.tiny_models import TINY_SD15_RESOLUTION, make_tiny_sd15_pipeline
+
+    if os.path.exists(args.dir) and os.listdir(args.dir):
+        raise UsageError(f"{args.dir} exists and is not empty")
+    folder = make_tiny_sd15_pipeline(args.dir, seed=args.seed)
+    print(f"wrote a tiny SD1.5 pipeline to {folder} (random weights; --resolution {TINY_SD15_RESOLUTION} "
+          f"for its native 8x8 latents)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from trajflow.demo import run_demo
 
@@ -343,6 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny_sd3)
+
+    p = sub.add_parser("make-tiny-sd15", help="write a tiny random-weight SD1.5 UNet pipeline folder (tests, docs)",
+                       description="Write a complete StableDiffusionPipeline folder (unet/, vae/, text_encoder/, "
+                                   "tokenizer/, scheduler/) with tiny random weights and a locally built tokenizer "
+                                   "(16 px images, 8x8x4 latents). No downloads.")
+    p.add_argument("dir", help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_tiny_sd15)
 
     p = sub.add_parser("eval", help="evaluate a student against its teacher at 1/2/4 steps",
                        description="Few-step sampling on the corrected schedule, with exact metrics for GMM teachers: "
