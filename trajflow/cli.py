@@ -304,8 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ota-mode", choices=["fresh", "student", "perflow"],
                    help="fresh: teacher from new noise; student: the student's own few-step rollout reaches the "
                         "window start and the teacher solves the window; perflow: baseline (default fresh)")
-    g.add_argument("--address", help="Ray cluster whose pool serves rollouts (auto, ray://HEAD:10001); default: "
-                   "start a pool on an embedded local Ray for this run")
+    g.add_argument("--address", help="Ray cluster whose pool serves rollouts (auto: the cluster this node belongs "
+                   "to); default: start a pool on an embedded local Ray for this run")
     g.add_argument("--pool-name", help="pool name (default trajflow-pool)")
     g.add_argument("--pool-replicas", type=int, default=1, help="replicas of the embedded pool (default 1)")
     g.add_argument("--ota-prefetch", type=int, help="rollout requests in flight per process (default 2)")
