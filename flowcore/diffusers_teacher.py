@@ -197,7 +197,36 @@ def _dtype_of(torch_dtype) -> torch.dtype | None:
     return dt
 
 
-class DiffusersFlowTeacher:
+class DenoiserPlacement:
+    """dtype / device / ``to`` of a diffusers teacher: its ``denoiser`` network, its optional
+    ``prompt_encoder`` and its optional ``null_condition`` move together."""
+
+    denoiser: torch.nn.Module
+    prompt_encoder: Any
+    null_condition: Any
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.denoiser.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    def to(self, device=None, dtype: torch.dtype | None = None):
+        """Move the denoiser (and prompt encoder, null condition) in place; returns self."""
+        if dtype is None:  # diffusers warns about to(dtype=...) even when the dtype is None
+            self.denoiser.to(device)
+        else:
+            self.denoiser.to(device=device, dtype=dtype)
+        if self.prompt_encoder is not None and device is not None:
+            self.prompt_encoder.to(device)
+        if self.null_condition is not None:
+            self.null_condition = self.null_condition.to(device=device)
+        return self
+
+
+class DiffusersFlowTeacher(DenoiserPlacement):
     """Teacher protocol adapter for an ``SD3Transformer2DModel``-like diffusers transformer.
 
     ``transformer`` is called as ``transformer(hidden_states=x, encoder_hidden_states=E,
@@ -241,24 +270,8 @@ class DiffusersFlowTeacher:
 
     # ------------------------------------------------------------------ properties
     @property
-    def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    def to(self, device=None, dtype: torch.dtype | None = None) -> DiffusersFlowTeacher:
-        """Move the transformer (and null condition) in place; returns self."""
-        if dtype is None:  # diffusers warns about to(dtype=...) even when the dtype is None
-            self.transformer.to(device)
-        else:
-            self.transformer.to(device=device, dtype=dtype)
-        if self.prompt_encoder is not None and device is not None:
-            self.prompt_encoder.to(device)
-        if self.null_condition is not None:
-            self.null_condition = self.null_condition.to(device=device)
-        return self
+    def denoiser(self) -> torch.nn.Module:
+        return self.transformer
 
     # ------------------------------------------------------------------ prompts
     def encode_prompts(self, texts: Sequence[str]) -> PromptCondition:

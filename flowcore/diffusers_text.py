@@ -67,7 +67,31 @@ def _unique_rows(texts: Sequence[str]) -> tuple[list[str], list[int] | None]:
     return unique, [where[t] for t in texts]
 
 
-class SD3PromptEncoder:
+class _PipelinePromptEncoder:
+    """What both prompt encoders share: a text-only stock pipeline ``pipe`` and the cached empty-prompt
+    condition ``_null``; subclasses define ``encode(texts)``."""
+
+    pipe: Any
+    _null: Any
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.pipe.text_encoder.parameters()).device
+
+    def to(self, device=None):
+        self.pipe.to(device)
+        if self._null is not None:
+            self._null = self._null.to(device=device)
+        return self
+
+    def null_condition(self):
+        """The empty prompt's embeddings, batch 1: the stock pipeline's default negative for CFG."""
+        if self._null is None:
+            self._null = self.encode([""])
+        return self._null
+
+
+class SD3PromptEncoder(_PipelinePromptEncoder):
     """Frozen SD3 text encoders (see module docstring)."""
 
     def __init__(self, pipe, max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH):
@@ -104,15 +128,6 @@ class SD3PromptEncoder:
     def encoders(self) -> dict[str, torch.nn.Module]:
         return {n: getattr(self.pipe, n) for n in _ENCODERS if getattr(self.pipe, n, None) is not None}
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.pipe.text_encoder.parameters()).device
-
-    def to(self, device=None) -> SD3PromptEncoder:
-        self.pipe.to(device)
-        if self._null is not None:
-            self._null = self._null.to(device=device)
-        return self
 
     def config(self) -> dict[str, Any]:
         """JSON description (fingerprinted with the encoders' weights by the teacher)."""
@@ -151,14 +166,9 @@ class SD3PromptEncoder:
         idx = torch.tensor([where[t] for t in texts], device=embeds.device)
         return PromptCondition(embeds[idx], pooled[idx])
 
-    def null_condition(self) -> PromptCondition:
-        """The empty prompt's embeddings, batch 1: the stock pipeline's default negative for CFG."""
-        if self._null is None:
-            self._null = self.encode([""])
-        return self._null
 
 
-class SD15PromptEncoder:
+class SD15PromptEncoder(_PipelinePromptEncoder):
     """Frozen SD1.5 / SD2 text encoder (one CLIP) behind ``StableDiffusionPipeline.encode_prompt``
     (see module docstring); ``encode`` returns ``flowcore.diffusers_unet.UNetCondition``."""
 
@@ -193,15 +203,6 @@ class SD15PromptEncoder:
             pipe.to(device)
         return cls(pipe)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.pipe.text_encoder.parameters()).device
-
-    def to(self, device=None) -> SD15PromptEncoder:
-        self.pipe.to(device)
-        if self._null is not None:
-            self._null = self._null.to(device=device)
-        return self
 
     def config(self) -> dict[str, Any]:
         """JSON description (fingerprinted with the encoder's weights by the teacher)."""
@@ -229,8 +230,3 @@ class SD15PromptEncoder:
             embeds = embeds[torch.tensor(rows, device=embeds.device)]
         return UNetCondition(embeds)
 
-    def null_condition(self):
-        """The empty prompt's embeddings, batch 1: the stock pipeline's default negative for CFG."""
-        if self._null is None:
-            self._null = self.encode([""])
-        return self._null

@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flowcore.diffusers_teacher import _dtype_of, _json_clean, _select
+from flowcore.diffusers_teacher import DenoiserPlacement, _dtype_of, _json_clean, _select
 from flowcore.guidance import combine_cfg
 from flowcore.teacher import as_guidance_batch, as_sigma_batch, fingerprint_of
 
@@ -269,7 +269,7 @@ def _alphas_cumprod(schedule: dict[str, Any]) -> np.ndarray:
     return abar
 
 
-class DiffusersUNetTeacher:
+class DiffusersUNetTeacher(DenoiserPlacement):
     """Teacher protocol adapter for an epsilon / v-prediction ``UNet2DConditionModel``.
 
     ``unet`` is called as ``unet(z, t, encoder_hidden_states=E[, added_cond_kwargs={"text_embeds": P,
@@ -333,24 +333,8 @@ class DiffusersUNetTeacher:
 
     # ------------------------------------------------------------------ properties
     @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    def to(self, device=None, dtype: torch.dtype | None = None) -> DiffusersUNetTeacher:
-        """Move the UNet (and null condition) in place; returns self."""
-        if dtype is None:  # diffusers warns about to(dtype=...) even when the dtype is None
-            self.unet.to(device)
-        else:
-            self.unet.to(device=device, dtype=dtype)
-        if self.prompt_encoder is not None and device is not None:
-            self.prompt_encoder.to(device)
-        if self.null_condition is not None:
-            self.null_condition = self.null_condition.to(device=device)
-        return self
+    def denoiser(self) -> torch.nn.Module:
+        return self.unet
 
     @property
     def sigma_max(self) -> float:

@@ -202,24 +202,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return run_sample(args)
 
 
-def cmd_make_tiny_sd3(args: argparse.Namespace) -> int:
-    from flowcore.tiny_models import TINY_SD3_RESOLUTION, make_tiny_sd3_pipeline
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from flowcore import tiny_models
 
     if os.path.exists(args.dir) and os.listdir(args.dir):
         raise UsageError(f"{args.dir} exists and is not empty")
-    folder = make_tiny_sd3_pipeline(args.dir, seed=args.seed)
-    print(f"wrote a tiny SD3 pipeline to {folder} (random weights; --resolution {TINY_SD3_RESOLUTION} "
-          f"for its native 8x8 latents)")
-    return 0
-
-
-def cmd_make_tiny_sd15(args: argparse.Namespace) -> int:
-    from flowcore.tiny_models import TINY_SD15_RESOLUTION, make_tiny_sd15_pipeline
-
-    if os.path.exists(args.dir) and os.listdir(args.dir):
-        raise UsageError(f"{args.dir} exists and is not empty")
-    folder = make_tiny_sd15_pipeline(args.dir, seed=args.seed)
-    print(f"wrote a tiny SD1.5 pipeline to {folder} (random weights; --resolution {TINY_SD15_RESOLUTION} "
+    make, resolution, name = {"sd3": (tiny_models.make_tiny_sd3_pipeline, tiny_models.TINY_SD3_RESOLUTION, "SD3"),
+                              "sd15": (tiny_models.make_tiny_sd15_pipeline, tiny_models.TINY_SD15_RESOLUTION,
+                                       "SD1.5")}[args.tiny_kind]
+    folder = make(args.dir, seed=args.seed)
+    print(f"wrote a tiny {name} pipeline to {folder} (random weights; --resolution {resolution} "
           f"for its native 8x8 latents)")
     return 0
 
@@ -353,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a CPU in seconds. No downloads.")
     p.add_argument("dir", help="output folder")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_make_tiny_sd3)
+    p.set_defaults(func=cmd_make_tiny, tiny_kind="sd3")
 
     p = sub.add_parser("make-tiny-sd15", help="write a tiny random-weight SD1.5 UNet pipeline folder (tests, docs)",
                        description="Write a complete StableDiffusionPipeline folder (unet/, vae/, text_encoder/, "
@@ -361,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(16 px images, 8x8x4 latents). No downloads.")
     p.add_argument("dir", help="output folder")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_make_tiny_sd15)
+    p.set_defaults(func=cmd_make_tiny, tiny_kind="sd15")
 
     p = sub.add_parser("eval", help="evaluate a student against its teacher at 1/2/4 steps",
                        description="Few-step sampling on the corrected schedule, with exact metrics for GMM teachers: "
