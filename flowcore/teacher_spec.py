@@ -129,3 +129,23 @@ def _is_unet_folder(path: str, subfolder: str) -> bool:
     except (OSError, ValueError):
         return subfolder == "unet"
     return "UNet" in name
+
+
+def scheduler_shift(scheduler_config: dict | None) -> float:
+    """The time shift a diffusers pipeline's own scheduler config implies for trajflow's sigma grid.
+
+    ``FlowMatchEulerDiscreteScheduler`` configs carry ``shift`` (SD3-Medium / SD3.5: 3.0); schedulers
+    without one (DDIM / Euler / PNDM of SD1.5, SD2, SDXL UNets) mean no shift (1.0), as does a
+    missing config (``None``). A config with ``use_dynamic_shifting`` (Flux-style, the shift depends
+    on the resolution through ``mu``) has no single shift: that is a clear error asking for ``--shift``.
+    """
+    if not scheduler_config:
+        return 1.0
+    if scheduler_config.get("use_dynamic_shifting"):
+        raise ValueError(
+            f"the pipeline's scheduler ({scheduler_config.get('_class_name', 'scheduler')}) uses dynamic shifting: "
+            "its shift depends on the resolution (shift = exp(mu)); pass --shift explicitly")
+    shift = scheduler_config.get("shift", 1.0)
+    if not isinstance(shift, (int, float)) or isinstance(shift, bool) or not shift > 0:
+        raise ValueError(f"the pipeline's scheduler config has an invalid shift {shift!r}; pass --shift explicitly")
+    return float(shift)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from flowcore.schedules import StageSchedule, solver_sigmas
-from flowcore.teacher_spec import parse_teacher_spec
+from flowcore.teacher_spec import parse_teacher_spec, scheduler_shift
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -59,8 +59,9 @@ class GenerateConfig:
     solver: str = "euler"
     #: solver steps S; a multiple of the finest stage's window count (data)
     num_steps: int = 32
-    #: SD3-style time shift of the sigma grid (1.0 = none; 3.0 for SD3) (data)
-    shift: float = 1.0
+    #: SD3-style time shift of the sigma grid (data). None: a diffusers teacher's own scheduler shift
+    #: (``scheduler/scheduler_config.json``: 3.0 for SD3-Medium, 1.0 for UNet pipelines), else 1.0
+    shift: float | None = None
     #: progressive window stages, finest first (data); the saved sigmas default to the finest's boundaries
     stages: tuple[int, ...] = (8, 4, 2)
     #: explicit saved sigmas (each a solver grid point); default: boundaries of the finest stage (data)
@@ -118,6 +119,11 @@ class GenerateConfig:
                 raise ValueError(f"resolution must be a positive integer (pixels), got {self.resolution!r}")
             if parse_teacher_spec(self.teacher).kind != "diffusers":
                 raise ValueError("resolution applies to diffusers teachers only")
+        if self.shift is None:
+            self.shift = default_shift(self.teacher, self.storage_options)
+        if isinstance(self.shift, bool) or not isinstance(self.shift, (int, float)) or not self.shift > 0:
+            raise ValueError(f"shift must be a positive number, got {self.shift!r}")
+        self.shift = float(self.shift)
         self.stages = tuple(int(s) for s in self.stages)
         self.schedule = StageSchedule(self.stages, float(self.shift))
         self.grid = solver_sigmas(self.num_steps, float(self.shift), self.schedule.finest)
@@ -148,6 +154,27 @@ class GenerateConfig:
     @property
     def num_shards(self) -> int:
         return -(-self.num_trajectories // self.shard_size)
+
+
+def default_shift(teacher: str, storage_options: dict[str, Any] | None = None) -> float:
+    """The shift of a diffusers teacher's own scheduler (``PATH/scheduler/scheduler_config.json``, local
+    or on object storage); 1.0 for other teachers and for folders without a scheduler config."""
+    spec = parse_teacher_spec(teacher)
+    if spec.kind != "diffusers":
+        return 1.0
+    from fsspec.core import url_to_fs
+
+    fs, root = url_to_fs(spec.target, **(storage_options or {}))
+    path = f"{root.rstrip('/')}/scheduler/scheduler_config.json"
+    try:
+        with fs.open(path, "r") as f:
+            sched = json.load(f)
+    except FileNotFoundError:
+        return 1.0
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the teacher's scheduler config {spec.target}/scheduler/scheduler_config.json "
+                         f"for its default shift ({e}); pass --shift explicitly") from None
+    return scheduler_shift(sched if isinstance(sched, dict) else None)
 
 
 def config_fields() -> dict[str, Any]:

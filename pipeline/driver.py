@@ -13,6 +13,7 @@ existing corpus is refused (the card's fingerprint differs).
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from collections import deque
@@ -172,6 +173,17 @@ def finalize(store: ObjectStore, card: DatasetCard, commits: dict[str, ShardComm
     store.write_bytes(MANIFEST, manifest_to_parquet_bytes(commits.values()))
 
 
+def _root_error(e: BaseException) -> str:
+    """The original exception line of a Ray task / actor-creation error (its last 'XxxError: ...'
+    line), without the remote traceback; the whole text when there is no such line."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException) and not type(cause).__module__.startswith("ray"):
+        return f"{type(cause).__name__}: {cause}"
+    lines = [ln.strip() for ln in str(e).splitlines()]
+    found = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception): ", ln)]
+    return found[-1] if found else str(e)
+
+
 def _ensure_ray(address: str | None):
     import ray
 
@@ -262,7 +274,7 @@ def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = N
             if not starting:
                 for a in actors + committers:
                     ray.kill(a)
-                raise GenerationFailed(f"the workers could not start teacher {cfg.teacher!r}: {e}") from None
+                raise GenerationFailed(f"the workers could not start teacher {cfg.teacher!r}: {_root_error(e)}") from None
             actors.remove(actor)
     # the committers need no GPU and were started alongside: wait (bounded) until they are up too.
     # One that failed to start is replaced when its first commit fails (see the loop below).

@@ -86,7 +86,21 @@ class GenerationWorker:
             from pipeline.prompts import load_prompts
 
             self.prompts, _ = load_prompts(self.cfg.prompts, self.cfg.storage_options)
+            self._check_prompt_encoding()
         self.plan = make_plan(self.cfg, self.teacher, self.prompts)
+
+    def _check_prompt_encoding(self) -> None:
+        """Encode the first prompt once at start-up, so a teacher that cannot encode prompts (no text
+        encoders in its folder, a model without prompt conditioning) fails the job at once with the
+        reason, instead of failing every shard through its retries."""
+        encode = getattr(self.teacher, "encode_prompts", None)
+        if encode is None:
+            raise ValueError(f"--prompts given, but teacher {self.cfg.teacher} cannot encode prompts (it has no text "
+                             "encoders); drop --prompts or use a diffusers pipeline folder with its text encoders")
+        try:
+            encode([self.prompts[0][1]])
+        except (ValueError, NotImplementedError, OSError) as e:
+            raise ValueError(f"--prompts given, but teacher {self.cfg.teacher} cannot encode them: {e}") from None
 
     # -- description used by the driver to write the dataset card ---------------------------
     def describe(self) -> dict[str, Any]:

@@ -68,7 +68,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--base-seed", type=int, help="base seed; sample i's noise seed is a hash of (base, i) (default 0)")
     g.add_argument("--solver", choices=["euler", "heun"], help="ODE solver (default euler)")
     g.add_argument("--num-steps", type=int, help="solver steps, a multiple of the finest stage (default 32)")
-    g.add_argument("--shift", type=float, help="time shift of the sigma grid (default 1.0; SD3 uses 3.0)")
+    g.add_argument("--shift", type=float, help="time shift of the sigma grid (default: a diffusers teacher's own scheduler shift, e.g. 3.0 for SD3-Medium; else 1.0)")
     g.add_argument("--stages", type=_int_list, help="window stages finest first; saved sigmas default to the "
                    "finest's boundaries (default 8,4,2)")
     g.add_argument("--saved-sigmas", type=_float_list, help="explicit saved sigmas (solver grid points), e.g. 1,0.5,0")
