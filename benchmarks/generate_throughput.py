@@ -6,7 +6,9 @@ writes commit records and the manifest, all through Ray. Prints one JSON object;
 pipeline/bare is the figure of merit (target >= 0.9 on CPU with latent10).
 
     python benchmarks/generate_throughput.py                       # latent10, CPU
-    python benchmarks/generate_throughput.py --teacher diffusers:/models/sd3 --device cuda ...
+    python benchmarks/generate_throughput.py --teacher diffusers:/models/sd3 --prompts prompts.jsonl \\
+        --resolution 1024 --teacher-dtype bfloat16 --guidance 7 --num-steps 28 --stages 4 \\
+        --batch-size 8 --shard-size 64 --num-trajectories 256 --device cuda
 """
 
 from __future__ import annotations
@@ -24,24 +26,15 @@ import torch
 
 def bare_loop(cfg, threads: int, device: str) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this thread) to solve every trajectory of the plan in one
-    process, no I/O."""
-    from flowcore.solvers import seeded_noise, solve_teacher
-    from pipeline.worker import make_plan, resolve_teacher
+    process, no I/O and no Ray: the worker class's own ``solve_states`` (noise, prompt encoding with
+    its per-shard cache, the solve, the copy to host), called directly."""
+    from pipeline.worker import GenerationWorker
 
+    worker = GenerationWorker(cfg.to_dict(), device=device)  # sets the torch thread count from cpus_per_worker
     torch.set_num_threads(threads)
-    teacher = resolve_teacher(cfg.teacher, cfg.storage_options, device)
-    plan = make_plan(cfg, teacher, None)
     t0, cpu0 = time.perf_counter(), time.thread_time()
-    for n in range(plan.num_shards):
-        specs = plan.shard_samples(n)
-        for s in range(0, len(specs), cfg.batch_size):
-            batch = specs[s:s + cfg.batch_size]
-            noise = seeded_noise([b.seed for b in batch], teacher.sample_shape, torch.float32, device)
-            cond = None if batch[0].class_id is None else torch.tensor([b.class_id for b in batch], device=device)
-            g = torch.tensor([b.guidance for b in batch], device=device)
-            traj = solve_teacher(teacher, noise, cfg.grid, cond=cond, guidance=g, method=cfg.solver,
-                                 capture_sigmas=cfg.saved)
-            traj.states_BKX.to("cpu")
+    for n in range(worker.plan.num_shards):
+        worker.solve_states(n)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - t0, time.thread_time() - cpu0
@@ -55,6 +48,11 @@ def main() -> None:
     ap.add_argument("--num-steps", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--guidance", default="1.5:4.5")
+    ap.add_argument("--prompts", help="prompt file (.jsonl/.parquet) for prompt-conditioned diffusers teachers")
+    ap.add_argument("--resolution", type=int, help="image side in pixels (diffusers teachers)")
+    ap.add_argument("--teacher-dtype", help="teacher network dtype, e.g. bfloat16 on GPUs")
+    ap.add_argument("--shift", type=float, help="sigma-grid shift (default: the teacher's scheduler shift, else 1)")
+    ap.add_argument("--stages", default="8,4,2", help="window stages, finest first")
     ap.add_argument("--threads", type=int, default=1, help="torch threads on both sides")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None, help="corpus URL for the pipeline run (default: a temp dir)")
@@ -69,7 +67,9 @@ def main() -> None:
     out = args.out or os.path.join(tmp, "corpus")
     cfg = GenerateConfig(teacher=args.teacher, out=out, num_trajectories=args.num_trajectories,
                          shard_size=args.shard_size, num_steps=args.num_steps, batch_size=args.batch_size,
-                         guidance=args.guidance, cpus_per_worker=args.threads,
+                         guidance=args.guidance, cpus_per_worker=args.threads, prompts=args.prompts,
+                         resolution=args.resolution, teacher_dtype=args.teacher_dtype, shift=args.shift,
+                         stages=tuple(int(x) for x in args.stages.split(",")),
                          gpus_per_worker=1 if args.device.startswith("cuda") else 0, progress=False)
     load_before = os.getloadavg()[0]  # other work on the machine slows both sides, not equally
     bare_before = bare_loop(cfg, args.threads, args.device)
@@ -87,7 +87,8 @@ def main() -> None:
     pipe_tps = summary.steady_trajectories_per_second
     print(json.dumps({
         "benchmark": "generate_throughput",
-        "teacher": args.teacher, "device": args.device, "threads": args.threads,
+        "teacher": args.teacher, "device": args.device, "threads": args.threads, "prompts": args.prompts,
+        "resolution": args.resolution, "teacher_dtype": args.teacher_dtype,
         "num_trajectories": args.num_trajectories, "shard_size": args.shard_size, "num_steps": args.num_steps,
         "batch_size": args.batch_size, "bare_loop_traj_per_s": round(bare_tps, 1),
         "pipeline_traj_per_s": round(pipe_tps, 1), "ratio_pipeline_over_bare": round(pipe_tps / bare_tps, 3),
