@@ -45,8 +45,12 @@ text_encoder/ and tokenizer/) it also carries the pipeline's frozen CLIP text en
 (``flowcore.diffusers_text.SD15PromptEncoder``): ``teacher.encode_prompts(texts)`` makes the
 conditions with the stock ``StableDiffusionPipeline.encode_prompt``, the empty prompt's embeddings
 are the ``null_condition`` (the stock pipeline's CFG negative), and the encoder's weights are part of
-the fingerprint. SDXL prompt encoding (two encoders + pooled + time ids) is not implemented:
-``encode_prompts`` raises NotImplementedError for an SDXL UNet; pass precomputed embeddings.
+the fingerprint. An SDXL UNet loaded from a whole SDXL pipeline folder (text_encoder/,
+text_encoder_2/, tokenizer/, tokenizer_2/) carries ``flowcore.diffusers_text.SDXLPromptEncoder``
+instead: the stock ``StableDiffusionXLPipeline.encode_prompt`` (both encoders' penultimate states
+concatenated, pooled from encoder 2), ``time_ids`` [[H, W, 0, 0, H, W]] for the teacher's resolution
+(latent size x VAE scale factor) as the stock pipeline builds them, and the stock CFG negative
+(zeros when the pipeline sets ``force_zeros_for_empty_prompt``, as SDXL base does).
 Only local folders are loaded (``local_files_only=True``).
 """
 
@@ -115,11 +119,6 @@ TINY_SDXL_UNET_CONFIG: dict[str, Any] = {
     "projection_class_embeddings_input_dim": 16 + 6 * 8,
     "use_linear_projection": True,
 }
-
-
-_SDXL_PROMPTS = ("prompt encoding for SDXL UNets (two CLIP encoders, pooled embeddings, time ids) is not "
-                 "implemented in trajflow: condition an SDXL teacher on precomputed UNetCondition embeddings "
-                 "(prompt_embeds, pooled_prompt_embeds, time_ids)")
 
 
 def sigma_of_alpha_cumprod(abar) -> np.ndarray:
@@ -280,9 +279,11 @@ class DiffusersUNetTeacher(DenoiserPlacement):
     ``null_condition``: unconditional embeddings ([1, L, D], + pooled/time_ids for SDXL) for CFG
     when a condition has no negative embeddings, and the condition when ``cond`` is None.
     ``config_for_card``: provenance (path, subfolder) written into ``config()["source"]``; not part
-    of the fingerprint. ``prompt_encoder``: the pipeline's frozen text encoder
-    (``flowcore.diffusers_text.SD15PromptEncoder``) for ``encode_prompts``; its empty-prompt
-    embeddings become the ``null_condition`` unless one is given; its weights enter the fingerprint.
+    of the fingerprint. ``prompt_encoder``: the pipeline's frozen text encoder(s)
+    (``flowcore.diffusers_text.SD15PromptEncoder``; ``SDXLPromptEncoder`` for an SDXL UNet, whose
+    time ids are set to this teacher's resolution) for ``encode_prompts``; its empty-prompt
+    condition (the stock CFG negative) becomes the ``null_condition`` unless one is given; its
+    weights enter the fingerprint.
     """
 
     kind = "diffusers_unet"
@@ -321,8 +322,8 @@ class DiffusersUNetTeacher(DenoiserPlacement):
             raise NotImplementedError(
                 f"UNet addition_embed_type {ucfg.addition_embed_type!r} is not supported (SD1.5/SD2: none, SDXL: "
                 "'text_time')")
-        if prompt_encoder is not None and self.is_sdxl:
-            raise NotImplementedError(_SDXL_PROMPTS)
+        if prompt_encoder is not None:
+            _check_prompt_encoder(prompt_encoder, ucfg, self.is_sdxl, self.sample_shape)
         self.prompt_encoder = prompt_encoder
         if prompt_encoder is not None and null_condition is None:
             null_condition = prompt_encoder.null_condition()
@@ -348,23 +349,23 @@ class DiffusersUNetTeacher(DenoiserPlacement):
 
     # ------------------------------------------------------------------ prompts
     def encode_prompts(self, texts: Sequence[str]) -> UNetCondition:
-        """UNetCondition for prompt strings through the pipeline's frozen CLIP text encoder (the stock
-        ``StableDiffusionPipeline.encode_prompt``; CFG uses ``null_condition``, the empty prompt's
-        embeddings). Needs a teacher loaded from a whole SD1.5/SD2 pipeline folder."""
-        if self.is_sdxl:
-            raise NotImplementedError(_SDXL_PROMPTS)
+        """UNetCondition for prompt strings through the pipeline's frozen CLIP text encoder(s) (the stock
+        ``StableDiffusionPipeline.encode_prompt``, or ``StableDiffusionXLPipeline.encode_prompt`` + time
+        ids for SDXL; CFG uses ``null_condition``, the stock pipeline's empty-prompt negative). Needs a
+        teacher loaded from a whole SD1.5/SD2/SDXL pipeline folder."""
         if self.prompt_encoder is None:
+            from flowcore.diffusers_text import missing_sd15_text_parts, missing_sdxl_text_parts
+
             where = ""
             path = (self.config_for_card or {}).get("path")
             if path:
-                from flowcore.diffusers_text import missing_sd15_text_parts
-
-                missing = missing_sd15_text_parts(path)
+                missing = (missing_sdxl_text_parts if self.is_sdxl else missing_sd15_text_parts)(path)
                 where = f" ({path!r} has no {' or '.join(missing)})" if missing else ""
+            needs = ("SDXL pipeline folder (with text_encoder/, text_encoder_2/, tokenizer/ and tokenizer_2/)"
+                     if self.is_sdxl else "SD1.5/SD2 pipeline folder (with text_encoder/ and tokenizer/)")
             raise ValueError(
-                f"this UNet teacher has no text encoder{where}: load it from the whole SD1.5/SD2 pipeline folder "
-                "(with text_encoder/ and tokenizer/) to condition on prompt text, or pass precomputed "
-                "UNetCondition embeddings")
+                f"this UNet teacher has no text encoder{where}: load it from the whole {needs} to condition on "
+                "prompt text, or pass precomputed UNetCondition embeddings")
         return self.prompt_encoder.encode(texts)
 
     # ------------------------------------------------------------------ sigma <-> timestep
@@ -565,10 +566,11 @@ class DiffusersUNetTeacher(DenoiserPlacement):
         ``scheduler/scheduler_config.json``) or the UNet folder itself (``subfolder=None``; then pass
         ``scheduler_config=`` a dict, a scheduler or a scheduler_config.json path). Never downloads.
 
-        ``text_encoders``: also load the pipeline's CLIP text encoder + tokenizer (``encode_prompts``;
-        the empty prompt becomes the ``null_condition``); default: when ``path`` is a non-SDXL
-        pipeline folder with text_encoder/ and tokenizer/. True for an SDXL UNet raises
-        NotImplementedError.
+        ``text_encoders``: also load the pipeline's CLIP text encoder + tokenizer (SDXL: both encoders
+        and tokenizers) for ``encode_prompts``; the stock empty-prompt negative becomes the
+        ``null_condition``. Default: when ``path`` is a pipeline folder with those subfolders (SD1.5/SD2:
+        text_encoder/, tokenizer/; SDXL: + text_encoder_2/, tokenizer_2/). True without them raises
+        FileNotFoundError naming the missing subfolders.
         """
         from diffusers import UNet2DConditionModel
 
@@ -598,16 +600,20 @@ class DiffusersUNetTeacher(DenoiserPlacement):
             model.to(device)
         source = {"path": root, "subfolder": subfolder,
                   "torch_dtype": None if dtype is None else str(dtype).removeprefix("torch.")}
-        from flowcore.diffusers_text import SD15PromptEncoder, missing_sd15_text_parts
+        from flowcore.diffusers_text import (
+            SD15PromptEncoder,
+            SDXLPromptEncoder,
+            missing_sd15_text_parts,
+            missing_sdxl_text_parts,
+        )
 
         sdxl = getattr(model.config, "addition_embed_type", None) == "text_time"
         if text_encoders is None:
-            text_encoders = bool(subfolder) and not sdxl and not missing_sd15_text_parts(root)
+            text_encoders = bool(subfolder) and not (missing_sdxl_text_parts if sdxl else missing_sd15_text_parts)(root)
         encoder = None
         if text_encoders:
-            if sdxl:
-                raise NotImplementedError(_SDXL_PROMPTS)
-            encoder = SD15PromptEncoder.from_pretrained(root, torch_dtype=dtype, device=device)
+            encoder = (SDXLPromptEncoder if sdxl else SD15PromptEncoder).from_pretrained(
+                root, torch_dtype=dtype, device=device)
             source["text_encoders"] = True
         return cls(model, scheduler_config, sample_shape=sample_shape, null_condition=null_condition,
                    config_for_card=source, prompt_encoder=encoder)
@@ -629,6 +635,28 @@ class DiffusersUNetTeacher(DenoiserPlacement):
         return (f"DiffusersUNetTeacher({type(self.unet).__name__}, {self.prediction_type}, "
                 f"sample_shape={self.sample_shape}, dtype={self.dtype}, sigma in [{self.sigma_min:.4g}, "
                 f"{self.sigma_max:.4g}])")
+
+
+def _check_prompt_encoder(encoder, ucfg, is_sdxl: bool, sample_shape: tuple[int, ...]) -> None:
+    """An SDXL UNet takes an SDXL prompt encoder (widths matching its config; its time ids set to the
+    teacher's resolution), an SD1.5/SD2 UNet a one-encoder one."""
+    enc_sdxl = bool(getattr(encoder, "is_sdxl", False))
+    if enc_sdxl != is_sdxl:
+        raise ValueError(f"an {'SDXL' if is_sdxl else 'SD1.5/SD2'} UNet needs "
+                         f"{'an SDXLPromptEncoder' if is_sdxl else 'a one-encoder prompt encoder (SD15PromptEncoder)'}, "
+                         f"got {type(encoder).__name__}")
+    if not is_sdxl:
+        return
+    if ucfg is not None:
+        pooled = int(ucfg.projection_class_embeddings_input_dim) - 6 * int(ucfg.addition_time_embed_dim)
+        cad = ucfg.cross_attention_dim
+        cad = int(cad) if isinstance(cad, int) else (int(cad[0]) if len(set(cad)) == 1 else None)
+        if encoder.pooled_dim != pooled or cad not in (None, encoder.embed_dim):
+            raise ValueError(
+                f"the SDXL text encoders give embeddings of width {encoder.embed_dim} and pooled {encoder.pooled_dim}; "
+                f"the UNet expects cross_attention_dim {ucfg.cross_attention_dim} and pooled "
+                f"{pooled} (projection_class_embeddings_input_dim - 6 x addition_time_embed_dim)")
+    encoder.set_latent_size(sample_shape[1], sample_shape[2])
 
 
 def tiny_unet(seed: int = 0, *, sdxl: bool = False, **overrides):

@@ -61,7 +61,8 @@ def build_teacher(spec: str | TeacherSpec, device: str | torch.device = "cpu", d
     ``resolution`` (image pixels) or ``sample_shape`` (latent C, H, W) size a diffusers teacher's
     samples (default: the model config's sample_size); other teachers have a fixed shape. A
     diffusers SD3 pipeline folder is loaded with its text encoders (``encode_prompts``); an SD1.5/SD2 UNet
-    pipeline folder with its CLIP text encoder when it has text_encoder/ and tokenizer/ (SDXL: embeddings only)."""
+    pipeline folder with its CLIP text encoder when it has text_encoder/ and tokenizer/ (SDXL: both CLIP
+    encoders, when it also has text_encoder_2/ and tokenizer_2/; time ids at this resolution)."""
     s = parse_teacher_spec(spec) if isinstance(spec, str) else spec
     if s.kind != "diffusers" and (resolution is not None or sample_shape is not None):
         raise ValueError(f"resolution / sample_shape apply to diffusers teachers only; {s.kind}: teachers have a "

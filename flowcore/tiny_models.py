@@ -16,6 +16,15 @@ unet/ + vae/ + text_encoder/ + tokenizer/ + scheduler/): the tiny ``UNet2DCondit
 (16 px images <-> 8x8x4 latents), a tiny ``CLIPTextModel`` (width 32) with the locally built
 character tokenizer, SD1.5's ``DDIMScheduler`` config, and no safety checker. Prompt embeddings
 are [B, 77, 32], as SD1.5's are [B, 77, 768].
+
+``make_tiny_sdxl_pipeline(folder)`` writes a ``StableDiffusionXLPipeline`` folder (unet/ + vae/ +
+text_encoder/ + text_encoder_2/ + tokenizer/ + tokenizer_2/ + scheduler/): the tiny SDXL-shaped
+``UNet2DConditionModel`` (``TINY_SDXL_UNET_CONFIG``: text_time embeddings), a tiny ``AutoencoderKL``
+(16 px <-> 8x8x4), a ``CLIPTextModel`` of width 12 and a ``CLIPTextModelWithProjection`` of width 20
+with projection 16 (widths of unequal size, so a swapped concatenation would show), both with the
+character tokenizer, SDXL base's ``EulerDiscreteScheduler`` config and
+``force_zeros_for_empty_prompt=True``. Prompt embeddings are [B, 77, 12 + 20], pooled [B, 16], as
+SDXL's are [B, 77, 768 + 1280] and [B, 1280].
 """
 
 from __future__ import annotations
@@ -25,14 +34,30 @@ from typing import Any
 
 import torch
 
-__all__ = ["make_tiny_sd3_pipeline", "make_tiny_sd15_pipeline", "make_tiny_clip", "TINY_SD3_RESOLUTION",
-           "TINY_SD15_RESOLUTION"]
+__all__ = ["make_tiny_sd3_pipeline", "make_tiny_sd15_pipeline", "make_tiny_sdxl_pipeline", "make_tiny_clip",
+           "TINY_SD3_RESOLUTION", "TINY_SD15_RESOLUTION", "TINY_SDXL_RESOLUTION", "SDXL_SCHEDULER_CONFIG"]
 
 #: image side in pixels of the tiny pipeline's native latent (8x8 latents, VAE scale factor 2)
 TINY_SD3_RESOLUTION = 16
 
 #: image side in pixels of the tiny SD1.5 pipeline's native latent (8x8 latents, VAE scale factor 2)
 TINY_SD15_RESOLUTION = 16
+
+#: image side in pixels of the tiny SDXL pipeline's native latent (8x8 latents, VAE scale factor 2)
+TINY_SDXL_RESOLUTION = 16
+
+#: SDXL base 1.0's scheduler/scheduler_config.json (EulerDiscreteScheduler; PNDM-only keys left out)
+SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+}
 
 _CHARS = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789")
 
@@ -148,6 +173,55 @@ def make_tiny_sd15_pipeline(folder: str | os.PathLike, seed: int = 0,
     pipe = StableDiffusionPipeline(
         unet=unet, scheduler=scheduler, vae=_seeded(seed + 2, vae), text_encoder=_seeded(seed + 1, clip),
         tokenizer=tok, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def make_tiny_sdxl_pipeline(folder: str | os.PathLike, seed: int = 0,
+                            unet_overrides: dict[str, Any] | None = None) -> str:
+    """Write a tiny random-weight SDXL ``StableDiffusionXLPipeline`` folder (see module docstring);
+    returns the folder. Deterministic in ``seed``; the global RNG is untouched.
+
+    The encoders' widths follow the UNet config: text_encoder_2's hidden size is 5/8 of
+    ``cross_attention_dim`` (rounded to even), text_encoder's the rest, and text_encoder_2's
+    projection is the pooled width ``projection_class_embeddings_input_dim - 6 * addition_time_embed_dim``.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from flowcore.diffusers_unet import tiny_unet
+
+    folder = os.fspath(folder)
+    tok = _clip_tokenizer()
+    unet = tiny_unet(seed, sdxl=True, **(unet_overrides or {}))
+    cfg = unet.config
+    D = int(cfg.cross_attention_dim)
+    pooled = int(cfg.projection_class_embeddings_input_dim) - 6 * int(cfg.addition_time_embed_dim)
+    width_2 = 2 * ((5 * D) // 16)
+    width_1 = D - width_2
+    if width_1 < 2 or width_1 % 2 or pooled < 1:
+        raise ValueError(f"the tiny SDXL builder needs an even cross_attention_dim >= 8 and a positive pooled width, "
+                         f"got {D} and {pooled}")
+
+    def clip(cls, width, **extra):
+        return lambda: cls(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+            **extra)).eval()
+
+    def vae():
+        return AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=cfg.in_channels, block_out_channels=(8, 16),
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            layers_per_block=1, norm_num_groups=8, sample_size=TINY_SDXL_RESOLUTION,
+            scaling_factor=0.13025).eval()
+
+    pipe = StableDiffusionXLPipeline(
+        vae=_seeded(seed + 3, vae),
+        text_encoder=_seeded(seed + 1, clip(CLIPTextModel, width_1)), tokenizer=tok,
+        text_encoder_2=_seeded(seed + 2, clip(CLIPTextModelWithProjection, width_2, projection_dim=pooled)),
+        tokenizer_2=tok, unet=unet, scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG),
+        force_zeros_for_empty_prompt=True, add_watermarker=False)
     pipe.save_pretrained(folder)
     return folder
 

@@ -104,11 +104,11 @@ def test_bad_inputs_give_clear_errors(sd15_dir, tmp_path):
         GenerationWorker(cfg, device="cpu").solve_states(0)
     with pytest.raises(FileNotFoundError, match="no tokenizer/"):
         DiffusersUNetTeacher.from_pretrained(notok, text_encoders=True)
-    # SDXL prompt encoding is not implemented: a clear NotImplementedError, not a shape error
+    # an SDXL UNet built without its text encoders names the SDXL folder layout (tests/test_sdxl_prompts.py)
     from flowcore.diffusers_unet import SD15_SCHEDULER_CONFIG, tiny_unet
 
     sdxl = DiffusersUNetTeacher(tiny_unet(seed=1, sdxl=True), SD15_SCHEDULER_CONFIG)
-    with pytest.raises(NotImplementedError, match="SDXL"):
+    with pytest.raises(ValueError, match="SDXL pipeline folder"):
         sdxl.encode_prompts(["a red cat"])
 
 

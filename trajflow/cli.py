@@ -209,7 +209,9 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.dir} exists and is not empty")
     make, resolution, name = {"sd3": (tiny_models.make_tiny_sd3_pipeline, tiny_models.TINY_SD3_RESOLUTION, "SD3"),
                               "sd15": (tiny_models.make_tiny_sd15_pipeline, tiny_models.TINY_SD15_RESOLUTION,
-                                       "SD1.5")}[args.tiny_kind]
+                                       "SD1.5"),
+                              "sdxl": (tiny_models.make_tiny_sdxl_pipeline, tiny_models.TINY_SDXL_RESOLUTION,
+                                       "SDXL")}[args.tiny_kind]
     folder = make(args.dir, seed=args.seed)
     print(f"wrote a tiny {name} pipeline to {folder} (random weights; --resolution {resolution} "
           f"for its native 8x8 latents)")
@@ -354,6 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny, tiny_kind="sd15")
+
+    p = sub.add_parser("make-tiny-sdxl", help="write a tiny random-weight SDXL UNet pipeline folder (tests, docs)",
+                       description="Write a complete StableDiffusionXLPipeline folder (unet/, vae/, text_encoder/, "
+                                   "text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/) with tiny random weights "
+                                   "and locally built tokenizers (16 px images, 8x8x4 latents). No downloads.")
+    p.add_argument("dir", help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_tiny, tiny_kind="sdxl")
 
     p = sub.add_parser("eval", help="evaluate a student against its teacher at 1/2/4 steps",
                        description="Few-step sampling on the corrected schedule, with exact metrics for GMM teachers: "
