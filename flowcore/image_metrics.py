@@ -6,11 +6,16 @@
   - ``clip_score(images, prompts)``: mean of 100 * max(cos(image, text), 0) (torchmetrics' CLIPScore);
   - ``preference_score(images, prompts)``: mean of logit_scale * cos(image, text), which is the
     PickScore when the folder holds PickScore_v1 (``yuvalkirstain/PickScore_v1``, a CLIP-H model);
+  - ``hps_score(images, prompts)``: mean of 100 * cos(image, text), the HPSv2 score when the folder
+    holds HPSv2 (an OpenCLIP ViT-H-14 fine-tune) converted to transformers' CLIPModel layout. HPSv2's
+    ``hpsv2.score`` returns the unscaled cosine (``hpsv2/img_score.py``: the diagonal of
+    ``image_features @ text_features.T`` on unit-norm features) and its benchmark prints the mean times
+    100 (``hpsv2/evaluation.py``); we report that scale (e.g. 27.5, not 0.275), not clamped at 0;
   - ``image_features(images)``: L2-normalised image embeddings, for ``frechet_distance``
     ("FD-CLIP": FID's formula on CLIP features instead of InceptionV3's pool3).
 
-Inception-v3 FID needs torchvision's Inception and the pytorch-fid weights, and HPSv2 needs
-open_clip; neither is a dependency, so they are not offered here.
+Standard FID (pool3 features of TF's Inception-v3 with pytorch-fid's weights) is
+``flowcore.fid_inception``, written without torchvision (which does not import beside the CPU torch wheel).
 """
 
 from __future__ import annotations
@@ -65,7 +70,8 @@ class CLIPScorer:
                 f"{what} weights not found at {root!r} (missing {', '.join(missing) or 'the folder'}): evaluation "
                 "models are never downloaded; save a transformers CLIPModel + CLIPProcessor folder there "
                 "(e.g. openai/clip-vit-large-patch14 for CLIP score, yuvalkirstain/PickScore_v1 with the "
-                "laion/CLIP-ViT-H-14-laion2B-s32B-b79K processor for PickScore)")
+                "laion/CLIP-ViT-H-14-laion2B-s32B-b79K processor for PickScore, HPSv2 converted to a "
+                "CLIPModel with that processor for HPSv2; see docs/models.md)")
         self.model = CLIPModel.from_pretrained(root, local_files_only=True).to(device).eval()
         self.processor = CLIPProcessor.from_pretrained(root, local_files_only=True)
         self.device = torch.device(device)
@@ -98,3 +104,7 @@ class CLIPScorer:
     def preference_score(self, images, prompts) -> float:
         scale = float(self.model.logit_scale.detach().exp())
         return float((scale * self._cos(images, prompts)).mean())
+
+    def hps_score(self, images, prompts) -> float:
+        """HPSv2: mean of 100 * cos(image, text) (module docstring), with an HPSv2 CLIPModel folder."""
+        return float((100 * self._cos(images, prompts)).mean())

@@ -43,6 +43,8 @@ def test_clip_scorer_from_a_local_stand_in(tmp_path):
     assert scorer.clip_score(imgs, prompts) == pytest.approx(float((100 * cos.clamp_min(0)).mean()), rel=1e-5)
     scale = float(scorer.model.logit_scale.detach().exp())
     assert scorer.preference_score(imgs, prompts) == pytest.approx(float((scale * cos).mean()), rel=1e-5)
+    # HPSv2: 100 * cos, not clamped (hpsv2's benchmark scale; hpsv2.score returns the bare cosine)
+    assert scorer.hps_score(imgs, prompts) == pytest.approx(float((100 * cos).mean()), rel=1e-5)
     with pytest.raises(ValueError, match="one prompt per image"):
         scorer.clip_score(imgs, prompts[:2])
 

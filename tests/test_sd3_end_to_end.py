@@ -175,6 +175,10 @@ def test_sd3_student_errors(sd3_dir, corpus, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_eval_sd3_student_with_stand_in_evaluators(sd3_dir, corpus, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from flowcore.fid_inception import save_random_fid_inception
     from flowcore.tiny_models import make_tiny_clip
 
     run = str(tmp_path / "run")
@@ -182,19 +186,35 @@ def test_eval_sd3_student_with_stand_in_evaluators(sd3_dir, corpus, tmp_path, ca
                  "4", "--lora-rank", "2", "--num-workers", "0", "--no-progress"]) == 0
     clip = make_tiny_clip(tmp_path / "clip")
     pick = make_tiny_clip(tmp_path / "pick", seed=1)
+    hps = make_tiny_clip(tmp_path / "hps", seed=2)
+    fid = save_random_fid_inception(tmp_path / "fid.safetensors")
+    real = tmp_path / "real"
+    real.mkdir()
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(real / f"{i}.png")
     # absent evaluation weights: a clear error before any sampling, exit 1
     capsys.readouterr()
     assert main(["eval", "--student", run, "--clip", str(tmp_path / "missing"), "--num-images", "2"]) == 1
     assert "never downloaded" in capsys.readouterr().err
+    for flag in ("--hpsv2", "--fid-inception"):
+        assert main(["eval", "--student", run, flag, str(tmp_path / "missing"), "--num-images", "2"]) == 1
+        assert "never downloaded" in capsys.readouterr().err
+    assert main(["eval", "--student", run, "--clip", clip, "--fid-reference", str(real), "--num-images", "2"]) == 1
+    assert "needs --fid-inception" in capsys.readouterr().err
     assert main(["eval", "--student", run, "--num-images", "2"]) == 1
     assert "--clip DIR" in capsys.readouterr().err
-    assert main(["eval", "--student", run, "--clip", clip, "--pickscore", pick, "--steps", "1,4", "--num-images",
-                 "4", "--teacher-steps", "8", "--json"]) == 0
+    assert main(["eval", "--student", run, "--clip", clip, "--pickscore", pick, "--hpsv2", hps, "--fid-inception", fid,
+                 "--fid-reference", str(real), "--steps", "1,4", "--num-images", "4", "--teacher-steps", "8",
+                 "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["num_images"] == 4 and report["teacher"]["steps"] == 8 and report["teacher"]["guidance"] == 2.0
     for key in ("1_steps", "4_steps"):
         row = report["student"][key]
-        assert set(row) == {"clip_score", "pickscore", "fd_clip_to_teacher"}
-        assert 0 <= row["clip_score"] <= 100 and row["fd_clip_to_teacher"] >= 0
+        assert set(row) == {"clip_score", "pickscore", "hpsv2", "fd_clip_to_teacher", "fid_to_teacher",
+                            "fid_to_reference"}
+        assert 0 <= row["clip_score"] <= 100 and row["fd_clip_to_teacher"] >= 0 and -100 <= row["hpsv2"] <= 100
+        assert all(np.isfinite(v) for v in row.values()) and row["fid_to_teacher"] > 0
+    assert {"hpsv2", "fid_to_reference"} <= set(report["teacher"]) and "fid_to_teacher" not in report["teacher"]
+    assert report["evaluators"]["num_reference_images"] == 3
     # random tiny models rank nothing; but 1 and 4 steps give different images, hence different scores
     assert report["student"]["1_steps"] != report["student"]["4_steps"]

@@ -377,6 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("SD3 students (exported by training on a diffusers corpus): scores from LOCAL weights")
     g.add_argument("--clip", help="CLIPModel + CLIPProcessor folder: CLIP score and FD-CLIP to the teacher's images")
     g.add_argument("--pickscore", help="PickScore_v1 folder (a CLIPModel + processor): preference score")
+    g.add_argument("--hpsv2", help="HPSv2 converted to a CLIPModel + CLIP-H processor folder: HPSv2 (100 * cos)")
+    g.add_argument("--fid-inception", metavar="FILE",
+                   help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or a .safetensors of it): FID of each "
+                        "student to the teacher's images (same prompts and seeds)")
+    g.add_argument("--fid-reference", metavar="DIR",
+                   help="local folder of real images (PNG/JPEG): FID of the teacher and each student to them")
     g.add_argument("--prompts", help="prompt file (default: the corpus's)")
     g.add_argument("--num-images", type=int, default=64, help="images per sampler (default 64)")
     g.add_argument("--teacher-steps", type=int, default=28, help="teacher reference steps (default 28)")

@@ -1,9 +1,11 @@
-"""`trajflow eval` for exported SD3 students: CLIP score, PickScore-style preference and FD-CLIP.
+"""`trajflow eval` for exported SD3 students: CLIP score, PickScore, HPSv2, FD-CLIP and Inception FID.
 
 The student samples in a stock ``StableDiffusion3Pipeline`` (``trajflow.sample``) at each step count;
 the teacher (the base pipeline, its own scheduler, ``--teacher-steps`` steps, the corpus's guidance)
 samples the same prompts and seeds as the reference. Scores come from evaluation models the user
-supplies by local path (``flowcore.image_metrics``); nothing is downloaded.
+supplies by local path (``flowcore.image_metrics``, ``flowcore.fid_inception``); nothing is downloaded.
+FID to the teacher compares each student's images with the teacher's for the same prompts and seeds
+(a distillation-fidelity proxy); ``--fid-reference DIR`` adds FID to a folder of real images.
 """
 
 from __future__ import annotations
@@ -23,6 +25,30 @@ def _prompts(args, meta) -> list[str]:
     return [pairs[i % len(pairs)][1] for i in range(args.num_images)]
 
 
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _reference_files(folder) -> list[str]:
+    """The image files (PNG/JPEG/WebP/BMP) of a LOCAL folder, sorted; at least 2."""
+    import os
+
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--fid-reference {folder!r} is not a local folder")
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(_IMAGE_SUFFIXES))
+    if len(files) < 2:
+        raise ValueError(f"--fid-reference {folder!r} holds {len(files)} image(s) "
+                         f"({', '.join(_IMAGE_SUFFIXES)}); FID needs at least 2 (thousands to be reliable)")
+    return files
+
+
+def _open_images(files):
+    from PIL import Image
+
+    for f in files:
+        with Image.open(f) as im:
+            yield im.convert("RGB")
+
+
 def _images(pipe, prompts, steps, guidance, res, seed, extra) -> list:
     import torch
 
@@ -37,16 +63,24 @@ def _images(pipe, prompts, steps, guidance, res, seed, extra) -> list:
 def sd3_report(args) -> dict[str, Any]:
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
+    from flowcore.fid_inception import InceptionFID
     from flowcore.image_metrics import CLIPScorer, frechet_distance
     from trajflow.sample import load_student_pipeline, local_student_dir
 
-    if not args.clip and not args.pickscore:
-        raise ValueError("SD3 evaluation needs evaluation weights by local path: --clip DIR (CLIP score, FD-CLIP) "
-                         "and/or --pickscore DIR (PickScore); nothing is downloaded")
+    hpsv2, fid_path, fid_ref = (getattr(args, k, None) for k in ("hpsv2", "fid_inception", "fid_reference"))
+    if not (args.clip or args.pickscore or hpsv2 or fid_path):
+        raise ValueError("SD3 evaluation needs evaluation weights by local path: --clip DIR (CLIP score, FD-CLIP), "
+                         "--pickscore DIR (PickScore), --hpsv2 DIR (HPSv2) and/or --fid-inception FILE (FID); "
+                         "nothing is downloaded")
+    if fid_ref and not fid_path:
+        raise ValueError("--fid-reference DIR needs --fid-inception FILE (pytorch-fid's Inception weights)")
     device = args.device or "cpu"
-    # evaluation models first: a missing path fails before any sampling
+    # evaluation models (and the real-image reference) first: a missing path fails before any sampling
     clip = CLIPScorer(args.clip, device, "CLIP") if args.clip else None
     pick = CLIPScorer(args.pickscore, device, "PickScore") if args.pickscore else None
+    hps = CLIPScorer(hpsv2, device, "HPSv2") if hpsv2 else None
+    inception = InceptionFID(fid_path, device) if fid_path else None
+    real_feats = inception.image_features(_open_images(_reference_files(fid_ref))) if fid_ref else None
     student_dir = local_student_dir(args.student, args.storage_options)
     pipe, meta = load_student_pipeline(student_dir, args.base, device)
     prompts = _prompts(args, meta)
@@ -61,6 +95,20 @@ def sd3_report(args) -> dict[str, Any]:
             row["clip_score"] = clip.clip_score(images, prompts)
         if pick is not None:
             row["pickscore"] = pick.preference_score(images, prompts)
+        if hps is not None:
+            row["hpsv2"] = hps.hps_score(images, prompts)
+        return row
+
+    def distances(images, teacher_feats) -> dict[str, float]:
+        row: dict[str, float] = {}
+        if clip is not None and teacher_feats.get("clip") is not None:
+            row["fd_clip_to_teacher"] = frechet_distance(clip.image_features(images), teacher_feats["clip"])
+        if inception is not None:
+            feats = inception.image_features(images)
+            if teacher_feats.get("inception") is not None:
+                row["fid_to_teacher"] = frechet_distance(feats, teacher_feats["inception"])
+            if real_feats is not None:
+                row["fid_to_reference"] = frechet_distance(feats, real_feats)
         return row
 
     # the teacher: the base pipeline's transformer (LoRA disabled, or the base weights) and its stock scheduler
@@ -77,19 +125,22 @@ def sd3_report(args) -> dict[str, Any]:
     teacher_imgs = _images(teacher_pipe, prompts, args.teacher_steps, guidance, res, args.seed, extra)
     if meta.get("lora"):
         pipe.enable_lora()
-    ref_feats = clip.image_features(teacher_imgs) if clip is not None else None
+    teacher_feats = {"clip": clip.image_features(teacher_imgs) if clip is not None else None,
+                     "inception": inception.image_features(teacher_imgs) if inception is not None else None}
+    teacher_row = scores(teacher_imgs)
+    if real_feats is not None:
+        teacher_row["fid_to_reference"] = frechet_distance(teacher_feats["inception"], real_feats)
     report: dict[str, Any] = {
         "student_url": args.student, "num_images": len(prompts), "resolution": res,
-        "evaluators": {"clip": args.clip, "pickscore": args.pickscore},
-        "teacher": {"steps": args.teacher_steps, "guidance": guidance, **scores(teacher_imgs)},
+        "evaluators": {"clip": args.clip, "pickscore": args.pickscore, "hpsv2": hpsv2, "fid_inception": fid_path,
+                       "fid_reference": fid_ref, "num_reference_images": None if real_feats is None
+                       else int(real_feats.shape[0])},
+        "teacher": {"steps": args.teacher_steps, "guidance": guidance, **teacher_row},
         "student": {},
     }
     for n in args.steps:
         imgs = _images(pipe, prompts, n, 1.0, res, args.seed, extra)
-        row = scores(imgs)
-        if clip is not None:
-            row["fd_clip_to_teacher"] = frechet_distance(clip.image_features(imgs), ref_feats)
-        report["student"][f"{n}_steps"] = row
+        report["student"][f"{n}_steps"] = {**scores(imgs), **distances(imgs, teacher_feats)}
     return report
 
 
@@ -104,14 +155,18 @@ def run_eval_sd3(args) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"{'sampler':24s} {'CLIP score':>10s} {'PickScore':>10s} {'FD-CLIP':>9s}")
+    rows = [(f"teacher {report['teacher']['steps']} steps", report["teacher"])]
+    rows += [(f"student {k.replace('_', ' ')}", v) for k, v in report["student"].items()]
+    # (key, header, decimals): a column is printed when some row has its metric
+    cols = [(k, h, p) for k, h, p in (("clip_score", "CLIP score", 2), ("pickscore", "PickScore", 3),
+                                      ("hpsv2", "HPSv2", 2), ("fd_clip_to_teacher", "FD-CLIP", 4),
+                                      ("fid_to_teacher", "FID teacher", 3), ("fid_to_reference", "FID real", 3))
+            if any(k in row for _, row in rows)]
 
     def fmt(row, k, w, p):
         return f"{row[k]:{w}.{p}f}" if k in row else f"{'-':>{w}s}"
 
-    rows = [(f"teacher {report['teacher']['steps']} steps", report["teacher"])]
-    rows += [(f"student {k.replace('_', ' ')}", v) for k, v in report["student"].items()]
+    print(f"{'sampler':24s} " + " ".join(f"{h:>11s}" for _, h, _ in cols))
     for name, row in rows:
-        print(f"{name:24s} {fmt(row, 'clip_score', 10, 2)} {fmt(row, 'pickscore', 10, 3)} "
-              f"{fmt(row, 'fd_clip_to_teacher', 9, 4)}")
+        print(f"{name:24s} " + " ".join(fmt(row, k, 11, p) for k, _, p in cols))
     return 0
