@@ -67,7 +67,8 @@ import torch
 
 from flowcore.diffusers_teacher import DenoiserPlacement, _dtype_of, _json_clean, _select
 from flowcore.guidance import combine_cfg
-from flowcore.teacher import as_guidance_batch, as_sigma_batch, fingerprint_of
+from flowcore.teacher import as_guidance_batch, fingerprint_of
+from flowcore.vp_flow import PREDICTION_TYPES, VPFlowConversion, sigma_of_alpha_cumprod, vp_scale
 
 __all__ = [
     "UNetCondition",
@@ -81,12 +82,8 @@ __all__ = [
     "sigma_of_alpha_cumprod",
 ]
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-
-#: the scheduler keys that define the noise schedule and the meaning of the UNet's output; sampler
-#: settings (clip_sample, thresholding, timestep_spacing, steps_offset, ...) do not enter the ODE
-SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-                 "rescale_betas_zero_snr", "prediction_type")
+# PREDICTION_TYPES and sigma_of_alpha_cumprod live in flowcore.vp_flow (the VP <-> rectified-flow
+# conversion the teacher, the UNet student and FlowUNetScheduler share) and are re-exported here
 
 #: Stable Diffusion 1.5's noise schedule (scheduler/scheduler_config.json of the SD1.5 pipeline)
 SD15_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -119,19 +116,6 @@ TINY_SDXL_UNET_CONFIG: dict[str, Any] = {
     "projection_class_embeddings_input_dim": 16 + 6 * 8,
     "use_linear_projection": True,
 }
-
-
-def sigma_of_alpha_cumprod(abar) -> np.ndarray:
-    """Rectified-flow sigma = sqrt(1 - abar) / (sqrt(abar) + sqrt(1 - abar)), float64; abar = 1 -> 0,
-    abar = 0 -> 1."""
-    abar = np.asarray(abar, dtype=np.float64)
-    a, b = np.sqrt(abar), np.sqrt(1.0 - abar)
-    return b / (a + b)
-
-
-def _vp_scale(sigma: np.ndarray) -> np.ndarray:
-    """c(sigma) = sqrt((1 - sigma)^2 + sigma^2) = 1 / (a + b): x_sigma = c * z_t."""
-    return np.sqrt((1.0 - sigma) ** 2 + sigma**2)
 
 
 @dataclass
@@ -239,35 +223,6 @@ class UNetCondition:
         return UNetCondition(*out)
 
 
-def _schedule_config(scheduler_config: Any) -> dict[str, Any]:
-    """The schedule-defining keys of a scheduler config (dict, FrozenDict or scheduler object)."""
-    if scheduler_config is None:
-        raise ValueError("a UNet teacher needs its scheduler config (num_train_timesteps, beta_start, beta_end, "
-                         "beta_schedule, prediction_type): the pipeline's scheduler/scheduler_config.json")
-    cfg = getattr(scheduler_config, "config", scheduler_config)
-    cfg = dict(cfg)
-    out = {k: cfg[k] for k in SCHEDULE_KEYS if k in cfg and cfg[k] is not None}
-    out.setdefault("prediction_type", "epsilon")
-    if out["prediction_type"] not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type {out['prediction_type']!r} is not supported by DiffusersUNetTeacher: "
-                         f"choose one of {PREDICTION_TYPES} (flow-matching transformers go through "
-                         "flowcore.diffusers_teacher.DiffusersFlowTeacher)")
-    return json.loads(json.dumps(out))
-
-
-def _alphas_cumprod(schedule: dict[str, Any]) -> np.ndarray:
-    """alphas_cumprod exactly as diffusers' DDPM-family schedulers compute them (float32), as float64."""
-    from diffusers import DDPMScheduler
-
-    sched = DDPMScheduler(**schedule)
-    abar = sched.alphas_cumprod.double().numpy().copy()
-    if abar[-1] == 0.0:
-        # zero terminal SNR (rescale_betas_zero_snr): log-SNR is -inf there; use fp16's smallest
-        # subnormal, as diffusers' Euler / DPM-Solver schedulers do, so sigma_max = 1 - 2.4e-4
-        abar[-1] = 2.0**-24
-    return abar
-
-
 class DiffusersUNetTeacher(DenoiserPlacement):
     """Teacher protocol adapter for an epsilon / v-prediction ``UNet2DConditionModel``.
 
@@ -300,15 +255,13 @@ class DiffusersUNetTeacher(DenoiserPlacement):
         prompt_encoder=None,
     ):
         self.unet = unet.eval()
-        self.schedule = _schedule_config(scheduler_config)
-        self.prediction_type = self.schedule["prediction_type"]
-        abar = _alphas_cumprod(self.schedule)
-        if not (np.all(abar > 0) and np.all(abar < 1) and np.all(np.diff(abar) < 0)):
-            raise ValueError("alphas_cumprod must decrease strictly inside (0, 1)")
-        self.alphas_cumprod = abar  # float64 [T]
-        self.num_train_timesteps = len(abar)
-        self._log_snr = np.log(abar) - np.log1p(-abar)  # decreasing in t
-        self._timesteps = np.arange(len(abar), dtype=np.float64)
+        #: the schedule's sigma <-> timestep map and output -> velocity conversion (shared with the
+        #: UNet student and FlowUNetScheduler)
+        self.conversion = VPFlowConversion(scheduler_config)
+        self.schedule = self.conversion.schedule
+        self.prediction_type = self.conversion.prediction_type
+        self.alphas_cumprod = self.conversion.alphas_cumprod  # float64 [T]
+        self.num_train_timesteps = self.conversion.num_train_timesteps
         ucfg = getattr(unet, "config", None)
         if sample_shape is None:
             if ucfg is None:
@@ -340,12 +293,12 @@ class DiffusersUNetTeacher(DenoiserPlacement):
     @property
     def sigma_max(self) -> float:
         """sigma of the last training timestep T - 1 (< 1: abar_{T-1} > 0)."""
-        return float(sigma_of_alpha_cumprod(self.alphas_cumprod[-1]))
+        return self.conversion.sigma_max
 
     @property
     def sigma_min(self) -> float:
         """sigma of timestep 0 (> 0)."""
-        return float(sigma_of_alpha_cumprod(self.alphas_cumprod[0]))
+        return self.conversion.sigma_min
 
     # ------------------------------------------------------------------ prompts
     def encode_prompts(self, texts: Sequence[str]) -> UNetCondition:
@@ -373,24 +326,15 @@ class DiffusersUNetTeacher(DenoiserPlacement):
         """Fractional timestep(s) t in [0, T - 1] for sigma(s), float64, by linear interpolation of the
         log-SNR lambda = 2 log((1 - sigma) / sigma) over integer timesteps; clamped outside
         [sigma_min, sigma_max]. Exact (to float64 rounding) at sigma(k) for integer k."""
-        s = np.asarray(sigma, dtype=np.float64)
-        with np.errstate(divide="ignore"):
-            lam = 2.0 * (np.log1p(-s) - np.log(s))  # +inf at 0, -inf at 1
-        # np.interp needs increasing x: -lambda_t increases with t
-        return np.interp(-lam, -self._log_snr, self._timesteps)
+        return self.conversion.timestep_of_sigma(sigma)
 
     def sigma_of_timestep(self, t) -> np.ndarray:
         """sigma at fractional timestep(s) t in [0, T - 1] (float64), the inverse of timestep_of_sigma."""
-        t = np.asarray(t, dtype=np.float64)
-        if np.any(t < 0) or np.any(t > self.num_train_timesteps - 1):
-            raise ValueError(f"timesteps must lie in [0, {self.num_train_timesteps - 1}]")
-        lam = np.interp(t, self._timesteps, self._log_snr)
-        return 1.0 / (1.0 + np.exp(lam / 2.0))
+        return self.conversion.sigma_of_timestep(t)
 
     def alpha_cumprod_of_timestep(self, t) -> np.ndarray:
         """abar at fractional t (sigmoid of the interpolated log-SNR); = alphas_cumprod[t] at integers."""
-        lam = np.interp(np.asarray(t, dtype=np.float64), self._timesteps, self._log_snr)
-        return 1.0 / (1.0 + np.exp(-lam))
+        return self.conversion.alpha_cumprod_of_timestep(t)
 
     def sigmas_for_timesteps(self, timesteps, final_alpha_cumprod: float | torch.Tensor | None = 1.0) -> list[float]:
         """The rectified-flow grid of a diffusers sampler: sigma(t) for each timestep (decreasing),
@@ -407,7 +351,7 @@ class DiffusersUNetTeacher(DenoiserPlacement):
         """c(sigma) = sqrt((1 - sigma)^2 + sigma^2): x_sigma = c * z_t. A diffusers sampler starting
         from noise z at sigma_0 starts trajflow's solve at ``c(sigma_0) * z``; its final latent at
         sigma_end is ``x / c(sigma_end)`` (= x at sigma_end = 0)."""
-        c = _vp_scale(np.asarray(sigma, dtype=np.float64))
+        c = vp_scale(sigma)
         return float(c) if c.ndim == 0 else c
 
     # ------------------------------------------------------------------ velocity
@@ -466,22 +410,10 @@ class DiffusersUNetTeacher(DenoiserPlacement):
             raise TypeError(f"cond must be a UNetCondition, got {type(cond).__name__}")
         cond = cond.expand(B)
         g_B = as_guidance_batch(guidance, B, dev, torch.float32)
-        s = as_sigma_batch(sigma, B, "cpu", torch.float64).numpy()
-        if np.any(s < 0) or np.any(s > 1):
-            raise ValueError("sigma must lie in [0, 1]")
-        t = self.timestep_of_sigma(s)
-        abar_t = self.alpha_cumprod_of_timestep(t)
-        work = torch.float64 if x.dtype == torch.float64 else torch.float32
-
-        def col(a: np.ndarray) -> torch.Tensor:
-            return torch.as_tensor(a, dtype=work).to(dev).reshape(-1, 1, 1, 1)
-
-        a_t, b_t = col(np.sqrt(abar_t)), col(np.sqrt(1.0 - abar_t))
-        c = col(_vp_scale(s))
-        sig = col(s)
-        xw = x.to(work)
-        z = xw / c
-        t_B = torch.as_tensor(t, dtype=torch.float32).to(dev)
+        conv = self.conversion
+        s = conv.sigma_array(sigma, B)
+        z, t_B = conv.model_input(x, s)
+        work = z.dtype
         with torch.no_grad():
             if bool(torch.all(g_B == 1.0)):
                 out = self._unet(z, t_B, cond, negative=False).to(work)
@@ -500,19 +432,7 @@ class DiffusersUNetTeacher(DenoiserPlacement):
                 out = combine_cfg(out_u, out_c, g_B)
                 keep = (g_B == 1.0).reshape(-1, 1, 1, 1)
                 out = torch.where(keep, out_c, out)
-            if self.prediction_type == "epsilon":
-                eps_hat = out
-                x0_hat = (z - b_t * eps_hat) / a_t
-            else:  # v_prediction: out = a eps - b x0
-                x0_hat = a_t * z - b_t * out
-                eps_hat = a_t * out + b_t * z
-            v = eps_hat - x0_hat
-            above = torch.as_tensor(s > self.sigma_max, device=dev).reshape(-1, 1, 1, 1)
-            below = torch.as_tensor(s < self.sigma_min, device=dev).reshape(-1, 1, 1, 1)
-            if bool(above.any()):
-                v = torch.where(above, (xw - x0_hat) / sig, v)
-            if bool(below.any()):
-                v = torch.where(below, (eps_hat - xw) / (1.0 - sig), v)
+            v = conv.velocity(out, x, s)
         return v.to(x.dtype)
 
     # ------------------------------------------------------------------ description
