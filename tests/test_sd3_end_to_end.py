@@ -168,7 +168,7 @@ def test_sd3_student_errors(sd3_dir, corpus, tmp_path, capsys):
     assert "lora-rank must be a positive integer" in capsys.readouterr().err
     # sampling something that is not an exported student
     assert main(["sample", "--student", str(tmp_path / "nothing"), "--prompt", "x", "--out", str(tmp_path)]) == 1
-    assert "no exported SD3 student" in capsys.readouterr().err
+    assert "no exported diffusers (SD3 or UNet) student" in capsys.readouterr().err
     # make-tiny-sd3 refuses to write into a non-empty folder
     assert main(["make-tiny-sd3", sd3_dir]) == 2
 

@@ -9,7 +9,7 @@ from flowcore.ota import OTA_MODES
 from flowcore.windows import WINDOW_POINTS
 
 #: default optimizer steps when neither --max-steps nor --steps-per-stage is given, by teacher kind
-DEFAULT_BUDGET = {"gmm": 1500, "flownet": 1500, "diffusers": 20000}
+DEFAULT_BUDGET = {"gmm": 1500, "flownet": 1500, "diffusers": 20000, "diffusers_unet": 20000}
 
 
 @dataclass
@@ -74,7 +74,7 @@ class TrainConfig:
     student_depth: int = 3
     #: accelerate mixed precision: no | fp16 | bf16 (GPU)
     mixed_precision: str = "no"
-    #: diffusers (SD3) corpora: LoRA rank of the student's adapters (None = full fine-tune of the transformer)
+    #: diffusers (SD3, SD1.5/SDXL UNet) corpora: LoRA rank of the student's adapters (None = full fine-tune)
     lora_rank: int | None = None
     #: LoRA alpha (default: the rank, i.e. scale 1)
     lora_alpha: float | None = None

@@ -1,8 +1,13 @@
-"""Students for diffusers (SD3-class) corpora: the teacher's transformer, fully fine-tuned or with LoRA.
+"""Students for diffusers corpora: the teacher's network, fully fine-tuned or with LoRA.
+
+This module holds what every diffusers student shares (``DiffusersStudent``: LoRA or full
+fine-tune, gradient checkpointing, the trainable weights; ``PromptEmbeddingCache``; the corpus
+checks; the export metadata) and the SD3 student (``SD3Student``, the teacher's transformer). The
+UNet student (SD1.5 / SDXL) is ``trainer.diffusers_unet_student``.
 
 The corpus holds the teacher's trajectories, so the trainer needs the teacher only for its frozen
 text encoders (prompt embeddings, computed here from the prompts in the records, no grad) and as
-the student's initial weights. The student *is* the teacher's transformer module (no second copy
+the student's initial weights. The student *is* the teacher's denoiser module (no second copy
 in memory): with ``lora_rank`` set, its base weights stay frozen in the teacher's dtype and only
 peft LoRA adapters on the attention projections train (optimizer state and EMA cover those only);
 without, every weight trains in float32 (accelerate's ``mixed_precision`` autocasts the forward).
@@ -17,6 +22,8 @@ Export (``export_sd3_student``) writes a folder a stock ``StableDiffusion3Pipeli
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 from collections import OrderedDict
@@ -32,14 +39,18 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", 
 STUDENT_META = "trajflow_student.json"
 STUDENT_FORMAT = "trajflow-sd3-student/1"
 
+#: teacher kind on the card -> the model class a student of that kind is built around
+DIFFUSERS_STUDENT_MODELS = {"diffusers": ("SD3Transformer2DModel",), "diffusers_unet": ("UNet2DConditionModel",)}
 
-def check_sd3_corpus(card, cfg) -> None:
-    """Clear errors for what the SD3 student path does not do (yet)."""
-    if card.teacher.config.get("model_class") != "SD3Transformer2DModel":
-        raise ValueError(f"diffusers students are SD3-class transformers; this corpus's teacher is "
-                         f"{card.teacher.config.get('model_class')!r}")
+
+def check_diffusers_corpus(card, cfg) -> None:
+    """Clear errors for what the diffusers student paths (SD3 transformer, SD1.5/SDXL UNet) do not do (yet)."""
+    kind, model_class = card.teacher.kind, card.teacher.config.get("model_class")
+    if model_class not in DIFFUSERS_STUDENT_MODELS.get(kind, ()):
+        raise ValueError(f"diffusers students are SD3-class transformers or UNet2DConditionModels; this corpus's "
+                         f"teacher ({kind}) is {model_class!r}")
     if not isinstance(card.solver.guidance, (int, float)):
-        raise ValueError("an SD3 student has no guidance input: distil from a corpus generated with one fixed "
+        raise ValueError("a diffusers student has no guidance input: distil from a corpus generated with one fixed "
                          "--guidance (the student then samples with guidance_scale=1)")
     if cfg.ota_ratio > 0:
         raise ValueError("--ota-ratio (online rollouts) is not supported for diffusers students yet")
@@ -49,42 +60,40 @@ def check_sd3_corpus(card, cfg) -> None:
         raise ValueError("a diffusers corpus cannot be class-conditioned")
 
 
-class SD3Student(torch.nn.Module):
-    """v_theta(x, sigma, prompt embeddings) of an ``SD3Transformer2DModel`` (full or LoRA)."""
+class DiffusersStudent(torch.nn.Module):
+    """What the SD3 and UNet students share: the diffusers model ``denoiser`` prepared for training,
+    either with peft LoRA adapters on ``lora_targets`` (frozen base in its dtype, float32 adapters)
+    or fully trainable in float32; optional gradient checkpointing. Subclasses define ``forward(x,
+    sigma_B, *condition_tensors(cond))`` -> velocity and ``config()``."""
 
-    def __init__(self, transformer: torch.nn.Module, *, num_train_timesteps: int = 1000,
-                 lora_rank: int | None = None, lora_alpha: float | None = None,
-                 gradient_checkpointing: bool = False):
-        super().__init__()
-        self.num_train_timesteps = int(num_train_timesteps)
+    def _prepare(self, denoiser: torch.nn.Module, lora_rank: int | None, lora_alpha: float | None,
+                 lora_targets: Sequence[str], gradient_checkpointing: bool) -> torch.nn.Module:
         self.lora_rank = int(lora_rank) if lora_rank else None
+        self.lora_targets = list(lora_targets) if self.lora_rank else None
         if self.lora_rank:
             try:
                 from peft import LoraConfig
             except ImportError:
                 raise ImportError("LoRA students need peft: pip install 'peft>=0.17'") from None
-            transformer.requires_grad_(False)
-            transformer.add_adapter(LoraConfig(r=self.lora_rank, lora_alpha=float(lora_alpha or self.lora_rank),
-                                               init_lora_weights="gaussian", target_modules=list(LORA_TARGETS)))
-            for p in transformer.parameters():  # adapters train in float32 even on a bf16/fp16 base
+            denoiser.requires_grad_(False)
+            denoiser.add_adapter(LoraConfig(r=self.lora_rank, lora_alpha=float(lora_alpha or self.lora_rank),
+                                            init_lora_weights="gaussian", target_modules=list(lora_targets)))
+            for p in denoiser.parameters():  # adapters train in float32 even on a bf16/fp16 base
                 if p.requires_grad:
                     p.data = p.data.float()
         else:
-            transformer.float().requires_grad_(True)
+            denoiser.float().requires_grad_(True)
         if gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
-        self.transformer = transformer.train()
+            denoiser.enable_gradient_checkpointing()
+        return denoiser.train()
 
-    def forward(self, x: torch.Tensor, sigma_B: torch.Tensor, prompt_embeds: torch.Tensor,
-                pooled_prompt_embeds: torch.Tensor) -> torch.Tensor:
-        dt = next(self.transformer.parameters()).dtype
-        return self.transformer(
-            hidden_states=x.to(dt), encoder_hidden_states=prompt_embeds.to(dt),
-            pooled_projections=pooled_prompt_embeds.to(dt),
-            timestep=sigma_B.float() * self.num_train_timesteps, return_dict=False)[0]
+    @staticmethod
+    def condition_tensors(cond) -> tuple:
+        """The condition's tensors in ``forward``'s order (after x and sigma)."""
+        raise NotImplementedError
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights that train (LoRA adapters, or the whole transformer), by parameter name."""
+        """The weights that train (LoRA adapters, or the whole network), by parameter name."""
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
     def load_trainable_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -97,36 +106,84 @@ class SD3Student(torch.nn.Module):
             for n, p in own.items():
                 p.copy_(tensors[n].to(p.dtype))
 
+    @contextlib.contextmanager
+    def swapped_in(self, tensors: dict[str, torch.Tensor]):
+        """Context manager: the trainable weights replaced by ``tensors`` (e.g. the EMA), restored after."""
+        saved = {n: p.detach().clone() for n, p in self.trainable_state_dict().items()}
+        self.load_trainable_state_dict(tensors)
+        try:
+            yield self
+        finally:
+            self.load_trainable_state_dict(saved)
+
+
+class SD3Student(DiffusersStudent):
+    """v_theta(x, sigma, prompt embeddings) of an ``SD3Transformer2DModel`` (full or LoRA)."""
+
+    def __init__(self, transformer: torch.nn.Module, *, num_train_timesteps: int = 1000,
+                 lora_rank: int | None = None, lora_alpha: float | None = None,
+                 gradient_checkpointing: bool = False):
+        super().__init__()
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.transformer = self._prepare(transformer, lora_rank, lora_alpha, LORA_TARGETS, gradient_checkpointing)
+
+    @staticmethod
+    def condition_tensors(cond: PromptCondition) -> tuple[torch.Tensor, torch.Tensor]:
+        return cond.prompt_embeds, cond.pooled_prompt_embeds
+
+    def forward(self, x: torch.Tensor, sigma_B: torch.Tensor, prompt_embeds: torch.Tensor,
+                pooled_prompt_embeds: torch.Tensor) -> torch.Tensor:
+        dt = next(self.transformer.parameters()).dtype
+        return self.transformer(
+            hidden_states=x.to(dt), encoder_hidden_states=prompt_embeds.to(dt),
+            pooled_projections=pooled_prompt_embeds.to(dt),
+            timestep=sigma_B.float() * self.num_train_timesteps, return_dict=False)[0]
+
     def config(self) -> dict[str, Any]:
         return {"kind": "sd3", "lora_rank": self.lora_rank, "num_train_timesteps": self.num_train_timesteps,
-                "lora_targets": list(LORA_TARGETS) if self.lora_rank else None}
+                "lora_targets": self.lora_targets}
 
 
 class PromptEmbeddingCache:
-    """Prompt text -> (embeds [L, D], pooled [P]) through the frozen encoder, least-recently-used
-    entries evicted beyond ``max_entries``; misses of one call are encoded in one batch."""
+    """Prompt text -> one row of the encoder's condition (``PromptCondition`` for SD3: embeds [L, D],
+    pooled [P]; ``UNetCondition`` for SD1.5: embeds, SDXL: + pooled and time ids) through the frozen
+    encoder, least-recently-used entries evicted beyond ``max_entries``; misses of one call are
+    encoded in one batch. Returns a condition of the encoder's type with one row per text."""
 
     def __init__(self, encoder, max_entries: int = 1024):
         self.encoder, self.max_entries = encoder, int(max_entries)
-        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._cache: OrderedDict[str, dict[str, torch.Tensor | None]] = OrderedDict()
+        self._type = None
         self.hits = self.misses = 0
 
-    def __call__(self, texts: Sequence[str]) -> PromptCondition:
+    @staticmethod
+    def _row(cond, i: int) -> dict[str, torch.Tensor | None]:
+        """Row i of every tensor field (a batch-1 shared tensor, e.g. SDXL time ids, gives its only row)."""
+        B = cond.prompt_embeds.shape[0]
+        out = {}
+        for f in dataclasses.fields(cond):
+            t = getattr(cond, f.name)
+            out[f.name] = None if t is None else (t[i] if t.shape[0] == B else t[0])
+        return out
+
+    def __call__(self, texts: Sequence[str]):
         texts = list(texts)
         new = [t for t in dict.fromkeys(texts) if t not in self._cache]
         self.misses += len(new)
         self.hits += len(texts) - len(new)
         if new:
             cond = self.encoder.encode(new)
+            self._type = type(cond)
             for i, t in enumerate(new):
-                self._cache[t] = (cond.prompt_embeds[i], cond.pooled_prompt_embeds[i])
+                self._cache[t] = self._row(cond, i)
         rows = []
         for t in texts:
             self._cache.move_to_end(t)
             rows.append(self._cache[t])
         while len(self._cache) > self.max_entries:
             self._cache.popitem(last=False)
-        return PromptCondition(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
+        return self._type(**{k: None if rows[0][k] is None else torch.stack([r[k] for r in rows])
+                             for k in rows[0]})
 
 
 def build_sd3_student(teacher: DiffusersFlowTeacher, *, lora_rank: int | None, lora_alpha: float | None,
@@ -155,6 +212,40 @@ def _vae_scale(base: str) -> int:
         return 8
 
 
+def base_pipeline_of(card) -> str:
+    """The teacher's pipeline folder as recorded on the card (``teacher.config.source.path``)."""
+    return str((card.teacher.config.get("source") or {}).get("path", ""))
+
+
+def write_student_meta(folder: str, student: DiffusersStudent, card, *, fmt: str, kind: str, pipeline_class: str,
+                       shift: float, extra: dict[str, Any]) -> list[str]:
+    """Write ``trajflow_student.json`` (what ``trajflow sample`` / ``eval`` need: kind, pipeline class,
+    base pipeline path, LoRA or full, shift, resolution, the distilled guidance, the card) into
+    ``folder``; returns every file under ``folder`` relative to it."""
+    base = base_pipeline_of(card)
+    source = card.teacher.config.get("source") or {}
+    shape = list(card.sample_shape)
+    meta = {
+        "format": fmt,
+        "kind": kind,
+        "pipeline_class": pipeline_class,
+        "base_pipeline": base,
+        "lora": bool(student.lora_rank),
+        "lora_rank": student.lora_rank,
+        "shift": float(shift),
+        "sample_shape": shape,
+        "resolution": int(shape[-1]) * _vae_scale(base),
+        "guidance_distilled": card.solver.guidance,
+        "max_sequence_length": source.get("max_sequence_length"),
+        "teacher_fingerprint": card.teacher.fingerprint,
+        "card": json.loads(card.to_json()),
+        **extra,
+    }
+    with open(os.path.join(folder, STUDENT_META), "w") as f:
+        json.dump(meta, f, indent=2)
+    return sorted(os.path.relpath(os.path.join(d, n), folder) for d, _, files in os.walk(folder) for n in files)
+
+
 def export_sd3_student(student: SD3Student, trainable: dict[str, torch.Tensor], card, folder: str,
                        extra: dict[str, Any]) -> list[str]:
     """Write the student folder (module docstring) into the LOCAL ``folder`` with the weights
@@ -163,11 +254,8 @@ def export_sd3_student(student: SD3Student, trainable: dict[str, torch.Tensor], 
 
     from flowcore.diffusers_scheduler import CorrectedFlowMatchEulerScheduler
 
-    source = card.teacher.config.get("source") or {}
-    base = str(source.get("path", ""))
-    saved = {n: p.detach().clone() for n, p in student.trainable_state_dict().items()}
-    student.load_trainable_state_dict(trainable)
-    try:
+    base = base_pipeline_of(card)
+    with student.swapped_in(trainable):
         tr = student.transformer
         if student.lora_rank:
             from peft.utils import get_peft_model_state_dict
@@ -177,8 +265,6 @@ def export_sd3_student(student: SD3Student, trainable: dict[str, torch.Tensor], 
                 transformer_lora_adapter_metadata=tr.peft_config["default"].to_dict())
         else:
             tr.save_pretrained(os.path.join(folder, "transformer"))
-    finally:
-        student.load_trainable_state_dict(saved)
     shift = float(card.run.get("shift", 1.0))
     sched_cfg = {}
     sched_file = os.path.join(base, "scheduler", "scheduler_config.json")
@@ -191,21 +277,5 @@ def export_sd3_student(student: SD3Student, trainable: dict[str, torch.Tensor], 
     for k in CorrectedFlowMatchEulerScheduler._INCOMPATIBLE:
         sched_cfg.pop(k, None)
     CorrectedFlowMatchEulerScheduler.from_config(sched_cfg).save_pretrained(os.path.join(folder, "scheduler"))
-    shape = list(card.sample_shape)
-    meta = {
-        "format": STUDENT_FORMAT,
-        "base_pipeline": base,
-        "lora": bool(student.lora_rank),
-        "lora_rank": student.lora_rank,
-        "shift": shift,
-        "sample_shape": shape,
-        "resolution": int(shape[-1]) * _vae_scale(base),
-        "guidance_distilled": card.solver.guidance,
-        "max_sequence_length": source.get("max_sequence_length"),
-        "teacher_fingerprint": card.teacher.fingerprint,
-        "card": json.loads(card.to_json()),
-        **extra,
-    }
-    with open(os.path.join(folder, STUDENT_META), "w") as f:
-        json.dump(meta, f, indent=2)
-    return sorted(os.path.relpath(os.path.join(d, n), folder) for d, _, files in os.walk(folder) for n in files)
+    return write_student_meta(folder, student, card, fmt=STUDENT_FORMAT, kind="sd3",
+                              pipeline_class="StableDiffusion3Pipeline", shift=shift, extra=extra)

@@ -108,10 +108,11 @@ class Trainer:
             stage_boundary_indices(K, stage)  # raises with a clear message if the corpus cannot serve it
         self.stage_steps = cfg.stage_steps(self.card.teacher.kind)
         self.total_steps = sum(self.stage_steps)
-        self.sd3 = self.card.teacher.kind == "diffusers"  # an SD3-class transformer student (full or LoRA)
-        self.sd3_ema = None
-        if self.sd3:
-            student = self._build_sd3_student()
+        # the teacher's own diffusers network as the student (full or LoRA): an SD3 transformer or an SD1.5/SDXL UNet
+        self.diffusers = self.card.teacher.kind in ("diffusers", "diffusers_unet")
+        self.diffusers_ema = None  # EMA of the trainable weights only
+        if self.diffusers:
+            student = self._build_diffusers_student()
             self.ema = None
             params = [p for p in student.parameters() if p.requires_grad]
         else:
@@ -157,23 +158,27 @@ class Trainer:
             self._consumed = open(Path(cfg.consumed_log) / f"rank-{self.rank}.jsonl", "a")
         return self
 
-    def _build_sd3_student(self):
-        """The teacher's transformer as the student (LoRA or full), its frozen text encoders for the prompts."""
-        from trainer.diffusers_student import PromptEmbeddingCache, build_sd3_student, check_sd3_corpus
+    def _build_diffusers_student(self):
+        """The teacher's transformer (SD3) or UNet (SD1.5/SDXL) as the student (LoRA or full), its frozen
+        text encoders for the prompts."""
+        from trainer.diffusers_student import PromptEmbeddingCache, build_sd3_student, check_diffusers_corpus
+        from trainer.diffusers_unet_student import build_unet_student
 
         cfg, acc = self.cfg, self.accelerator
-        check_sd3_corpus(self.card, cfg)
+        check_diffusers_corpus(self.card, cfg)
         teacher = teacher_from_card(self.card, cfg.storage_options, device=acc.device)
         gc = cfg.gradient_checkpointing
         if gc is None:  # memory-aware default: activations dominate at 1024 px on a GPU; CPU runs are tiny
             gc = acc.device.type == "cuda"
-        student = build_sd3_student(teacher, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                                    gradient_checkpointing=gc, init=cfg.init, seed=cfg.seed)
-        self.teacher = None  # its transformer *is* the student now: no second copy in memory
+        build = build_sd3_student if self.card.teacher.kind == "diffusers" else build_unet_student
+        student = build(teacher, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, gradient_checkpointing=gc,
+                        init=cfg.init, seed=cfg.seed)
+        self.teacher = None  # its network *is* the student now: no second copy in memory
         self.prompts = PromptEmbeddingCache(teacher.prompt_encoder, cfg.prompt_cache_size)
+        self.condition_tensors = student.condition_tensors  # prompt condition -> the student's forward arguments
         self.net_cfg = None
-        if cfg.ema_decay > 0:  # EMA of the trainable weights only (the LoRA adapters, or the whole transformer)
-            self.sd3_ema = {n: p.detach().clone() for n, p in student.trainable_state_dict().items()}
+        if cfg.ema_decay > 0:  # EMA of the trainable weights only (the LoRA adapters, or the whole network)
+            self.diffusers_ema = {n: p.detach().clone() for n, p in student.trainable_state_dict().items()}
         return student
 
     def _resume(self) -> None:
@@ -182,10 +187,11 @@ class Trainer:
             return
         ck = self.ckpt.load(latest["path"])
         try:
-            if self.sd3:
+            if self.diffusers:
                 self.accelerator.unwrap_model(self.model).load_trainable_state_dict(ck["model"])
-                if self.sd3_ema is not None and ck["ema"] is not None:
-                    self.sd3_ema = {n: t.to(self.sd3_ema[n].device, self.sd3_ema[n].dtype) for n, t in ck["ema"].items()}
+                if self.diffusers_ema is not None and ck["ema"] is not None:
+                    ema = self.diffusers_ema
+                    self.diffusers_ema = {n: t.to(ema[n].device, ema[n].dtype) for n, t in ck["ema"].items()}
             else:
                 self.accelerator.unwrap_model(self.model).load_state_dict(ck["model"])
             if self.ema is not None and ck["ema"] is not None:
@@ -236,8 +242,8 @@ class Trainer:
 
         return fn
 
-    def _sd3_train_step(self, batch: dict[str, Any]) -> dict[str, float]:
-        """One step of an SD3 student: windows as for flow nets, prompts encoded by the frozen text encoders."""
+    def _diffusers_train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        """One step of a diffusers student: windows as for flow nets, prompts encoded by the frozen text encoders."""
         cfg, acc = self.cfg, self.accelerator
         device = acc.device
         valid = batch["valid"].bool()
@@ -249,16 +255,16 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         with acc.autocast():
-            v = self.model(wb.x_BX.to(device), wb.sigma_B.to(device), cond.prompt_embeds, cond.pooled_prompt_embeds)
+            v = self.model(wb.x_BX.to(device), wb.sigma_B.to(device), *self.condition_tensors(cond))
         loss = _masked_loss(v.float(), wb.v_target_BX.to(device), valid.to(device), cfg.alpha)
         acc.backward(loss)
         grad_norm = acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.sd3_ema is not None:
+        if self.diffusers_ema is not None:
             with torch.no_grad():
                 for n, p in acc.unwrap_model(self.model).trainable_state_dict().items():
-                    self.sd3_ema[n].lerp_(p.detach().to(self.sd3_ema[n].dtype), 1.0 - cfg.ema_decay)
+                    self.diffusers_ema[n].lerp_(p.detach().to(self.diffusers_ema[n].dtype), 1.0 - cfg.ema_decay)
         self.skipped_samples += int((~valid).sum())
         return {"loss": float(loss.detach()), "reflow_loss": float(loss.detach()), "grad_norm": float(grad_norm),
                 "stage": stage, "lr": self.lr_at(self.step), "valid": int(valid.sum()),
@@ -266,8 +272,8 @@ class Trainer:
 
     def train_step(self, batch: dict[str, Any] | None) -> dict[str, float]:
         """One optimizer step on a corpus batch (None when training online only) plus online windows."""
-        if self.sd3:
-            return self._sd3_train_step(batch)
+        if self.diffusers:
+            return self._diffusers_train_step(batch)
         cfg, acc = self.cfg, self.accelerator
         device = acc.device
         g = torch.Generator().manual_seed(_seed_of(cfg.seed, self.step, self.rank))
@@ -458,9 +464,9 @@ class Trainer:
     def save_checkpoint(self) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
-        if acc.is_main_process and self.sd3:
+        if acc.is_main_process and self.diffusers:
             model = acc.unwrap_model(self.model)
-            self.ckpt.save(self.step, model=model.trainable_state_dict(), ema=self.sd3_ema,
+            self.ckpt.save(self.step, model=model.trainable_state_dict(), ema=self.diffusers_ema,
                            optimizer=self.optimizer.state_dict(),
                            state={"data": self.stream.state_dict(), "skipped_samples": self.skipped_samples,
                                   "stage": self.stage_at(max(0, self.step - 1)), "train_config": self.cfg.to_dict()},
@@ -481,8 +487,8 @@ class Trainer:
         acc = self.accelerator
         if not acc.is_main_process:
             return None
-        if self.sd3:
-            return self._export_sd3_student()
+        if self.diffusers:
+            return self._export_diffusers_student()
         net = self.ema if self.ema is not None else acc.unwrap_model(self.model)
         import tempfile
 
@@ -496,19 +502,22 @@ class Trainer:
             self.ckpt.write("student/student.safetensors", Path(path).read_bytes())
         return f"{self.cfg.out}/student/student.safetensors"
 
-    def _export_sd3_student(self) -> str:
-        """out/student/: LoRA weights (or the transformer), our scheduler's config, trajflow_student.json."""
+    def _export_diffusers_student(self) -> str:
+        """out/student/: LoRA weights (or the transformer / UNet), our scheduler's config, trajflow_student.json:
+        a folder a stock StableDiffusion3Pipeline / StableDiffusionPipeline / StableDiffusionXLPipeline loads."""
         import tempfile
 
         from trainer.diffusers_student import export_sd3_student
+        from trainer.diffusers_unet_student import export_unet_student
 
         model = self.accelerator.unwrap_model(self.model)
-        weights = self.sd3_ema if self.sd3_ema is not None else model.trainable_state_dict()
+        weights = self.diffusers_ema if self.diffusers_ema is not None else model.trainable_state_dict()
+        export = export_sd3_student if self.card.teacher.kind == "diffusers" else export_unet_student
         with tempfile.TemporaryDirectory() as tmp:
-            files = export_sd3_student(model, weights, self.card, tmp, extra={
+            files = export(model, weights, self.card, tmp, extra={
                 "data": self.cfg.data, "train_steps": self.step, "stages": list(self.cfg.stages),
                 "num_inference_steps": self.cfg.stages[-1], "alpha": self.cfg.alpha,
-                "window_points": self.cfg.window_points, "ema": self.sd3_ema is not None})
+                "window_points": self.cfg.window_points, "ema": self.diffusers_ema is not None})
             for rel in files:
                 self.ckpt.write(f"student/{rel}", Path(tmp, rel).read_bytes())
         return f"{self.cfg.out}/student"

@@ -34,10 +34,14 @@ CACHE_ROOT = Path(os.environ.get("TRAJFLOW_CACHE", os.path.expanduser("~/.cache/
 
 def teacher_from_card(card: DatasetCard, storage_options: dict[str, Any] | None = None, device=None):
     """Rebuild the corpus's teacher (GMM from its spec; flow net from the recorded SPEC's file; a
-    diffusers SD3 pipeline, with its text encoders, from the card's ``source.path`` on this machine)."""
+    diffusers SD3 or UNet (SD1.5/SDXL) pipeline, with its text encoders, from the card's
+    ``source.path`` on this machine)."""
     kind = card.teacher.kind
-    if kind == "diffusers":
-        from flowcore.diffusers_teacher import DiffusersFlowTeacher
+    if kind in ("diffusers", "diffusers_unet"):
+        if kind == "diffusers":
+            from flowcore.diffusers_teacher import DiffusersFlowTeacher as teacher_cls
+        else:
+            from flowcore.diffusers_unet import DiffusersUNetTeacher as teacher_cls
 
         source = card.teacher.config.get("source") or {}
         path = str(source.get("path") or "")
@@ -45,7 +49,7 @@ def teacher_from_card(card: DatasetCard, storage_options: dict[str, Any] | None 
             raise ValueError(f"the corpus's diffusers teacher folder {path!r} is not on this machine: the trainer "
                              "loads it (text encoders, initial weights) from the path recorded in the card's "
                              "teacher.config.source.path; put the pipeline folder there on every node")
-        teacher = DiffusersFlowTeacher.from_config(card.teacher.config, device=device)
+        teacher = teacher_cls.from_config(card.teacher.config, device=device)
         if teacher.fingerprint() != card.teacher.fingerprint:
             raise ValueError(f"the diffusers model at {path} is not the corpus's teacher (fingerprint differs: other "
                              "weights, dtype or text encoders)")

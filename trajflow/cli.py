@@ -185,7 +185,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         local_student_dir(args.student, args.storage_options)
     except FileNotFoundError:
-        pass  # not an SD3 student: a flow-net student (exact GMM metrics)
+        pass  # not a diffusers student: a flow-net student (exact GMM metrics)
     else:
         from trajflow.evaluation_sd3 import run_eval_sd3
 
@@ -311,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probabilities of judging student step 1..N (default 0.2,0.2,0.2,0.4 for 4 steps)")
     g.add_argument("--disc-lr", type=float, help="discriminator learning rate (default 1e-4)")
     g.add_argument("--disc-blocks", type=int, help="discriminator trunk blocks (default 2)")
-    g = p.add_argument_group("diffusers (SD3) students: the teacher's transformer, conditioned on the records' prompts")
+    g = p.add_argument_group("diffusers students (SD3 transformer, SD1.5/SDXL UNet): the teacher's network, conditioned "
+                             "on the records' prompts")
     g.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank (peft) instead of every weight "
                    "(default: full fine-tune)")
     g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank)")
@@ -322,10 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="few-step images from an exported SD3 student in a stock diffusers pipeline",
+    p = sub.add_parser("sample", help="few-step images from an exported SD3 or UNet student in a stock diffusers pipeline",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Load StableDiffusion3Pipeline from the student's base pipeline with the student "
-                                   "(transformer or LoRA) and flowcore's corrected few-step scheduler, and write PNGs.",
+                       description="Load the stock pipeline of the student's kind (StableDiffusion3Pipeline, "
+                                   "StableDiffusionPipeline or StableDiffusionXLPipeline) from its base pipeline with the "
+                                   "student (transformer/UNet or LoRA) and flowcore's corrected few-step scheduler, and "
+                                   "write PNGs.",
                        epilog="example:\n  trajflow sample --student s3://bucket/runs/r1 --prompt 'a red cat' "
                               "--steps 4 --out ./samples")
     p.add_argument("--student", required=True, help="a run's --out, or its student/ folder (local or remote URL)")
@@ -374,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=2000)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--storage-options", type=json_object_arg)
-    g = p.add_argument_group("SD3 students (exported by training on a diffusers corpus): scores from LOCAL weights")
+    g = p.add_argument_group("SD3 / UNet students (exported by training on a diffusers corpus): scores from LOCAL weights")
     g.add_argument("--clip", help="CLIPModel + CLIPProcessor folder: CLIP score and FD-CLIP to the teacher's images")
     g.add_argument("--pickscore", help="PickScore_v1 folder (a CLIPModel + processor): preference score")
     g.add_argument("--hpsv2", help="HPSv2 converted to a CLIPModel + CLIP-H processor folder: HPSv2 (100 * cos)")

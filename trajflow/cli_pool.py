@@ -119,7 +119,13 @@ def rollout_teacher_for(cfg, address: str | None, pool_name: str | None, replica
         yield None
         return
     from pipeline import pool
+    from trainer.data import open_corpus
 
+    card = open_corpus(cfg.data, cfg.storage_options).card
+    if card.teacher.kind in ("diffusers", "diffusers_unet"):  # refused before any pool is started or reached
+        from trainer.diffusers_student import check_diffusers_corpus
+
+        check_diffusers_corpus(card, cfg)
     name = pool_name or pool.DEFAULT_POOL
     if address:
         pool.connect(address)
@@ -134,9 +140,6 @@ def rollout_teacher_for(cfg, address: str | None, pool_name: str | None, replica
                          "and pass --address")
     import ray
 
-    from trainer.data import open_corpus
-
-    card = open_corpus(cfg.data, cfg.storage_options).card
     with tempfile.TemporaryDirectory() as tmp:
         spec = teacher_spec_for_pool(card, tmp)
         started = not ray.is_initialized()

@@ -61,11 +61,9 @@ def _images(pipe, prompts, steps, guidance, res, seed, extra) -> list:
 
 
 def sd3_report(args) -> dict[str, Any]:
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-
     from flowcore.fid_inception import InceptionFID
     from flowcore.image_metrics import CLIPScorer, frechet_distance
-    from trajflow.sample import load_student_pipeline, local_student_dir
+    from trajflow.sample import load_student_pipeline, local_student_dir, teacher_pipeline_from
 
     hpsv2, fid_path, fid_ref = (getattr(args, k, None) for k in ("hpsv2", "fid_inception", "fid_reference"))
     if not (args.clip or args.pickscore or hpsv2 or fid_path):
@@ -111,17 +109,8 @@ def sd3_report(args) -> dict[str, Any]:
                 row["fid_to_reference"] = frechet_distance(feats, real_feats)
         return row
 
-    # the teacher: the base pipeline's transformer (LoRA disabled, or the base weights) and its stock scheduler
-    base = args.base or meta["base_pipeline"]
-    teacher_sched = FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler")
-    comps = dict(pipe.components, scheduler=teacher_sched)
-    if meta.get("lora"):
-        pipe.disable_lora()
-    else:
-        comps["transformer"] = SD3Transformer2DModel.from_pretrained(base, subfolder="transformer",
-                                                                     local_files_only=True).to(device)
-    teacher_pipe = StableDiffusion3Pipeline(**comps)
-    teacher_pipe.set_progress_bar_config(disable=True)
+    # the teacher: the base pipeline's transformer / UNet (LoRA disabled, or the base weights), its stock scheduler
+    teacher_pipe = teacher_pipeline_from(pipe, meta, args.base or meta["base_pipeline"])
     teacher_imgs = _images(teacher_pipe, prompts, args.teacher_steps, guidance, res, args.seed, extra)
     if meta.get("lora"):
         pipe.enable_lora()

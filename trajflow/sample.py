@@ -1,9 +1,12 @@
-"""`trajflow sample`: few-step images from an exported SD3 student in a stock diffusers pipeline.
+"""`trajflow sample`: few-step images from an exported diffusers student in a stock diffusers pipeline.
 
-The student folder (``trainer.diffusers_student.export_sd3_student``) names its base pipeline; this
-loads ``StableDiffusion3Pipeline`` from it with the student's transformer (full fine-tune) or its
-LoRA (``pipe.load_lora_weights``) and flowcore's ``CorrectedFlowMatchEulerScheduler`` from the
-student's ``scheduler/`` config, then samples with ``guidance_scale=1`` (the student was distilled
+The student folder (``trainer.diffusers_student.export_sd3_student``,
+``trainer.diffusers_unet_student.export_unet_student``) names its kind, pipeline class and base
+pipeline; this loads the stock pipeline (``StableDiffusion3Pipeline``, ``StableDiffusionPipeline``
+or ``StableDiffusionXLPipeline``) from the base with the student's network (full fine-tune:
+``transformer/`` or ``unet/``) or its LoRA (``pipe.load_lora_weights``) and flowcore's scheduler
+from the student's ``scheduler/`` config (``CorrectedFlowMatchEulerScheduler`` for SD3,
+``FlowUNetScheduler`` for UNets), then samples with ``guidance_scale=1`` (the student was distilled
 from the teacher's guided velocity). Remote student URLs are copied to a local cache first.
 """
 
@@ -27,7 +30,7 @@ def local_student_dir(url: str, storage_options: dict[str, Any] | None = None) -
     if not fs.exists(f"{path}/{STUDENT_META}") and fs.exists(f"{path}/student/{STUDENT_META}"):
         path = f"{path}/student"
     if not fs.exists(f"{path}/{STUDENT_META}"):
-        raise FileNotFoundError(f"no exported SD3 student at {url}: {STUDENT_META} missing (train one with "
+        raise FileNotFoundError(f"no exported diffusers (SD3 or UNet) student at {url}: {STUDENT_META} missing (train one with "
                                 "`trajflow train` on a diffusers corpus; its --out has student/)")
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
     if "file" in protocols or "local" in protocols:
@@ -40,28 +43,44 @@ def local_student_dir(url: str, storage_options: dict[str, Any] | None = None) -
     return cache
 
 
+#: a student's ``kind`` -> (model subfolder of a full fine-tune, its diffusers model class, flowcore scheduler class)
+_STUDENT_PARTS = {
+    "sd3": ("transformer", "SD3Transformer2DModel", "CorrectedFlowMatchEulerScheduler"),
+    "unet": ("unet", "UNet2DConditionModel", "FlowUNetScheduler"),
+}
+
+
 def load_student_pipeline(student_dir: str, base: str | None = None, device: str | None = None,
                           torch_dtype=None):
-    """(StableDiffusion3Pipeline with the student and the corrected scheduler, the student's metadata)."""
+    """(the stock pipeline of the student's kind with the student and flowcore's scheduler, the student's
+    metadata): StableDiffusion3Pipeline (kind "sd3", also students exported before kinds existed),
+    StableDiffusionPipeline or StableDiffusionXLPipeline (kind "unet", by ``pipeline_class``)."""
+    import diffusers
     import torch
-    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    from flowcore.diffusers_scheduler import CorrectedFlowMatchEulerScheduler
+    from flowcore import diffusers_scheduler
 
     with open(os.path.join(student_dir, STUDENT_META)) as f:
         meta = json.load(f)
+    kind = meta.get("kind", "sd3")
+    if kind not in _STUDENT_PARTS:
+        raise ValueError(f"unknown student kind {kind!r} in {STUDENT_META} (known: {', '.join(_STUDENT_PARTS)})")
+    subfolder, model_class, scheduler_class = _STUDENT_PARTS[kind]
+    pipeline_class = meta.get("pipeline_class") or "StableDiffusion3Pipeline"
+    if pipeline_class not in ("StableDiffusion3Pipeline", "StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+        raise ValueError(f"unsupported pipeline class {pipeline_class!r} in {STUDENT_META}")
     base = base or meta.get("base_pipeline")
     if not base or not os.path.isdir(base):
         raise FileNotFoundError(f"the student's base pipeline {base!r} is not a local folder; pass --base "
                                 "/path/to/the/teacher/pipeline (the folder the corpus was generated from)")
     kwargs: dict[str, Any] = {
-        "scheduler": CorrectedFlowMatchEulerScheduler.from_pretrained(student_dir, subfolder="scheduler")}
+        "scheduler": getattr(diffusers_scheduler, scheduler_class).from_pretrained(student_dir, subfolder="scheduler")}
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
     if not meta.get("lora"):
-        kwargs["transformer"] = SD3Transformer2DModel.from_pretrained(
-            student_dir, subfolder="transformer", local_files_only=True, torch_dtype=torch_dtype)
-    pipe = StableDiffusion3Pipeline.from_pretrained(base, local_files_only=True, **kwargs)
+        kwargs[subfolder] = getattr(diffusers, model_class).from_pretrained(
+            student_dir, subfolder=subfolder, local_files_only=True, torch_dtype=torch_dtype)
+    pipe = getattr(diffusers, pipeline_class).from_pretrained(base, local_files_only=True, **kwargs)
     if meta.get("lora"):
         pipe.load_lora_weights(student_dir)
     pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -104,3 +123,33 @@ def run_sample(args) -> int:
     print(f"wrote {len(written)} PNG(s) to {args.out} ({res}x{res}, {args.steps} steps on sigmas {sig}, "
           f"{'LoRA' if meta.get('lora') else 'full'} student, device {device})")
     return 0
+
+
+def teacher_pipeline_from(pipe, meta: dict[str, Any], base: str):
+    """The teacher's reference pipeline next to a student pipeline ``pipe`` (from
+    ``load_student_pipeline``): the same class and components with the base's stock scheduler
+    (``base/scheduler``) and the base network. A LoRA student's network is shared: its LoRA is
+    *disabled* here (``pipe.disable_lora()``); call ``pipe.enable_lora()`` before sampling the student
+    again. A full fine-tune's base network is loaded from ``base``."""
+    import inspect
+
+    import diffusers
+
+    with open(os.path.join(base, "scheduler", "scheduler_config.json")) as f:
+        sched_class = json.load(f).get("_class_name", "")
+    if not isinstance(getattr(diffusers, sched_class, None), type):
+        raise ValueError(f"the base pipeline's scheduler class {sched_class!r} is not a diffusers scheduler")
+    comps = dict(pipe.components, scheduler=getattr(diffusers, sched_class).from_pretrained(base, subfolder="scheduler"))
+    if meta.get("lora"):
+        pipe.disable_lora()
+    else:
+        subfolder, model_class, _ = _STUDENT_PARTS[meta.get("kind", "sd3")]
+        comps[subfolder] = getattr(diffusers, model_class).from_pretrained(
+            base, subfolder=subfolder, local_files_only=True, torch_dtype=comps[subfolder].dtype).to(comps[subfolder].device)
+    cls = type(pipe)
+    # registered settings that are constructor arguments (e.g. requires_safety_checker, force_zeros_for_empty_prompt)
+    settings = {k: pipe.config[k] for k in inspect.signature(cls.__init__).parameters
+                if k in pipe.config and k not in comps}
+    teacher = cls(**comps, **settings)
+    teacher.set_progress_bar_config(disable=True)
+    return teacher
