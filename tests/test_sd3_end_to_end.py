@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,8 +183,11 @@ def test_eval_sd3_student_with_stand_in_evaluators(sd3_dir, corpus, tmp_path, ca
     from flowcore.tiny_models import make_tiny_clip
 
     run = str(tmp_path / "run")
-    assert main(["train", "--data", corpus, "--out", run, "--stages", str(STEPS), "--max-steps", "2", "--batch-size",
-                 "4", "--lora-rank", "2", "--num-workers", "0", "--no-progress"]) == 0
+    # no --batch-size / --mixed-precision: the memory-aware defaults of a diffusers student (4; no bf16 on a CPU)
+    assert main(["train", "--data", corpus, "--out", run, "--stages", str(STEPS), "--max-steps", "2",
+                 "--lora-rank", "2", "--num-workers", "0", "--no-progress"]) == 0
+    state = json.loads(next(Path(run, "checkpoints").glob("*/state.json")).read_text())
+    assert state["train_config"]["batch_size"] == 4 and state["train_config"]["mixed_precision"] == "no"
     clip = make_tiny_clip(tmp_path / "clip")
     pick = make_tiny_clip(tmp_path / "pick", seed=1)
     hps = make_tiny_clip(tmp_path / "hps", seed=2)

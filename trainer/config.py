@@ -11,6 +11,13 @@ from flowcore.windows import WINDOW_POINTS
 #: default optimizer steps when neither --max-steps nor --steps-per-stage is given, by teacher kind
 DEFAULT_BUDGET = {"gmm": 1500, "flownet": 1500, "diffusers": 20000, "diffusers_unet": 20000}
 
+#: default samples per rank per step when --batch-size is not given, by teacher kind: flow nets are
+#: small; a diffusers student (an SD3 transformer or an SD/SDXL UNet at 512-1024 px) holds its whole
+#: network, activations and optimizer state on one GPU, so it starts small (measure yours with
+#: benchmarks/sd3_scale.py and raise it)
+DEFAULT_BATCH_SIZE = {"gmm": 128, "flownet": 128, "diffusers": 4, "diffusers_unet": 4}
+DIFFUSERS_KINDS = ("diffusers", "diffusers_unet")
+
 
 @dataclass
 class TrainConfig:
@@ -48,8 +55,9 @@ class TrainConfig:
     #: discriminator learning rate and number of trunk blocks
     disc_lr: float = 1e-4
     disc_blocks: int = 2
-    #: samples per rank per step (corpus + online)
-    batch_size: int = 128
+    #: samples per rank per step (corpus + online); None: by the corpus's teacher (DEFAULT_BATCH_SIZE:
+    #: 128 for flow nets, 4 for diffusers students), set by ``resolve_defaults``
+    batch_size: int | None = None
     #: AdamW learning rate, warmup steps, weight decay, gradient clipping norm
     lr: float = 2e-4
     warmup_steps: int = 50
@@ -72,8 +80,9 @@ class TrainConfig:
     student_arch: str = "auto"
     student_width: int = 256
     student_depth: int = 3
-    #: accelerate mixed precision: no | fp16 | bf16 (GPU)
-    mixed_precision: str = "no"
+    #: accelerate mixed precision: no | fp16 | bf16 (GPU); None: bf16 for diffusers students on a GPU
+    #: that supports it, else no (set by ``resolve_defaults``)
+    mixed_precision: str | None = None
     #: diffusers (SD3, SD1.5/SDXL UNet) corpora: LoRA rank of the student's adapters (None = full fine-tune)
     lora_rank: int | None = None
     #: LoRA alpha (default: the rank, i.e. scale 1)
@@ -135,7 +144,10 @@ class TrainConfig:
             if any(not p >= 0 for p in self.adv_step_probs) or sum(self.adv_step_probs) <= 0:
                 raise ValueError("adv-step-probs must be >= 0 with a positive sum")
         for name in ("batch_size", "checkpoint_every", "log_every", "shuffle_buffer"):
-            if getattr(self, name) < 1:
+            v = getattr(self, name)
+            if v is None and name == "batch_size":
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1")
         if not 0 <= self.ema_decay < 1:
             raise ValueError("ema-decay must be in [0, 1)")
@@ -145,7 +157,7 @@ class TrainConfig:
             raise ValueError("init must be teacher or scratch")
         if self.student_arch not in ("auto", "mlp", "conv"):
             raise ValueError("student-arch must be auto, mlp or conv")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
+        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise ValueError("mixed-precision must be no, fp16 or bf16")
         if self.lora_rank is not None and (not isinstance(self.lora_rank, int) or self.lora_rank < 1):
             raise ValueError(f"lora-rank must be a positive integer, got {self.lora_rank!r}")
@@ -162,13 +174,24 @@ class TrainConfig:
 
     @property
     def ota_samples(self) -> int:
-        """Online samples per rank per step."""
-        return int(round(self.ota_ratio * self.batch_size))
+        """Online samples per rank per step (online mixing is for flow-net students, hence their default
+        batch size while ``batch_size`` is unresolved)."""
+        return int(round(self.ota_ratio * (self.batch_size or DEFAULT_BATCH_SIZE["flownet"])))
 
     @property
     def corpus_batch_size(self) -> int:
         """Corpus samples per rank per step."""
-        return self.batch_size - self.ota_samples
+        return (self.batch_size or DEFAULT_BATCH_SIZE["flownet"]) - self.ota_samples
+
+    def resolve_defaults(self, teacher_kind: str, *, cuda: bool, bf16_supported: bool) -> None:
+        """Fill the settings left None by the corpus's teacher kind and the machine (memory-aware
+        defaults): ``batch_size`` from DEFAULT_BATCH_SIZE; ``mixed_precision`` bf16 for diffusers
+        students on a GPU with bf16, else no. Explicit values are kept."""
+        if self.batch_size is None:
+            self.batch_size = DEFAULT_BATCH_SIZE.get(teacher_kind, DEFAULT_BATCH_SIZE["flownet"])
+        if self.mixed_precision is None:
+            diffusers = teacher_kind in DIFFUSERS_KINDS
+            self.mixed_precision = "bf16" if diffusers and cuda and bf16_supported else "no"
 
     def stage_steps(self, teacher_kind: str) -> tuple[int, ...]:
         """Optimizer steps of each stage."""

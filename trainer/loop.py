@@ -35,7 +35,7 @@ from flowcore.losses import aligned_v_loss
 from flowcore.windows import sample_windows, stage_boundary_indices
 from trainer.checkpoint import CheckpointStore
 from trainer.config import TrainConfig
-from trainer.data import CorpusStream, StreamConfig, make_dataloader
+from trainer.data import CorpusStream, StreamConfig, make_dataloader, open_corpus
 from trainer.ota import OTAMixer
 from trainer.student import build_student, student_net_config, teacher_from_card
 
@@ -91,6 +91,10 @@ class Trainer:
             log_with = "tensorboard"
         except ImportError:
             log_with = None
+        if cfg.batch_size is None or cfg.mixed_precision is None:  # memory-aware defaults by the corpus's teacher
+            kind = open_corpus(cfg.data, cfg.storage_options).card.teacher.kind
+            cuda = torch.cuda.is_available()
+            cfg.resolve_defaults(kind, cuda=cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported())
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
                                        log_with=log_with, project_dir=str(Path(log_dir) / "logs"))
         acc = self.accelerator

@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, help="aligned-v direction weight; 0 = plain MSE (default 1.0)")
     p.add_argument("--window-points", choices=["start", "segment", "mixed"],
                    help="training points at window starts, on whole segments, or half each (default start)")
-    p.add_argument("--batch-size", type=int, help="samples per rank per step (default 128)")
+    p.add_argument("--batch-size", type=int, help="samples per rank per step (default: 128 for flow-net students, 4 for "
+                   "diffusers students)")
     p.add_argument("--lr", type=float)
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--grad-clip", type=float)
@@ -286,9 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student-arch", choices=["auto", "mlp", "conv"])
     p.add_argument("--student-width", type=int)
     p.add_argument("--student-depth", type=int)
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
+                   help="autocast of the student's forward (default: bf16 for diffusers students on a GPU with bf16, "
+                   "else no)")
     p.add_argument("--on-corrupt", choices=["error", "skip"], help="corrupt shard: stop (default) or skip and count")
-    p.add_argument("--num-workers", type=int, help="DataLoader workers per rank (default 0)")
+    p.add_argument("--num-workers", type=int, help="DataLoader workers per rank (default 1)")
     p.add_argument("--shuffle-buffer", type=int)
     p.add_argument("--cache-dir", help="local shard cache (default ~/.cache/trajflow/shards)")
     p.add_argument("--storage-options", type=json_object_arg)
