@@ -186,20 +186,25 @@ class PromptEmbeddingCache:
                              for k in rows[0]})
 
 
+def student_network(teacher, network: torch.nn.Module, *, init: str, seed: int, what: str) -> torch.nn.Module:
+    """The network a diffusers student trains: the teacher's own ``network`` (``init="teacher"``; no
+    second copy in memory) or a re-initialised one of its class and config (``init="scratch"``).
+    Seeds the global RNG with ``seed`` afterwards (LoRA's gaussian init draws from it)."""
+    if teacher.prompt_encoder is None:
+        raise ValueError(f"the corpus's {what} teacher was loaded without text encoders; the trainer needs them to "
+                         "encode the records' prompts (point the card's source.path at the whole pipeline folder)")
+    if init == "scratch":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            network = type(network).from_config(network.config).to(teacher.device)
+    torch.manual_seed(seed)
+    return network
+
+
 def build_sd3_student(teacher: DiffusersFlowTeacher, *, lora_rank: int | None, lora_alpha: float | None,
                       gradient_checkpointing: bool, init: str, seed: int) -> SD3Student:
     """The student around the teacher's transformer (``init="teacher"``), or a re-initialised copy."""
-    if teacher.prompt_encoder is None:
-        raise ValueError("the corpus's SD3 teacher was loaded without text encoders; the trainer needs them to "
-                         "encode the records' prompts (point the card's source.path at the whole pipeline folder)")
-    transformer = teacher.transformer
-    if init == "scratch":
-        from diffusers import SD3Transformer2DModel
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            transformer = SD3Transformer2DModel.from_config(transformer.config).to(teacher.device)
-    torch.manual_seed(seed)  # LoRA's gaussian init
+    transformer = student_network(teacher, teacher.transformer, init=init, seed=seed, what="SD3")
     return SD3Student(transformer, num_train_timesteps=teacher.num_train_timesteps, lora_rank=lora_rank,
                       lora_alpha=lora_alpha, gradient_checkpointing=gradient_checkpointing)
 

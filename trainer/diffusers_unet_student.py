@@ -28,7 +28,7 @@ import torch
 
 from flowcore.diffusers_unet import DiffusersUNetTeacher, UNetCondition
 from flowcore.vp_flow import VPFlowConversion
-from trainer.diffusers_student import DiffusersStudent, write_student_meta
+from trainer.diffusers_student import DiffusersStudent, student_network, write_student_meta
 
 #: attention projections LoRA adapts (diffusers' SD / SDXL LoRA training recipes)
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -74,17 +74,7 @@ class UNetStudent(DiffusersStudent):
 def build_unet_student(teacher: DiffusersUNetTeacher, *, lora_rank: int | None, lora_alpha: float | None,
                        gradient_checkpointing: bool, init: str, seed: int) -> UNetStudent:
     """The student around the teacher's UNet (``init="teacher"``), or a re-initialised copy."""
-    if teacher.prompt_encoder is None:
-        raise ValueError("the corpus's UNet teacher was loaded without text encoders; the trainer needs them to "
-                         "encode the records' prompts (point the card's source.path at the whole pipeline folder)")
-    unet = teacher.unet
-    if init == "scratch":
-        from diffusers import UNet2DConditionModel
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            unet = UNet2DConditionModel.from_config(unet.config).to(teacher.device)
-    torch.manual_seed(seed)  # LoRA's gaussian init
+    unet = student_network(teacher, teacher.unet, init=init, seed=seed, what="UNet")
     return UNetStudent(unet, teacher.conversion, lora_rank=lora_rank, lora_alpha=lora_alpha,
                        gradient_checkpointing=gradient_checkpointing)
 

@@ -347,29 +347,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-options", type=json_object_arg)
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("make-tiny-sd3", help="write a tiny random-weight SD3 pipeline folder (tests, docs, dry runs)",
-                       description="Write a complete StableDiffusion3Pipeline folder with tiny random weights and "
-                                   "locally built tokenizers (16 px images, 8x8x4 latents): the whole SD3 path runs on "
-                                   "a CPU in seconds. No downloads.")
-    p.add_argument("dir", help="output folder")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_make_tiny, tiny_kind="sd3")
-
-    p = sub.add_parser("make-tiny-sd15", help="write a tiny random-weight SD1.5 UNet pipeline folder (tests, docs)",
-                       description="Write a complete StableDiffusionPipeline folder (unet/, vae/, text_encoder/, "
-                                   "tokenizer/, scheduler/) with tiny random weights and a locally built tokenizer "
-                                   "(16 px images, 8x8x4 latents). No downloads.")
-    p.add_argument("dir", help="output folder")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_make_tiny, tiny_kind="sd15")
-
-    p = sub.add_parser("make-tiny-sdxl", help="write a tiny random-weight SDXL UNet pipeline folder (tests, docs)",
-                       description="Write a complete StableDiffusionXLPipeline folder (unet/, vae/, text_encoder/, "
-                                   "text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/) with tiny random weights "
-                                   "and locally built tokenizers (16 px images, 8x8x4 latents). No downloads.")
-    p.add_argument("dir", help="output folder")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_make_tiny, tiny_kind="sdxl")
+    tiny_pipelines = {
+        "sd3": ("a tiny random-weight SD3 pipeline folder (tests, docs, dry runs)",
+                "a complete StableDiffusion3Pipeline folder with tiny random weights and locally built tokenizers "
+                "(16 px images, 8x8x4 latents): the whole SD3 path runs on a CPU in seconds"),
+        "sd15": ("a tiny random-weight SD1.5 UNet pipeline folder (tests, docs)",
+                 "a complete StableDiffusionPipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/) "
+                 "with tiny random weights and a locally built tokenizer (16 px images, 8x8x4 latents)"),
+        "sdxl": ("a tiny random-weight SDXL UNet pipeline folder (tests, docs)",
+                 "a complete StableDiffusionXLPipeline folder (unet/, vae/, text_encoder/, text_encoder_2/, "
+                 "tokenizer/, tokenizer_2/, scheduler/) with tiny random weights and locally built tokenizers "
+                 "(16 px images, 8x8x4 latents)"),
+    }
+    for kind, (what, folder) in tiny_pipelines.items():
+        p = sub.add_parser(f"make-tiny-{kind}", help=f"write {what}", description=f"Write {folder}. No downloads.")
+        p.add_argument("dir", help="output folder")
+        p.add_argument("--seed", type=int, default=0)
+        p.set_defaults(func=cmd_make_tiny, tiny_kind=kind)
 
     p = sub.add_parser("eval", help="evaluate a student against its teacher at 1/2/4 steps",
                        description="Few-step sampling on the corrected schedule, with exact metrics for GMM teachers: "
