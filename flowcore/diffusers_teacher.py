@@ -257,7 +257,10 @@ class DiffusersFlowTeacher(DenoiserPlacement):
     ):
         self.transformer = transformer.eval()
         self.prompt_encoder = prompt_encoder
-        if prompt_encoder is not None and null_condition is None:
+        # an encoder-made null condition is a function of the encoder's weights (fingerprinted): its
+        # values depend on the machine's kernels (thread count, CPU vs GPU), so it stays out of the fingerprint
+        self._null_from_encoder = prompt_encoder is not None and null_condition is None
+        if self._null_from_encoder:
             null_condition = prompt_encoder.null_condition()
         self.sample_shape = tuple(int(s) for s in sample_shape)
         if len(self.sample_shape) != 3:
@@ -379,10 +382,13 @@ class DiffusersFlowTeacher(DenoiserPlacement):
         return cfg
 
     def fingerprint(self) -> str:
-        """sha256 over ``config()`` minus ``source`` and the transformer's state_dict (+ the null
-        condition's tensors when present). Stable across save_pretrained/from_pretrained."""
+        """sha256 over ``config()`` minus ``source``, the transformer's state_dict, the text encoders'
+        weights (when loaded) and an explicitly given null condition's tensors. A null condition made
+        by the encoders is left out: it is a function of their (hashed) weights, and its float values
+        depend on the machine's kernels (thread count, CPU or GPU), which must not change the teacher's
+        identity. Stable across save_pretrained/from_pretrained."""
         tensors = dict(self.transformer.state_dict())
-        if self.null_condition is not None:
+        if self.null_condition is not None and not self._null_from_encoder:
             tensors.update({f"null_condition.{k}": v for k, v in self.null_condition.tensors().items()})
         if self.prompt_encoder is not None:
             tensors.update({f"text_encoders.{k}": v for k, v in self.prompt_encoder.tensors().items()})

@@ -278,7 +278,10 @@ class DiffusersUNetTeacher(DenoiserPlacement):
         if prompt_encoder is not None:
             _check_prompt_encoder(prompt_encoder, ucfg, self.is_sdxl, self.sample_shape)
         self.prompt_encoder = prompt_encoder
-        if prompt_encoder is not None and null_condition is None:
+        # an encoder-made null condition is a function of the encoder's weights (fingerprinted): its
+        # values depend on the machine's kernels (thread count, CPU vs GPU), so it stays out of the fingerprint
+        self._null_from_encoder = prompt_encoder is not None and null_condition is None
+        if self._null_from_encoder:
             null_condition = prompt_encoder.null_condition()
         self.null_condition = null_condition
         self.config_for_card = dict(config_for_card) if config_for_card else None
@@ -457,10 +460,11 @@ class DiffusersUNetTeacher(DenoiserPlacement):
         return cfg
 
     def fingerprint(self) -> str:
-        """sha256 over ``config()`` minus ``source``, the UNet's state_dict, the null condition and the
-        text encoder's weights (when loaded)."""
+        """sha256 over ``config()`` minus ``source``, the UNet's state_dict, the text encoders' weights
+        (when loaded) and an explicitly given null condition (an encoder-made one is a function of the
+        hashed encoder weights, with machine-dependent float values: left out)."""
         tensors = dict(self.unet.state_dict())
-        if self.null_condition is not None:
+        if self.null_condition is not None and not self._null_from_encoder:
             tensors.update({f"null_condition.{k}": v for k, v in self.null_condition.tensors().items()})
         if self.prompt_encoder is not None:
             tensors.update({f"text_encoders.{k}": v for k, v in self.prompt_encoder.tensors().items()})
