@@ -9,6 +9,11 @@ mode each sample solves a different window, but every window of a stage spans th
 solver steps, so the grids have equal length). ``save`` picks the grid points whose states are
 returned. Every returned state is a solver state (never an interpolation), exactly as in a corpus.
 
+``cond`` is what the teacher's ``velocity`` takes (a class-id tensor, None, or a prompt condition),
+or, for prompt-conditioned teachers (diffusers SD3 / SD1.5 / SDXL), the prompt TEXTS of the batch
+(``list[str]``, one per sample): the teacher then encodes them with its own ``encode_prompts``, once
+per distinct text of the request (``prompt_condition``), and solves with CFG at ``guidance``.
+
 ``RolloutTeacher`` is the protocol the trainer consumes: ``submit`` returns a
 ``concurrent.futures.Future`` so rollouts are requested ahead and the training step never waits.
 ``LocalRollout`` serves it in-process from a thread (tests, benchmarks, single-machine runs); the
@@ -43,6 +48,26 @@ def check_grids(sigmas_BS: torch.Tensor, batch: int) -> None:
         raise ValueError("sigmas must lie in [0, 1]")
 
 
+def is_prompt_list(cond: Any) -> bool:
+    """True for a condition given as prompt texts (a list or tuple of str)."""
+    return isinstance(cond, (list, tuple)) and all(isinstance(t, str) for t in cond) and len(cond) > 0
+
+
+def prompt_condition(teacher: Any, texts: Sequence[str]) -> Any:
+    """The teacher's condition for ``texts`` [B]: each distinct text encoded once by ``teacher.encode_prompts``,
+    rows repeated in the batch's order."""
+    encode = getattr(teacher, "encode_prompts", None)
+    if encode is None:
+        raise ValueError(f"a rollout with prompt texts needs a teacher that encodes prompts; {type(teacher).__name__} "
+                         "has no encode_prompts")
+    unique = list(dict.fromkeys(texts))
+    cond = encode(unique)
+    if len(unique) == len(texts):
+        return cond
+    where = {t: i for i, t in enumerate(unique)}
+    return cond.index(torch.tensor([where[t] for t in texts], dtype=torch.long))
+
+
 @torch.no_grad()
 def teacher_rollout(
     teacher: Any,
@@ -57,6 +82,7 @@ def teacher_rollout(
     """Integrate the teacher's ODE from x_start_BX over each row's grid; states at ``save`` -> [B, len(save), *X].
 
     x_start_BX: [B, *X] states at sigmas_BS[:, 0]; sigmas_BS: [B, S+1]; save: increasing grid indices.
+    cond: the teacher's condition, or B prompt texts (encoded here by the teacher, see module docstring).
     Heun takes an Euler step into sigma = 0, as ``flowcore.solvers.solve`` does.
     """
     if method not in SOLVERS:
@@ -70,6 +96,10 @@ def teacher_rollout(
         raise ValueError(f"save must be increasing grid indices in [0, {S}], got {save}")
     if not bool(torch.isfinite(x_start_BX).all()):
         raise ValueError("start states contain NaN or inf")
+    if is_prompt_list(cond):
+        if len(cond) != B:
+            raise ValueError(f"a rollout of {B} samples got {len(cond)} prompt texts")
+        cond = prompt_condition(teacher, list(cond))
     x = x_start_BX
     out = [x] if save[0] == 0 else []
     for i in range(S):
@@ -129,6 +159,8 @@ class LocalRollout:
                                method=method).float().cpu()
 
     def submit(self, x_start_BX, sigmas_BS, save, cond=None, guidance=1.0, method="euler") -> cf.Future:
+        if is_prompt_list(cond):
+            cond = list(cond)
         return self._pool.submit(self.rollout, x_start_BX, sigmas_BS, list(save), cond, guidance, method)
 
     def close(self) -> None:

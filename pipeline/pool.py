@@ -13,7 +13,9 @@ actor that ``status`` reads (rollouts/s, requests in flight per replica).
 ``PoolClient`` satisfies ``flowcore.rollout.RolloutTeacher``: ``submit`` returns a
 ``concurrent.futures.Future`` that resolves to the states or raises (a timeout, a dead replica, a
 pool that was taken down) -- it never hangs, so the trainer keeps stepping on the corpus.
-Tensors cross as numpy arrays.
+Tensors cross as numpy arrays. Prompt-conditioned teachers (diffusers) get the prompt TEXTS of a
+request (``cond`` a list of str, sent as ``prompts``); the replica encodes them with its teacher's
+own text encoders, once per distinct text of a batched solve, and solves with CFG at the guidance.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 import ray
 import torch
 
-from flowcore.rollout import teacher_rollout
+from flowcore.rollout import is_prompt_list, teacher_rollout
 from pipeline.worker import default_device, resolve_teacher
 
 DEFAULT_POOL = "trajflow-pool"
@@ -46,10 +48,12 @@ class PoolError(RuntimeError):
 class PoolReplica:
     """Loads a teacher once and solves batches of rollout requests (see ``flowcore.rollout``)."""
 
-    def __init__(self, teacher_spec: str, storage_options: dict[str, Any] | None = None, device: str | None = None):
+    def __init__(self, teacher_spec: str, storage_options: dict[str, Any] | None = None, device: str | None = None,
+                 teacher_dtype: str | None = None, resolution: int | None = None):
         self.spec = teacher_spec
         self.device = device or default_device()
-        self.teacher = resolve_teacher(teacher_spec, storage_options, self.device)
+        # a diffusers teacher is the corpus's only at the corpus's dtype and resolution (card.run)
+        self.teacher = resolve_teacher(teacher_spec, storage_options, self.device, teacher_dtype, resolution)
         self.rollouts = 0
         self.samples = 0
 
@@ -65,7 +69,8 @@ class PoolReplica:
                 raise ValueError(f"rollout request lacks {key!r}")
 
     def _group_key(self, req) -> tuple:
-        return (req["sigmas"].shape[1], tuple(req["save"]), req["method"], req["cond"] is None)
+        return (req["sigmas"].shape[1], tuple(req["save"]), req["method"], req["cond"] is None,
+                req.get("prompts") is None)
 
     def rollout_many(self, requests: Sequence[dict[str, Any]]) -> list[np.ndarray]:
         """Solve requests, merging those with equal grid length/save/method into one batched solve."""
@@ -79,7 +84,9 @@ class PoolReplica:
             x = torch.from_numpy(np.concatenate([r["x"] for r in reqs])).to(self.device)
             sig = torch.from_numpy(np.concatenate([r["sigmas"] for r in reqs]))
             cond = None
-            if reqs[0]["cond"] is not None:
+            if reqs[0].get("prompts") is not None:  # texts: encoded by teacher_rollout, once per distinct text
+                cond = [t for r in reqs for t in r["prompts"]]
+            elif reqs[0]["cond"] is not None:
                 cond = torch.from_numpy(np.concatenate([r["cond"] for r in reqs])).to(self.device)
             guid = torch.from_numpy(np.concatenate([np.broadcast_to(np.asarray(r["guidance"], np.float32),
                                                                     (len(r["x"]),)) for r in reqs])).to(self.device)
@@ -116,7 +123,8 @@ def _stats_name(name: str) -> str:
 
 # -- Ray Serve wrapping -----------------------------------------------------------------------------
 def build_app(teacher_spec: str, *, name: str = DEFAULT_POOL, replicas: int = 1, gpus_per_replica: float = 0.0,
-              cpus_per_replica: float = 1.0, max_batch_size: int = 16, storage_options: dict | None = None):
+              cpus_per_replica: float = 1.0, max_batch_size: int = 16, storage_options: dict | None = None,
+              teacher_dtype: str | None = None, resolution: int | None = None):
     """The Serve application of the pool (not yet running)."""
     from ray import serve
 
@@ -124,9 +132,10 @@ def build_app(teacher_spec: str, *, name: str = DEFAULT_POOL, replicas: int = 1,
                       ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
                       health_check_period_s=2.0, health_check_timeout_s=30.0, graceful_shutdown_timeout_s=2.0)
     class TeacherPoolDeployment:
-        def __init__(self, spec: str, opts: dict | None, stats_name: str):
+        def __init__(self, spec: str, opts: dict | None, stats_name: str, dtype: str | None = None,
+                     res: int | None = None):
             torch.set_num_threads(max(1, int(os.environ.get("TRAJFLOW_POOL_THREADS", "1"))))
-            self.replica = PoolReplica(spec, opts)
+            self.replica = PoolReplica(spec, opts, teacher_dtype=dtype, resolution=res)
             self.stats = ray.get_actor(stats_name, namespace=NAMESPACE)
             self.id = serve.get_replica_context().replica_id.unique_id
             self.inflight = 0
@@ -153,7 +162,7 @@ def build_app(teacher_spec: str, *, name: str = DEFAULT_POOL, replicas: int = 1,
                     self.inflight -= len(requests)
                 self._report()
 
-    return TeacherPoolDeployment.bind(teacher_spec, storage_options or {}, _stats_name(name))
+    return TeacherPoolDeployment.bind(teacher_spec, storage_options or {}, _stats_name(name), teacher_dtype, resolution)
 
 
 def _quiet_serve() -> None:
@@ -178,8 +187,9 @@ def connect(address: str | None) -> None:
 
 def pool_up(teacher_spec: str, *, name: str = DEFAULT_POOL, replicas: int = 1, gpus_per_replica: float | None = None,
             cpus_per_replica: float = 1.0, max_batch_size: int = 16, storage_options: dict | None = None,
-            timeout_s: float = 300.0) -> dict[str, Any]:
-    """Start (or update) the pool on the connected cluster; returns its status once replicas run."""
+            timeout_s: float = 300.0, teacher_dtype: str | None = None, resolution: int | None = None) -> dict[str, Any]:
+    """Start (or update) the pool on the connected cluster; returns its status once replicas run.
+    ``teacher_dtype`` / ``resolution``: a diffusers teacher's dtype and image size (as in generate)."""
     from ray import serve
 
     if replicas < 1:
@@ -193,7 +203,8 @@ def pool_up(teacher_spec: str, *, name: str = DEFAULT_POOL, replicas: int = 1, g
         PoolStats.options(name=_stats_name(name), namespace=NAMESPACE, lifetime="detached").remote()
     serve.start(proxy_location="Disabled")
     app = build_app(teacher_spec, name=name, replicas=replicas, gpus_per_replica=gpus_per_replica,
-                    cpus_per_replica=cpus_per_replica, max_batch_size=max_batch_size, storage_options=storage_options)
+                    cpus_per_replica=cpus_per_replica, max_batch_size=max_batch_size, storage_options=storage_options,
+                    teacher_dtype=teacher_dtype, resolution=resolution)
     serve.run(app, name=name, route_prefix=None, blocking=False)
     deadline = time.monotonic() + timeout_s
     while True:
@@ -284,11 +295,15 @@ class PoolClient:
         return torch.from_numpy(np.array(resp.result(timeout_s=self.timeout_s)))
 
     def submit(self, x_start_BX, sigmas_BS, save, cond=None, guidance=1.0, method="euler") -> cf.Future:
-        if cond is not None and not isinstance(cond, torch.Tensor):
-            raise TypeError("the pool serves class-conditional or unconditional teachers (cond: long tensor or None)")
+        prompts = None
+        if is_prompt_list(cond):  # prompt texts: the replica's teacher encodes them
+            prompts, cond = [str(t) for t in cond], None
+        elif cond is not None and not isinstance(cond, torch.Tensor):
+            raise TypeError("pool rollouts take class ids (a long tensor), prompt texts (a list of str) or None as cond")
         req = {"x": x_start_BX.detach().float().cpu().numpy(),
                "sigmas": torch.as_tensor(sigmas_BS, dtype=torch.float64).cpu().numpy(),
                "save": [int(i) for i in save], "cond": None if cond is None else cond.cpu().numpy(),
+               "prompts": prompts,
                "guidance": torch.as_tensor(guidance, dtype=torch.float32).cpu().numpy(), "method": method}
         return self._threads.submit(self._call, req)
 

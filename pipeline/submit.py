@@ -53,6 +53,7 @@ _ATTEMPT = re.compile(r"-r(\d+)$")
 # The type of each generate flag's value, by GenerateConfig field annotation (flags not listed: text).
 _ANNOTATION_TYPES = {
     "int": "int",
+    "int | None": "int",
     "float": "float",
     "float | None": "float",
     "tuple[int, ...]": "ints",

@@ -55,6 +55,21 @@ def _free_port() -> int:
 
 
 class TestGenerateArguments:
+    def test_every_generate_flag_value_is_converted_to_its_field_type(self):
+        """A field type with no conversion would reach GenerateConfig as text (``--resolution 16`` was
+        refused as "got '16'")."""
+        from pipeline.config import config_fields
+        from pipeline.submit import _ANNOTATION_TYPES
+
+        text_fields = {n for n, f in config_fields().items() if f.type in ("str", "str | None")}
+        special = {"progress", "guidance"}  # not a flag / parsed by GenerateConfig from "3.0" or "1.5:4.5"
+        for name, f in config_fields().items():
+            assert name in text_fields | special or f.type in _ANNOTATION_TYPES, (name, f.type)
+        gen = parse_generate_args(["--teacher", "diffusers:/m", "--resolution", "1024", "--shift", "3",
+                                   "--out", "/c", "--num-trajectories", "8"])
+        assert gen.values["resolution"] == 1024 and gen.values["shift"] == 3.0
+        check_generate_args(gen)
+
     def test_stable_id_ignores_order_spelling_abbreviations_and_address(self):
         a = parse_generate_args(["--", *GEN, "--out", "s3://b/c"])
         b = parse_generate_args(["--out=s3://b/c", "--stages", "8, 4", "--num-traj", "64", "--num-steps=16",
@@ -350,6 +365,27 @@ class TestSubmitToRayHead:
         other = _submit(ray_head, "--submission-id", sid, "--", *GEN, "--base-seed", "7", "--out", str(out))
         assert other.returncode == 2, other.stdout + other.stderr
         assert f"submission id {sid} is already used on this cluster by a different command" in other.stderr
+
+    def test_submit_a_diffusers_teacher_with_prompts(self, ray_head, tmp_path):
+        """docs/models.md's SD3 generate step, at tiny scale: a local pipeline folder and a prompt file."""
+        from flowcore.tiny_models import make_tiny_sd3_pipeline
+        from storage_schemas import DatasetCard
+
+        sd3 = make_tiny_sd3_pipeline(tmp_path / "tiny-sd3")
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text("".join(json.dumps({"prompt_id": i, "prompt": p}) + "\n"
+                                   for i, p in enumerate(["a red cat", "two green birds"])))
+        out = tmp_path / "sd3-corpus"
+        r = _submit(ray_head, "--wait", "--", "--teacher", f"diffusers:{sd3}", "--prompts", str(prompts),
+                    "--resolution", "16", "--guidance", "2.0", "--teacher-dtype", "float32", "--dtype", "float32",
+                    "--stages", "4", "--num-steps", "8", "--num-trajectories", "8", "--shard-size", "4",
+                    "--batch-size", "4", "--out", str(out))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "SUCCEEDED" in r.stdout and "2 committed now" in r.stdout
+        card = DatasetCard.from_json((out / "dataset.json").read_text())
+        assert card.teacher.kind == "diffusers" and card.conditioning.kind == "prompt"
+        assert card.run["shift"] == 3.0  # read from the pipeline's scheduler config
+        assert len(manifest_from_parquet_bytes((out / "manifest.parquet").read_bytes())) == 2
 
     def test_failed_job_is_exit_1_and_the_same_command_starts_a_resuming_attempt(self, ray_head, tmp_path):
         # a config file that is not here is left to the cluster, where it is missing too: the job fails fast

@@ -263,7 +263,7 @@ def test_full_fine_tune_unet_student_resumes_exports_a_unet_and_samples(sd15_dir
 
 def test_unet_student_refuses_ota_and_adversarial_flags(corpus, tmp_path, capsys):
     capsys.readouterr()
-    for flags in (["--adv-weight", "0.1"], ["--ota-ratio", "0.5"]):
+    for flags in (["--adv-weight", "0.1"], ["--ota-ratio", "0.5", "--ota-mode", "student"]):
         assert _train(corpus, str(tmp_path / flags[0][2:]), "--max-steps", "1", *flags) == 1
         assert "not supported for diffusers students" in capsys.readouterr().err
 

@@ -52,8 +52,12 @@ def check_diffusers_corpus(card, cfg) -> None:
     if not isinstance(card.solver.guidance, (int, float)):
         raise ValueError("a diffusers student has no guidance input: distil from a corpus generated with one fixed "
                          "--guidance (the student then samples with guidance_scale=1)")
-    if cfg.ota_ratio > 0:
-        raise ValueError("--ota-ratio (online rollouts) is not supported for diffusers students yet")
+    if cfg.ota_ratio >= 1:
+        raise ValueError("--ota-ratio 1 (online rollouts only) is not supported for diffusers students; use a ratio "
+                         "below 1 (the corpus part carries every step)")
+    if cfg.ota_ratio > 0 and cfg.ota_mode != "fresh":
+        raise ValueError(f"--ota-mode {cfg.ota_mode} is not supported for diffusers students yet; use --ota-mode fresh "
+                         "(the teacher solves from new noise, windows cut from its states)")
     if cfg.adv_weight > 0:
         raise ValueError("--adv-weight (adversarial distillation) is not supported for diffusers students yet")
     if card.conditioning.kind == "class":

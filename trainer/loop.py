@@ -36,7 +36,7 @@ from flowcore.windows import sample_windows, stage_boundary_indices
 from trainer.checkpoint import CheckpointStore
 from trainer.config import TrainConfig
 from trainer.data import CorpusStream, StreamConfig, make_dataloader, open_corpus
-from trainer.ota import OTAMixer
+from trainer.ota import OTAMixer, load_card_prompts
 from trainer.student import build_student, student_net_config, teacher_from_card
 
 #: TrainConfig fields that do not change what a checkpoint holds (ignored when explaining a mismatch)
@@ -141,10 +141,13 @@ class Trainer:
             if isinstance(self.teacher, GMMTeacher):
                 def real(n, g, cls, _t=self.teacher):
                     return _t.sample(n, g, cls)
+            prompts = None
+            if self.card.conditioning.kind == "prompt":  # online requests draw from the corpus's prompt file
+                prompts = load_card_prompts(self.card, cfg.storage_options)
             self.ota = OTAMixer(self.rollout_teacher, self.card, mode=cfg.ota_mode, samples_per_step=cfg.ota_samples,
                                 seed=cfg.seed, rank=self.rank, window_points=cfg.window_points,
                                 prefetch=cfg.ota_prefetch, timeout_s=cfg.ota_timeout, real_sampler=real,
-                                verbose=acc.is_main_process)
+                                verbose=acc.is_main_process, prompts=prompts)
         self.ckpt = CheckpointStore(cfg.out, cfg.storage_options)
         self.skipped_samples = 0
         if cfg.resume:
@@ -246,6 +249,19 @@ class Trainer:
 
         return fn
 
+    def _online_windows(self, stage: int, g: torch.Generator, wait: bool) -> tuple[Any, dict[str, float]]:
+        """OTA (both student kinds): the oldest finished rollout as windows of ``stage`` (an OTABatch, or None
+        when none is ready), the request queue refilled, and the ota_* counters."""
+        if self.ota is None:
+            return None, {}
+        ob = self.ota.take(stage, g, wait=wait)
+        self.ota.fill(stage, self._ota_student_fn())
+        return ob, dict(self.ota.stats)
+
+    def _ota_student_fn(self):
+        """The student's sampler for ``--ota-mode student`` requests (None in the other modes)."""
+        return self._student_fn() if self.cfg.ota_mode == "student" else None
+
     def _diffusers_train_step(self, batch: dict[str, Any]) -> dict[str, float]:
         """One step of a diffusers student: windows as for flow nets, prompts encoded by the frozen text encoders."""
         cfg, acc = self.cfg, self.accelerator
@@ -258,9 +274,19 @@ class Trainer:
         cond = self.prompts(list(texts)).to(device=device)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
+        x, sigma, ctens = wb.x_BX, wb.sigma_B, self.condition_tensors(cond)
+        target, mask = wb.v_target_BX, valid
+        ob, stats = self._online_windows(stage, g, wait=False)
+        if ob is not None:  # OTA: online windows join the reflow part, their prompts embedded like the corpus's
+            w = ob.windows
+            ocond = self.prompts(list(ob.prompts or [""] * len(w.x_BX))).to(device=device)
+            x, sigma = torch.cat([x, w.x_BX]), torch.cat([sigma, w.sigma_B])
+            target, mask = torch.cat([target, w.v_target_BX]), torch.cat([mask, torch.ones(len(w.x_BX), dtype=torch.bool)])
+            ctens = tuple(None if a is None else torch.cat([a, b]) for a, b in zip(ctens, self.condition_tensors(ocond)))
+        n_online = x.shape[0] - wb.x_BX.shape[0]
         with acc.autocast():
-            v = self.model(wb.x_BX.to(device), wb.sigma_B.to(device), *self.condition_tensors(cond))
-        loss = _masked_loss(v.float(), wb.v_target_BX.to(device), valid.to(device), cfg.alpha)
+            v = self.model(x.to(device), sigma.to(device), *ctens)
+        loss = _masked_loss(v.float(), target.to(device), mask.to(device), cfg.alpha)
         acc.backward(loss)
         grad_norm = acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip)
         self.optimizer.step()
@@ -272,7 +298,8 @@ class Trainer:
         self.skipped_samples += int((~valid).sum())
         return {"loss": float(loss.detach()), "reflow_loss": float(loss.detach()), "grad_norm": float(grad_norm),
                 "stage": stage, "lr": self.lr_at(self.step), "valid": int(valid.sum()),
-                "prompt_cache_hits": self.prompts.hits, "prompt_cache_misses": self.prompts.misses}
+                "prompt_cache_hits": self.prompts.hits, "prompt_cache_misses": self.prompts.misses,
+                "online_in_step": n_online, **stats}
 
     def train_step(self, batch: dict[str, Any] | None) -> dict[str, float]:
         """One optimizer step on a corpus batch (None when training online only) plus online windows."""
@@ -289,15 +316,11 @@ class Trainer:
             parts.append((wb.x_BX, wb.sigma_B, wb.v_target_BX, valid, batch["class_id"], batch["guidance"].float()))
         else:
             valid = torch.ones(0, dtype=torch.bool)
-        stats: dict[str, float] = {}
-        if self.ota is not None:  # online windows join the batch when a rollout is ready
-            ob = self.ota.take(stage, g, wait=batch is None)
-            self.ota.fill(stage, self._student_fn() if cfg.ota_mode == "student" else None)
-            if ob is not None:
-                w = ob.windows
-                parts.append((w.x_BX, w.sigma_B, w.v_target_BX, torch.ones(len(ob.guidance_B), dtype=torch.bool),
-                              ob.class_B, ob.guidance_B.float()))
-            stats.update(self.ota.stats)
+        ob, stats = self._online_windows(stage, g, wait=batch is None)
+        if ob is not None:  # online windows join the batch when a rollout is ready
+            w = ob.windows
+            parts.append((w.x_BX, w.sigma_B, w.v_target_BX, torch.ones(len(ob.guidance_B), dtype=torch.bool),
+                          ob.class_B, ob.guidance_B.float()))
         if not parts:
             raise RuntimeError(f"no online rollout arrived within {cfg.ota_timeout:.0f} s and there is no corpus "
                                "part (ota-ratio 1); is the teacher pool up?")
@@ -418,7 +441,7 @@ class Trainer:
             bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         last = {}
         if self.ota is not None:  # the first rollouts are in flight before the first step
-            self.ota.fill(self.stage_at(self.step), self._student_fn() if cfg.ota_mode == "student" else None)
+            self.ota.fill(self.stage_at(self.step), self._ota_student_fn())
             self.ota.wait_first(min(cfg.ota_timeout, 120.0))
         self._t_last, self._samples_since = time.perf_counter(), 0
         while self.step < self.total_steps and self.online_only:  # ota-ratio 1: no corpus batches

@@ -11,9 +11,15 @@ a helper thread together with the request, so they do not lengthen the training 
 thread reads the EMA weights while the step updates them, which at most mixes two adjacent EMA
 states.
 
-Noise, classes, guidance weights and windows of request n come from a generator seeded by
-(seed, rank, n): a request is reproducible, but *which* step consumes it depends on the pool's
+Noise, classes (or prompts), guidance weights and windows of request n come from a generator seeded
+by (seed, rank, n): a request is reproducible, but *which* step consumes it depends on the pool's
 timing, so runs with OTA are not bit-reproducible (the corpus part still is).
+
+Prompt-conditioned corpora (diffusers students): request n draws its prompts uniformly from the
+corpus's own prompt file (the card's ``run.prompts``: url + sha256, read by ``load_card_prompts``
+and checked against the sha256) and sends them as TEXTS; the pool's teacher encodes them with its own
+text encoders and solves with CFG at the card's fixed guidance. The online windows come back with
+their texts (``OTABatch.prompts``), which the trainer embeds like the corpus's.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import hashlib
 import time
 import warnings
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,19 +44,45 @@ from flowcore.ota import (
 )
 from flowcore.windows import WindowBatch, sample_windows, windows_from_endpoints
 from storage_schemas import DatasetCard
+from storage_schemas.prompts import parse_prompt_file
 
 
 def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big") & (2**63 - 1)
 
 
+def load_card_prompts(card: DatasetCard, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """The prompt texts of a prompt-conditioned corpus: its prompt file (card ``run.prompts``), sha256-checked."""
+    rec = card.run.get("prompts") or {}
+    url = rec.get("url") if isinstance(rec, dict) else None
+    if not url:
+        raise ValueError("OTA for a prompt-conditioned corpus draws prompts from the corpus's prompt file, but the "
+                         "card does not record one (run.prompts)")
+    from fsspec.core import url_to_fs
+
+    from storage_schemas.retry import with_retries
+
+    try:
+        fs, path = url_to_fs(url, **(storage_options or {}))
+        data = with_retries(lambda: fs.cat_file(path), what=f"reading prompt file {url}")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"OTA draws prompts from the corpus's prompt file {url} (card run.prompts), which cannot be "
+                         f"read here: {e}") from None
+    want = rec.get("sha256")
+    if want and hashlib.sha256(data).hexdigest() != want:
+        raise ValueError(f"the prompt file {url} changed since the corpus was generated (sha256 differs from the "
+                         "card's run.prompts.sha256)")
+    return [text for _, text in parse_prompt_file(data, url)]
+
+
 @dataclass
 class OTABatch:
-    """Online windows for one step: the WindowBatch plus each sample's class and guidance weight."""
+    """Online windows for one step: the WindowBatch plus each sample's class (or prompt text) and guidance."""
 
     windows: WindowBatch
     class_B: torch.Tensor | None
     guidance_B: torch.Tensor
+    prompts: list[str] | None = None
 
 
 @dataclass
@@ -65,6 +98,7 @@ class _Pending:
     x_start_BX: torch.Tensor | None
     sigma_start_B: torch.Tensor | None
     sigma_end_B: torch.Tensor | None
+    prompts: list[str] | None = None
 
 
 class OTAMixer:
@@ -72,11 +106,12 @@ class OTAMixer:
 
     def __init__(self, client, card: DatasetCard, *, mode: str, samples_per_step: int, seed: int, rank: int,
                  window_points: str = "start", prefetch: int = 2, timeout_s: float = 60.0, real_sampler=None,
-                 verbose: bool = True):
+                 verbose: bool = True, prompts: Sequence[str] | None = None):
         if mode not in OTA_MODES:
             raise ValueError(f"ota-mode must be one of {', '.join(OTA_MODES)}, got {mode!r}")
-        if card.conditioning.kind == "prompt":
-            raise ValueError("OTA mixing for prompt-conditioned corpora is not supported yet (class or unconditional only)")
+        if card.conditioning.kind == "prompt" and not prompts:
+            raise ValueError("OTA mixing for a prompt-conditioned corpus needs its prompts (see load_card_prompts)")
+        self.prompts = list(prompts) if card.conditioning.kind == "prompt" else None
         if mode == "perflow" and real_sampler is None:
             raise ValueError("the perflow baseline needs real data samples (available for GMM teachers only)")
         fp = getattr(client, "fingerprint", None)
@@ -99,11 +134,14 @@ class OTAMixer:
         self._outage = False
 
     # -- requests ---------------------------------------------------------------------------------
-    def _conditions(self, g: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def _conditions(self, g: torch.Generator) -> tuple[torch.Tensor | list[str] | None, torch.Tensor]:
+        """(class ids, or prompt texts, or None; guidance weights) of one request."""
         card = self.card
         cls = None
         if card.conditioning.kind == "class":
             cls = torch.randint(0, card.conditioning.num_classes, (self.n,), generator=g)
+        elif self.prompts is not None:
+            cls = [self.prompts[i] for i in torch.randint(0, len(self.prompts), (self.n,), generator=g).tolist()]
         gd = card.solver.guidance
         if isinstance(gd, (int, float)):
             guid = torch.full((self.n,), float(gd))
@@ -117,7 +155,11 @@ class OTAMixer:
         g = torch.Generator().manual_seed(_seed(self.seed, "ota", self.rank, number))
         cls, guid = self._conditions(g)
         noise = torch.randn((self.n, *self.card.sample_shape), generator=g)
-        p = _Pending(number, None, self.mode, stage, time.monotonic(), None, cls, guid, None, None, None)
+        p = _Pending(number, None, self.mode, stage, time.monotonic(), None, None, guid, None, None, None)
+        if isinstance(cls, list):
+            p.prompts = cls
+        else:
+            p.class_B = cls
         if self.mode == "fresh":  # the teacher's whole ODE from new noise; windows are drawn at take time
             grid = torch.tensor(self.solver_sigmas, dtype=torch.float64).expand(self.n, -1)
             save = [i for i, _ in enumerate(self.solver_sigmas)
@@ -218,7 +260,7 @@ class OTAMixer:
         else:
             wb = windows_from_endpoints(p.x_start_BX, states[:, -1], p.sigma_start_B, p.sigma_end_B, p.window_B,
                                         self.window_points, generator=g)
-        return OTABatch(wb, p.class_B, p.guidance_B)
+        return OTABatch(wb, p.class_B, p.guidance_B, p.prompts)
 
     def wait_first(self, timeout_s: float) -> bool:
         """Block until the oldest request is done (start-up: the first steps should not all be shortfall)."""

@@ -39,6 +39,10 @@ def add_pool_parser(sub) -> None:
     p.add_argument("--cpus-per-replica", type=float, default=1.0)
     p.add_argument("--max-batch-size", type=int, default=16, help="requests merged into one solve (default 16)")
     p.add_argument("--storage-options", type=_json_object, help="fsspec options for a remote flownet teacher")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="a diffusers teacher's image size in pixels: the corpus's (its card's run.resolution)")
+    p.add_argument("--teacher-dtype", default=None,
+                   help="a diffusers teacher's dtype: the corpus's (its card's run.teacher_dtype)")
     p.add_argument("--json", action="store_true", help="print status as JSON")
     p.set_defaults(func=cmd_pool)
 
@@ -83,7 +87,8 @@ def cmd_pool(args: argparse.Namespace) -> int:
         if args.action == "up":
             st = pool.pool_up(args.teacher, name=name, replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
                               cpus_per_replica=args.cpus_per_replica, max_batch_size=args.max_batch_size,
-                              storage_options=args.storage_options)
+                              storage_options=args.storage_options, teacher_dtype=args.teacher_dtype,
+                              resolution=args.resolution)
             _print_status(st, args.json)
         elif args.action == "status":
             st = pool.pool_status(name)
@@ -146,7 +151,8 @@ def rollout_teacher_for(cfg, address: str | None, pool_name: str | None, replica
         if started:
             ray.init(namespace=pool.NAMESPACE, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         try:
-            pool.pool_up(spec, name=name, replicas=replicas, storage_options=cfg.storage_options)
+            pool.pool_up(spec, name=name, replicas=replicas, storage_options=cfg.storage_options,
+                         teacher_dtype=card.run.get("teacher_dtype"), resolution=card.run.get("resolution"))
             client = pool.PoolClient(name, timeout_s=cfg.ota_timeout)
             try:
                 yield client
