@@ -58,8 +58,9 @@ def check_diffusers_corpus(card, cfg) -> None:
     if cfg.ota_ratio > 0 and cfg.ota_mode != "fresh":
         raise ValueError(f"--ota-mode {cfg.ota_mode} is not supported for diffusers students yet; use --ota-mode fresh "
                          "(the teacher solves from new noise, windows cut from its states)")
-    if cfg.adv_weight > 0:
-        raise ValueError("--adv-weight (adversarial distillation) is not supported for diffusers students yet")
+    if cfg.adv_weight > 0 and kind != "diffusers":
+        raise ValueError("--adv-weight (adversarial distillation) is not supported for diffusers students with a "
+                         "UNet (SD1.5/SDXL) yet; SD3-class transformer students support it")
     if card.conditioning.kind == "class":
         raise ValueError("a diffusers corpus cannot be class-conditioned")
 

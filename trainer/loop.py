@@ -132,8 +132,12 @@ class Trainer:
         self.disc = self.disc_optimizer = None
         if cfg.adv_weight > 0:
             torch.manual_seed(cfg.seed + 1)
-            disc = TrajectoryDiscriminator(self.net_cfg, cfg.disc_blocks).load_backbone(student)
-            d_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.0, 0.99))
+            if self.diffusers:  # copies of the teacher's first blocks, taken before LoRA went in
+                disc = self._diffusers_disc
+            else:
+                disc = TrajectoryDiscriminator(self.net_cfg, cfg.disc_blocks).load_backbone(student)
+            d_opt = torch.optim.AdamW([p for p in disc.parameters() if p.requires_grad], lr=cfg.disc_lr,
+                                      betas=(0.0, 0.99))
             self.disc, self.disc_optimizer = acc.prepare(disc, d_opt)
         self.ota = None
         if cfg.ota_ratio > 0:
@@ -178,6 +182,13 @@ class Trainer:
         if gc is None:  # memory-aware default: activations dominate at 1024 px on a GPU; CPU runs are tiny
             gc = acc.device.type == "cuda"
         build = build_sd3_student if self.card.teacher.kind == "diffusers" else build_unet_student
+        if cfg.adv_weight > 0:  # D copies the teacher's first blocks *before* LoRA adapters go into them
+            from flowcore.adversarial_diffusers import SD3TrajectoryDiscriminator
+
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed + 1)
+                self._diffusers_disc = SD3TrajectoryDiscriminator(
+                    teacher.transformer, cfg.disc_blocks, num_train_timesteps=teacher.num_train_timesteps)
         student = build(teacher, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, gradient_checkpointing=gc,
                         init=cfg.init, seed=cfg.seed)
         self.teacher = None  # its network *is* the student now: no second copy in memory
@@ -274,9 +285,10 @@ class Trainer:
         cond = self.prompts(list(texts)).to(device=device)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
-        x, sigma, ctens = wb.x_BX, wb.sigma_B, self.condition_tensors(cond)
+        x, sigma, ctens, adv, stats = wb.x_BX, wb.sigma_B, self.condition_tensors(cond), None, {}
         target, mask = wb.v_target_BX, valid
-        ob, stats = self._online_windows(stage, g, wait=False)
+        ob, ota_stats = self._online_windows(stage, g, wait=False)
+        stats.update(ota_stats)
         if ob is not None:  # OTA: online windows join the reflow part, their prompts embedded like the corpus's
             w = ob.windows
             ocond = self.prompts(list(ob.prompts or [""] * len(w.x_BX))).to(device=device)
@@ -284,19 +296,29 @@ class Trainer:
             target, mask = torch.cat([target, w.v_target_BX]), torch.cat([mask, torch.ones(len(w.x_BX), dtype=torch.bool)])
             ctens = tuple(None if a is None else torch.cat([a, b]) for a, b in zip(ctens, self.condition_tensors(ocond)))
         n_online = x.shape[0] - wb.x_BX.shape[0]
-        with acc.autocast():
-            v = self.model(x.to(device), sigma.to(device), *ctens)
-        loss = _masked_loss(v.float(), target.to(device), mask.to(device), cfg.alpha)
+        n_reflow = x.shape[0]
+        if self.disc is not None:  # the student's own few-step states vs the teacher's, as for flow nets
+            adv = self._adversarial_inputs(batch, stage, g, cond)
+            x, sigma = torch.cat([x, adv["start"]]), torch.cat([sigma, adv["sigma_from"]])
+            ctens = tuple(torch.cat([a, b]) for a, b in zip(ctens, adv["cond"]))
+        with acc.autocast():  # one forward for the reflow and adversarial parts
+            v_all = self.model(x.to(device), sigma.to(device), *ctens)
+        loss = reflow = _masked_loss(v_all[:n_reflow].float(), target.to(device), mask.to(device), cfg.alpha)
+        if adv is not None:
+            fake = self._adversarial_generator_part(adv, v_all[n_reflow:].float(), stats)
+            loss = loss + stats.pop("_g_loss_tensor")
         acc.backward(loss)
         grad_norm = acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if adv is not None:
+            self._discriminator_step(adv, fake.detach(), stats)
         if self.diffusers_ema is not None:
             with torch.no_grad():
                 for n, p in acc.unwrap_model(self.model).trainable_state_dict().items():
                     self.diffusers_ema[n].lerp_(p.detach().to(self.diffusers_ema[n].dtype), 1.0 - cfg.ema_decay)
         self.skipped_samples += int((~valid).sum())
-        return {"loss": float(loss.detach()), "reflow_loss": float(loss.detach()), "grad_norm": float(grad_norm),
+        return {"loss": float(loss.detach()), "reflow_loss": float(reflow.detach()), "grad_norm": float(grad_norm),
                 "stage": stage, "lr": self.lr_at(self.step), "valid": int(valid.sum()),
                 "prompt_cache_hits": self.prompts.hits, "prompt_cache_misses": self.prompts.misses,
                 "online_in_step": n_online, **stats}
@@ -364,8 +386,13 @@ class Trainer:
                 "lr": self.lr_at(self.step), "valid": int(valid.sum()), "online_in_step": n_online, **stats}
 
     # -- adversarial distillation on trajectory states ----------------------------------------------
-    def _adversarial_inputs(self, batch, stage: int, g: torch.Generator) -> dict[str, Any]:
-        """Real: the corpus's teacher states at the student's sigmas; and where the student's judged step starts."""
+    def _adversarial_inputs(self, batch, stage: int, g: torch.Generator, cond=None) -> dict[str, Any]:
+        """Real: the corpus's teacher states at the student's sigmas; and where the student's judged step starts.
+
+        cond: a diffusers student's prompt condition for the batch's rows (None for flow nets). Returns
+        start/sigma_from/sigma_to/real, the student's condition for the judged step (cls/guid for flow nets,
+        ``cond`` [the student's condition tensors] for diffusers students) and ``disc_cond``, D's condition
+        arguments after (x, sigma): (class | None,) for flow nets, (prompt_embeds, pooled) for SD3."""
         valid = batch["valid"].bool()
         if not bool(valid.any()):  # a batch of placeholders (skip policy): judge them rather than desync DDP
             valid = torch.ones_like(valid)
@@ -377,14 +404,25 @@ class Trainer:
         probs = step_probabilities(stage, self.cfg.adv_step_probs if self.cfg.adv_step_probs is not None
                                    and len(self.cfg.adv_step_probs) == stage else None)
         n_B = torch.multinomial(probs, states.shape[0], replacement=True, generator=g) + 1
+        real = states[torch.arange(states.shape[0]), torch.tensor(bounds)[n_B]]
+        if self.diffusers:  # the current (not EMA) weights: swapping an EMA in would copy them twice per step
+            ctens = tuple(t[valid.to(t.device)] for t in self.condition_tensors(cond))
+            net, acc = self.accelerator.unwrap_model(self.model), self.accelerator
+
+            def student_fn(x, s):
+                with acc.autocast():
+                    return net(x.to(acc.device), s.to(acc.device), *ctens).float().to(x.device)
+
+            start, s_from, s_to = student_last_step_inputs(student_fn, states[:, 0], boundary_sigmas, n_B)
+            return {"start": start, "sigma_from": s_from, "sigma_to": s_to, "real": real, "cond": ctens,
+                    "disc_cond": ctens}
         cls = batch["class_id"][valid] if self.net_cfg.num_classes else None
         guid = batch["guidance"][valid] if self.net_cfg.guidance_cond else None
         fn = self._student_fn()
         start, s_from, s_to = student_last_step_inputs(lambda x, s: fn(x, s, cls, guid), states[:, 0],
                                                        boundary_sigmas, n_B)
-        real = states[torch.arange(states.shape[0]), torch.tensor(bounds)[n_B]]
         return {"start": start, "sigma_from": s_from, "sigma_to": s_to, "real": real, "cls": cls, "guid": guid,
-                "disc_cls": batch["class_id"][valid] if self.net_cfg.num_classes else None}
+                "disc_cond": (batch["class_id"][valid] if self.net_cfg.num_classes else None,)}
 
     def _adversarial_generator_part(self, adv, v_fake, stats) -> torch.Tensor:
         cfg, acc = self.cfg, self.accelerator
@@ -392,14 +430,18 @@ class Trainer:
         h = (adv["sigma_to"] - adv["sigma_from"]).to(device).reshape(-1, *([1] * (v_fake.ndim - 1)))
         fake = adv["start"].to(device) + h * v_fake
         d = acc.unwrap_model(self.disc)  # no DDP hooks: the generator's loss must not train D
-        d.requires_grad_(False)
+        trainable = [p for p in d.parameters() if p.requires_grad]
+        for p in trainable:
+            p.requires_grad_(False)
         sig = adv["sigma_to"].to(device)
-        dcls = None if adv["disc_cls"] is None else adv["disc_cls"].to(device)
-        logit_fake, feats_fake = d(fake, sig, dcls)
-        with torch.no_grad():
-            _, feats_real = d(adv["real"].to(device), sig, dcls)
-        d.requires_grad_(True)
-        g_adv = generator_adversarial_loss(logit_fake)
+        dcond = tuple(None if c is None else c.to(device) for c in adv["disc_cond"])
+        with acc.autocast():
+            logit_fake, feats_fake = d(fake, sig, *dcond)
+            with torch.no_grad():
+                _, feats_real = d(adv["real"].to(device), sig, *dcond)
+        for p in trainable:
+            p.requires_grad_(True)
+        g_adv = generator_adversarial_loss(logit_fake.float())
         g_fm = feature_matching_loss(feats_fake, feats_real)
         stats["_g_loss_tensor"] = cfg.adv_weight * g_adv + cfg.fm_weight * g_fm
         stats["adv_g_loss"] = float(g_adv.detach())
@@ -411,13 +453,13 @@ class Trainer:
         device = acc.device
         n = fake.shape[0]
         sig = adv["sigma_to"].to(device)
-        dcls = None if adv["disc_cls"] is None else adv["disc_cls"].to(device)
+        dcond = tuple(None if c is None else torch.cat([c, c]).to(device) for c in adv["disc_cond"])
         with acc.autocast():
-            logits, _ = self.disc(torch.cat([adv["real"].to(device), fake]), torch.cat([sig, sig]),
-                                  None if dcls is None else torch.cat([dcls, dcls]))
+            logits, _ = self.disc(torch.cat([adv["real"].to(device), fake]), torch.cat([sig, sig]), *dcond)
+        logits = logits.float()
         d_loss = discriminator_hinge_loss(logits[:n], logits[n:])
         acc.backward(d_loss)
-        acc.clip_grad_norm_(self.disc.parameters(), self.cfg.grad_clip)
+        acc.clip_grad_norm_([p for p in self.disc.parameters() if p.requires_grad], self.cfg.grad_clip)
         self.disc_optimizer.step()
         self.disc_optimizer.zero_grad(set_to_none=True)
         stats["adv_d_loss"] = float(d_loss.detach())
@@ -497,7 +539,9 @@ class Trainer:
                            optimizer=self.optimizer.state_dict(),
                            state={"data": self.stream.state_dict(), "skipped_samples": self.skipped_samples,
                                   "stage": self.stage_at(max(0, self.step - 1)), "train_config": self.cfg.to_dict()},
-                           net_config=model.config())
+                           net_config=model.config(),
+                           extra={} if self.disc is None else {"disc": acc.unwrap_model(self.disc).state_dict()},
+                           extra_optimizers={} if self.disc is None else {"disc": self.disc_optimizer.state_dict()})
         elif acc.is_main_process:
             model = acc.unwrap_model(self.model)
             self.ckpt.save(self.step, model=model.state_dict(), ema=None if self.ema is None else self.ema.state_dict(),
