@@ -25,6 +25,7 @@ import itertools
 import json
 import logging
 import os
+import sys
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -886,6 +887,24 @@ class CorpusStream(IterableDataset):
         return item
 
 
+def worker_context():
+    """The multiprocessing context of the loader's workers: ``spawn`` in a process that holds a Ray
+    driver (``trajflow train`` with an embedded teacher pool, a notebook, the test session), else
+    the platform default (``fork`` on Linux).
+
+    Workers start every epoch. ``fork`` copies the whole training process into each one, including
+    Ray's gRPC channels and the background threads that use them (a Serve handle's long-poll, task
+    event reporting); a fork taken while one of them is mid-call can leave the parent's connection
+    to the cluster hung for good (seen: a later ``ray.cluster_resources()`` never returned). A
+    spawned worker starts a fresh interpreter instead (about 2 s per epoch)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and getattr(ray, "is_initialized", lambda: False)():
+        import multiprocessing
+
+        return multiprocessing.get_context("spawn")
+    return None
+
+
 def make_dataloader(stream: CorpusStream, *, num_workers: int = 0, pin_memory: bool = False,
                     prefetch_factor: int | None = None, multiprocessing_context: Any = None,
                     timeout: float = 0) -> DataLoader:
@@ -901,7 +920,8 @@ def make_dataloader(stream: CorpusStream, *, num_workers: int = 0, pin_memory: b
     if num_workers > 0:
         kwargs["prefetch_factor"] = prefetch_factor if prefetch_factor is not None else 2
         kwargs["persistent_workers"] = False
-        if multiprocessing_context is not None:
-            kwargs["multiprocessing_context"] = multiprocessing_context
+        context = multiprocessing_context or worker_context()
+        if context is not None:
+            kwargs["multiprocessing_context"] = context
     return DataLoader(stream, batch_size=None, shuffle=False, num_workers=num_workers,
                       pin_memory=pin_memory, timeout=timeout, **kwargs)
