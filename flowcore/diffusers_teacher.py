@@ -503,15 +503,23 @@ class DiffusersFlowTeacher(DenoiserPlacement):
         )
 
 
+def vae_scale_factor_of(path: str | os.PathLike) -> int | None:
+    """2 ** (len(block_out_channels) - 1) from ``path/vae/config.json`` (as the stock pipelines compute
+    it), or None when the folder has no VAE config."""
+    cfg = os.path.join(os.fspath(path), "vae", "config.json")
+    if not os.path.isfile(cfg):
+        return None
+    with open(cfg) as f:
+        return 2 ** (len(json.load(f).get("block_out_channels", [0] * 4)) - 1)
+
+
 def latent_shape_for_resolution(root: str, transformer_config, resolution: int) -> tuple[int, int, int]:
     """(C, px / s, px / s) for square ``resolution``-pixel images, with the VAE scale factor
     s = 2 ** (len(vae block_out_channels) - 1) read from ``root/vae/config.json`` (8 for SD3)."""
-    vae_cfg = os.path.join(root, "vae", "config.json")
-    if not os.path.isfile(vae_cfg):
+    scale = vae_scale_factor_of(root)
+    if scale is None:
         raise FileNotFoundError(f"resolution needs the pipeline's vae/config.json (for the latent scale), not found "
                                 f"under {root!r}; pass sample_shape instead")
-    with open(vae_cfg) as f:
-        scale = 2 ** (len(json.load(f).get("block_out_channels", [0] * 4)) - 1)
     px = int(resolution)
     patch = int(getattr(transformer_config, "patch_size", 1) or 1)
     if px < 1 or px % (scale * patch):

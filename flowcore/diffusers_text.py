@@ -34,14 +34,13 @@ and runs under ``torch.no_grad()``. Only local folders are loaded (``local_files
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from flowcore.diffusers_teacher import PromptCondition
+from flowcore.diffusers_teacher import PromptCondition, vae_scale_factor_of
 
 __all__ = ["SD3PromptEncoder", "SD15PromptEncoder", "SDXLPromptEncoder", "has_text_encoders",
            "missing_sd15_text_parts", "missing_sdxl_text_parts", "DEFAULT_MAX_SEQUENCE_LENGTH"]
@@ -74,16 +73,6 @@ def missing_sdxl_text_parts(path: str | os.PathLike) -> list[str]:
     tokenizer/, tokenizer_2/)."""
     root = os.fspath(path)
     return [f"{d}/" for d in SDXL_TEXT_PARTS if not os.path.isdir(os.path.join(root, d))]
-
-
-def vae_scale_factor_of(path: str | os.PathLike) -> int | None:
-    """2 ** (len(block_out_channels) - 1) from ``path/vae/config.json`` (as the stock pipelines compute
-    it), or None when the folder has no VAE config."""
-    cfg = os.path.join(os.fspath(path), "vae", "config.json")
-    if not os.path.isfile(cfg):
-        return None
-    with open(cfg) as f:
-        return 2 ** (len(json.load(f).get("block_out_channels", [0] * 4)) - 1)
 
 
 def _unique_rows(texts: Sequence[str]) -> tuple[list[str], list[int] | None]:
@@ -186,17 +175,11 @@ class SD3PromptEncoder(_PipelinePromptEncoder):
 
     def encode(self, texts: Sequence[str]) -> PromptCondition:
         """PromptCondition (no negatives) for ``texts``; each distinct text is encoded once."""
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise TypeError("encode takes a list of prompt strings")
-        texts = list(texts)
-        if not texts:
-            raise ValueError("no prompts to encode")
-        unique = list(dict.fromkeys(texts))
+        unique, rows = _unique_rows(texts)
         embeds, pooled = self._encode_unique(unique)
-        if len(unique) == len(texts):
+        if rows is None:
             return PromptCondition(embeds, pooled)
-        where = {t: i for i, t in enumerate(unique)}
-        idx = torch.tensor([where[t] for t in texts], device=embeds.device)
+        idx = torch.tensor(rows, device=embeds.device)
         return PromptCondition(embeds[idx], pooled[idx])
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from flowcore.diffusers_teacher import DiffusersFlowTeacher, PromptCondition
+from flowcore.diffusers_teacher import DiffusersFlowTeacher, PromptCondition, vae_scale_factor_of
 
 #: attention projections of SD3's joint transformer blocks that LoRA adapts (as diffusers' SD3 LoRA recipes)
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -214,14 +214,6 @@ def build_sd3_student(teacher: DiffusersFlowTeacher, *, lora_rank: int | None, l
                       lora_alpha=lora_alpha, gradient_checkpointing=gradient_checkpointing)
 
 
-def _vae_scale(base: str) -> int:
-    try:
-        with open(os.path.join(base, "vae", "config.json")) as f:
-            return 2 ** (len(json.load(f)["block_out_channels"]) - 1)
-    except (OSError, KeyError, ValueError):
-        return 8
-
-
 def base_pipeline_of(card) -> str:
     """The teacher's pipeline folder as recorded on the card (``teacher.config.source.path``)."""
     return str((card.teacher.config.get("source") or {}).get("path", ""))
@@ -235,6 +227,10 @@ def write_student_meta(folder: str, student: DiffusersStudent, card, *, fmt: str
     base = base_pipeline_of(card)
     source = card.teacher.config.get("source") or {}
     shape = list(card.sample_shape)
+    try:  # an unreadable VAE config must not fail the export at the end of a run: SD's scale, 8
+        vae_scale = vae_scale_factor_of(base) or 8
+    except (OSError, ValueError):
+        vae_scale = 8
     meta = {
         "format": fmt,
         "kind": kind,
@@ -244,7 +240,7 @@ def write_student_meta(folder: str, student: DiffusersStudent, card, *, fmt: str
         "lora_rank": student.lora_rank,
         "shift": float(shift),
         "sample_shape": shape,
-        "resolution": int(shape[-1]) * _vae_scale(base),
+        "resolution": int(shape[-1]) * vae_scale,
         "guidance_distilled": card.solver.guidance,
         "max_sequence_length": source.get("max_sequence_length"),
         "teacher_fingerprint": card.teacher.fingerprint,
