@@ -1,7 +1,7 @@
 """Quality at an equal training budget: methods x steps {1, 2, 4} x metrics on a GMM teacher.
 
     python benchmarks/quality.py                                   # latent10, the quality method set
-    python benchmarks/quality.py --teacher gmm:/path/spec.json     # any GMM spec (flowcore.gmm.GMMSpec JSON)
+    python benchmarks/quality.py --teacher gmm:/path/spec.json     # any GMM spec (models.gmm.GMMSpec JSON)
     python benchmarks/quality.py --methods all --steps 1500        # every method of trajflow.compare
     python benchmarks/ablation.py                                   # the ablation set (same harness)
 
@@ -51,7 +51,8 @@ def main(argv=None, default_methods: str = "quality") -> dict:
     args = parse_args(argv, default_methods)
     import torch
 
-    from flowcore.teacher_spec import build_teacher, parse_teacher_spec
+    from models.registry import build_teacher
+    from models.spec import parse_teacher_spec
     from trajflow.compare import PROFILES, Profile, check_targets, compare, markdown_table, resolve_methods
 
     try:

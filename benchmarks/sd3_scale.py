@@ -58,7 +58,7 @@ def build_folder(folder: Path, size: str, device: str, seed: int = 0) -> dict:
     tiny); for ``size="medium"`` an SD3-Medium-sized random transformer and a 4-block VAE config."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
 
-    from flowcore.tiny_models import make_tiny_sd3_pipeline
+    from models.tiny import make_tiny_sd3_pipeline
 
     make_tiny_sd3_pipeline(str(folder), seed=seed)
     with open(folder / "transformer" / "config.json") as f:

@@ -1,7 +1,11 @@
-"""flowcore: the shared, pure flow-matching math of trajflow (no Ray, no object storage).
+"""flowcore: the pure flow-matching math of trajflow (torch and numpy only: no files, no diffusers,
+transformers, peft, safetensors or PIL, no Ray, no object storage).
 
 Modules: ``schedules`` (sigma grids, few_step_sigmas, window stages), ``solvers`` (Euler/Heun with
-trajectory capture), ``losses`` (window targets, aligned v-prediction), ``guidance`` (CFG),
-``teacher`` (the Teacher protocol), ``gmm`` (analytic GMM teacher), ``flownets`` (small flow nets),
-``diffusers_teacher`` / ``diffusers_scheduler`` (diffusers adapters), ``teacher_spec`` (SPEC strings).
+trajectory capture), ``losses`` (window targets, aligned v-prediction), ``guidance`` (CFG), ``windows``
+(window draws for progressive reflow), ``ota`` (window starts on the teacher's ODE), ``adversarial``
+(discriminator losses and the student's step walk), ``rollout`` (teacher rollouts and the
+RolloutTeacher protocol), ``metrics`` (coupling error, sliced Wasserstein), ``vp_flow`` (the VP <->
+rectified-flow conversion) and ``teacher`` (the Teacher protocol and fingerprints). The network families
+live in ``models``.
 """

@@ -20,56 +20,11 @@ on one step and 0.2 on the others; we put it on the final sample, the one users 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 
 import torch
-from torch import nn
-
-from flowcore.flownets import FlowNet, FlowNetConfig
 
 #: probabilities of judging the output of step 1..4 of a 4-step student (final sample last)
 DEFAULT_STEP_PROBS = (0.2, 0.2, 0.2, 0.4)
-
-
-class TrajectoryDiscriminator(nn.Module):
-    """D(x [B, *X], sigma [B], class [B] | None) -> (logit [B], [features per trunk block])."""
-
-    def __init__(self, backbone: FlowNetConfig, num_blocks: int = 2):
-        super().__init__()
-        if num_blocks < 1:
-            raise ValueError("the discriminator needs at least one trunk block")
-        cfg = replace(backbone, depth=num_blocks, guidance_cond=False)
-        trunk = FlowNet(cfg)
-        self.cfg = cfg
-        self.cond, self.inp, self.blocks = trunk.cond, trunk.inp, trunk.blocks
-        w = cfg.width
-        if cfg.arch == "mlp":
-            self.head = nn.Sequential(nn.LayerNorm(w), nn.SiLU(), nn.Linear(w, 1))
-        else:
-            self.head = nn.Sequential(nn.GroupNorm(min(8, w), w), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                      nn.Linear(w, 1))
-        # projection discriminator: the condition embedding also enters the logit directly
-        self.proj = nn.Linear(w, w, bias=False)
-
-    def load_backbone(self, net: FlowNet) -> TrajectoryDiscriminator:
-        """Initialise the trunk from the first blocks of a flow net with the same width/arch."""
-        own = self.state_dict()
-        src = {k: v for k, v in net.state_dict().items() if k in own and own[k].shape == v.shape}
-        self.load_state_dict(src, strict=False)
-        return self
-
-    def forward(self, x: torch.Tensor, sigma_B: torch.Tensor, class_B: torch.Tensor | None = None):
-        B = x.shape[0]
-        e = self.cond(sigma_B.to(x.dtype), class_B)
-        h = self.inp(x.reshape(B, -1) if self.cfg.arch == "mlp" else x)
-        feats = []
-        for blk in self.blocks:
-            h = blk(h, e)
-            feats.append(h)
-        logit = self.head(h).reshape(B)
-        pooled = h if h.ndim == 2 else h.mean(dim=(2, 3))
-        logit = logit + (self.proj(e) * pooled).sum(dim=1) / pooled.shape[1] ** 0.5
-        return logit, feats
 
 
 def discriminator_hinge_loss(logit_real_B: torch.Tensor, logit_fake_B: torch.Tensor) -> torch.Tensor:

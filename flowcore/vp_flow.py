@@ -10,9 +10,9 @@ A DDPM-family UNet (SD1.5, SD2, SDXL) lives on the variance-preserving path
 ``VPFlowConversion`` is that conversion for one noise schedule. Everything that turns a UNet into a
 velocity field goes through it, so they cannot drift apart:
 
-- ``flowcore.diffusers_unet.DiffusersUNetTeacher.velocity`` (the teacher, under no_grad),
-- ``trainer.diffusers_unet_student.UNetStudent.forward`` (the student, differentiable in the output),
-- ``flowcore.diffusers_scheduler.FlowUNetScheduler`` (the exported sampler in a stock pipeline).
+- ``models.diffusers.unet.DiffusersUNetTeacher.velocity`` (the teacher, under no_grad),
+- ``trainer.students.unet.UNetStudent.forward`` (the student, differentiable in the output),
+- ``models.diffusers.schedulers.FlowUNetScheduler`` (the exported sampler in a stock pipeline).
 
     conv = VPFlowConversion(scheduler_config)          # dict, FrozenDict or a diffusers scheduler
     z, t_B = conv.model_input(x, sigma_B)              # the UNet's input state and fractional timesteps
@@ -22,6 +22,7 @@ velocity field goes through it, so they cannot drift apart:
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -66,16 +67,51 @@ def schedule_config(scheduler_config: Any) -> dict[str, Any]:
     if out["prediction_type"] not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type {out['prediction_type']!r} is not supported by DiffusersUNetTeacher: "
                          f"choose one of {PREDICTION_TYPES} (flow-matching transformers go through "
-                         "flowcore.diffusers_teacher.DiffusersFlowTeacher)")
+                         "models.diffusers.sd3.DiffusersFlowTeacher)")
     return json.loads(json.dumps(out))
 
 
-def alphas_cumprod_of(schedule: dict[str, Any]) -> np.ndarray:
-    """alphas_cumprod exactly as diffusers' DDPM-family schedulers compute them (float32), as float64."""
-    from diffusers import DDPMScheduler
+def _betas_for_alpha_bar(num_steps: int, max_beta: float = 0.999) -> torch.Tensor:
+    """The Glide cosine schedule (``squaredcos_cap_v2``), discretised as diffusers does it."""
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
-    sched = DDPMScheduler(**schedule)
-    abar = sched.alphas_cumprod.double().numpy().copy()
+    return torch.tensor([min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta)
+                         for i in range(num_steps)], dtype=torch.float32)
+
+
+def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas rescaled to zero terminal SNR (Lin et al. 2023, Algorithm 1), as diffusers' schedulers do."""
+    abar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = abar_sqrt[0].clone(), abar_sqrt[-1].clone()
+    abar_sqrt = (abar_sqrt - last) * (first / (first - last))
+    abar = abar_sqrt**2
+    return 1 - torch.cat([abar[0:1], abar[1:] / abar[:-1]])
+
+
+def alphas_cumprod_of(schedule: dict[str, Any]) -> np.ndarray:
+    """alphas_cumprod [T] exactly as diffusers' DDPM-family schedulers compute them (float32 torch ops, in
+    the same order), returned as float64. ``schedule``: ``SCHEDULE_KEYS`` of a scheduler config
+    (``tests/test_diffusers_unet.py`` checks equality with ``diffusers.DDPMScheduler``)."""
+    T = int(schedule.get("num_train_timesteps", 1000))
+    start, end = float(schedule.get("beta_start", 0.0001)), float(schedule.get("beta_end", 0.02))
+    kind = schedule.get("beta_schedule", "linear")
+    if schedule.get("trained_betas") is not None:
+        betas = torch.tensor(schedule["trained_betas"], dtype=torch.float32)
+    elif kind == "linear":
+        betas = torch.linspace(start, end, T, dtype=torch.float32)
+    elif kind == "scaled_linear":
+        betas = torch.linspace(start**0.5, end**0.5, T, dtype=torch.float32) ** 2
+    elif kind == "squaredcos_cap_v2":
+        betas = _betas_for_alpha_bar(T)
+    elif kind == "sigmoid":
+        betas = torch.sigmoid(torch.linspace(-6, 6, T)) * (end - start) + start
+    else:
+        raise ValueError(f"beta_schedule {kind!r} is not supported (linear, scaled_linear, squaredcos_cap_v2, "
+                         "sigmoid, or trained_betas)")
+    if schedule.get("rescale_betas_zero_snr"):
+        betas = _rescale_zero_terminal_snr(betas)
+    abar = torch.cumprod(1.0 - betas, dim=0).double().numpy().copy()
     if abar[-1] == 0.0:
         # zero terminal SNR (rescale_betas_zero_snr): log-SNR is -inf there; use fp16's smallest
         # subnormal, as diffusers' Euler / DPM-Solver schedulers do, so sigma_max = 1 - 2.4e-4
@@ -89,7 +125,7 @@ class VPFlowConversion:
     ``scheduler_config``: the pipeline's scheduler config (dict, FrozenDict or scheduler object);
     only ``SCHEDULE_KEYS`` are read. Timesteps are fractional: the discrete log-SNR is interpolated
     linearly in t (exact at integers). Outside ``[sigma_min, sigma_max]`` t is clamped and the
-    velocity is the one consistent with the state (module docstring of ``flowcore.diffusers_unet``).
+    velocity is the one consistent with the state (module docstring of ``models.diffusers.unet``).
 
     ``sigma`` arguments are a float, a [B] array or a [B] tensor (any device); coefficients are
     computed in float64 from its values.

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from flowcore.schedules import StageSchedule, solver_sigmas
-from flowcore.teacher_spec import parse_teacher_spec, scheduler_shift
+from models.spec import parse_teacher_spec, scheduler_shift
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -94,6 +94,9 @@ class GenerateConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
     #: show a progress bar
     progress: bool = True
+    #: on resume and at finalize, re-hash every committed shard (sha256) instead of checking only that
+    #: it exists with its recorded size; a shard that differs is regenerated
+    verify_sha256: bool = False
 
     def __post_init__(self):
         spec = parse_teacher_spec(self.teacher)

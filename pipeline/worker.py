@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from flowcore.solvers import seeded_noise, solve_teacher
-from flowcore.teacher_spec import build_teacher, parse_teacher_spec
+from models.registry import build_teacher
 from pipeline.config import GenerateConfig
 from pipeline.plan import ShardPlan
 from pipeline.storage import ObjectStore
@@ -44,22 +44,14 @@ CACHE_DIR = os.environ.get("TRAJFLOW_CACHE", os.path.expanduser("~/.cache/trajfl
 
 def resolve_teacher(spec: str, storage_options: dict[str, Any] | None, device: str, dtype: str | None = None,
                     resolution: int | None = None):
-    """Build a teacher, fetching a remote flownet/diffusers target into the local cache first.
+    """Build a teacher through ``models.registry``, fetching a remote flownet target into the local cache.
     ``dtype`` (a name: bfloat16, ...) is the teacher network's dtype, ``resolution`` a diffusers
     teacher's image size in pixels."""
-    s = parse_teacher_spec(spec)
-    target = s.target
-    if "://" in target and not target.startswith("file://"):
-        if s.kind == "diffusers":
-            raise ValueError(
-                "diffusers teachers load from a local folder (or a hub on your cluster); copy the "
-                f"model next to the workers and pass diffusers:/local/path, got {spec!r}"
-            )
-        target = fetch_to_local(target, os.path.join(CACHE_DIR, "teachers"), storage_options)
-    elif target.startswith("file://"):
-        target = target[len("file://"):]
-    return build_teacher(type(s)(s.kind, target, s.variant), device=device,
-                         dtype=None if dtype is None else TORCH_DTYPES[dtype], resolution=resolution)
+    def fetch(url: str) -> str:
+        return fetch_to_local(url, os.path.join(CACHE_DIR, "teachers"), storage_options)
+
+    return build_teacher(spec, device=device, dtype=None if dtype is None else TORCH_DTYPES[dtype],
+                         resolution=resolution, fetch=fetch)
 
 
 def default_device() -> str:

@@ -1,5 +1,5 @@
 """Adversarial distillation for SD3 students: the transformer-block discriminator
-(flowcore.adversarial_diffusers) and `trajflow train --adv-weight` on a tiny SD3 corpus
+(trainer.students.sd3_discriminator) and `trajflow train --adv-weight` on a tiny SD3 corpus
 (metrics, exact resume of the discriminator, the exported LoRA in a stock pipeline)."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from flowcore.adversarial import discriminator_hinge_loss
-from flowcore.adversarial_diffusers import SD3TrajectoryDiscriminator
-from flowcore.diffusers_teacher import DiffusersFlowTeacher
-from flowcore.tiny_models import make_tiny_sd3_pipeline
-from trainer.diffusers_student import build_sd3_student
+from models.diffusers.sd3 import DiffusersFlowTeacher
+from models.tiny import make_tiny_sd3_pipeline
+from trainer.students.sd3 import build_sd3_student
+from trainer.students.sd3_discriminator import SD3TrajectoryDiscriminator
 
 PROMPTS = ["a red cat", "a blue dog on grass", "sunset 42", "two green birds"]
 
@@ -139,7 +139,7 @@ def test_sd3_adversarial_training_metrics_resume_and_export(sd3_dir, corpus, tmp
     # the exported LoRA student loads in the stock pipeline with flowcore's scheduler and samples
     from diffusers import StableDiffusion3Pipeline
 
-    from flowcore.diffusers_scheduler import CorrectedFlowMatchEulerScheduler
+    from models.diffusers.schedulers import CorrectedFlowMatchEulerScheduler
 
     student = Path(a, "student")
     sched = CorrectedFlowMatchEulerScheduler.from_pretrained(student / "scheduler")

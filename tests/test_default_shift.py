@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from flowcore.teacher_spec import scheduler_shift
-from flowcore.tiny_models import make_tiny_sd3_pipeline, make_tiny_sd15_pipeline
+from models.spec import scheduler_shift
+from models.tiny import make_tiny_sd3_pipeline, make_tiny_sd15_pipeline
 from pipeline.config import GenerateConfig
 
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowcore.diffusers_teacher import DiffusersFlowTeacher, PromptCondition
-from flowcore.tiny_models import make_tiny_sd3_pipeline
+from models.diffusers.conditions import PromptCondition
+from models.diffusers.sd3 import DiffusersFlowTeacher
+from models.tiny import make_tiny_sd3_pipeline
 
 BIN = Path(sys.executable).parent
 PROMPTS = ["a red cat", "a blue dog on grass", "sunset 42", "two green birds"]

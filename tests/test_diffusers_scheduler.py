@@ -9,8 +9,8 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from flowcore.diffusers_scheduler import CorrectedFlowMatchEulerScheduler, diffusers_default_sigmas
 from flowcore.schedules import few_step_sigmas, shifted_sigmas
+from models.diffusers.schedulers import CorrectedFlowMatchEulerScheduler, diffusers_default_sigmas
 
 
 def unshift(sigma: float, shift: float) -> float:
@@ -214,7 +214,7 @@ def _tiny_sd3_pipeline(scheduler):
     )
     from diffusers import AutoencoderKL, StableDiffusion3Pipeline
 
-    from flowcore.diffusers_teacher import tiny_sd3_transformer
+    from models.tiny import tiny_sd3_transformer
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -232,7 +232,8 @@ def _tiny_sd3_pipeline(scheduler):
 
 
 def test_stock_sd3_pipeline_runs_on_the_corrected_grid():
-    from flowcore.diffusers_teacher import DiffusersFlowTeacher, random_prompt_condition
+    from models.diffusers.sd3 import DiffusersFlowTeacher
+    from models.tiny import random_prompt_condition
 
     sched = CorrectedFlowMatchEulerScheduler(shift=3.0)
     pipe = _tiny_sd3_pipeline(sched)

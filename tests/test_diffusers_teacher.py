@@ -8,14 +8,11 @@ import inspect
 import pytest
 import torch
 
-from flowcore.diffusers_teacher import (
-    DiffusersFlowTeacher,
-    PromptCondition,
-    random_prompt_condition,
-    tiny_sd3_transformer,
-)
 from flowcore.schedules import few_step_sigmas
 from flowcore.teacher import Teacher
+from models.diffusers.conditions import PromptCondition
+from models.diffusers.sd3 import DiffusersFlowTeacher
+from models.tiny import random_prompt_condition, tiny_sd3_transformer
 
 SHAPE = (4, 8, 8)
 

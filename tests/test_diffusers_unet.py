@@ -14,17 +14,13 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from flowcore.diffusers_unet import (
-    SD15_SCHEDULER_CONFIG,
-    DiffusersUNetTeacher,
-    UNetCondition,
-    random_unet_condition,
-    sigma_of_alpha_cumprod,
-    tiny_unet,
-)
 from flowcore.solvers import solve_teacher
 from flowcore.teacher import Teacher
-from flowcore.teacher_spec import build_teacher
+from flowcore.vp_flow import sigma_of_alpha_cumprod
+from models.diffusers.conditions import UNetCondition
+from models.diffusers.unet import SD15_SCHEDULER_CONFIG, DiffusersUNetTeacher
+from models.registry import build_teacher
+from models.tiny import random_unet_condition, tiny_unet
 
 SHAPE = (4, 8, 8)
 STEPS = 10
@@ -219,7 +215,8 @@ def test_protocol_config_fingerprint_and_pretrained_round_trip(tmp_path, unet):
 
 
 def test_spec_routes_transformer_folders_to_the_flow_adapter(tmp_path):
-    from flowcore.diffusers_teacher import DiffusersFlowTeacher, tiny_sd3_transformer
+    from models.diffusers.sd3 import DiffusersFlowTeacher
+    from models.tiny import tiny_sd3_transformer
 
     tiny_sd3_transformer(seed=0).save_pretrained(tmp_path / "sd3" / "transformer")
     assert isinstance(build_teacher(f"diffusers:{tmp_path / 'sd3'}"), DiffusersFlowTeacher)

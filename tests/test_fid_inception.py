@@ -1,4 +1,4 @@
-"""flowcore.fid_inception: the FID Inception-v3 written without torchvision has pytorch-fid's parameter
+"""evaluation.fid_inception: the FID Inception-v3 written without torchvision has pytorch-fid's parameter
 names and shapes, loads strictly from safetensors and weights-only .pth files, and gives FID."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from flowcore.fid_inception import (
+from evaluation.fid_inception import (
     FID_WEIGHTS_FILE,
     FIDInceptionV3,
     InceptionFID,
@@ -19,7 +19,7 @@ from flowcore.fid_inception import (
     load_fid_inception,
     save_random_fid_inception,
 )
-from flowcore.image_metrics import MetricWeightsMissing, frechet_distance
+from evaluation.image_metrics import MetricWeightsMissing, frechet_distance
 
 # Derived by hand from pytorch-fid's src/pytorch_fid/inception.py (fid_inception_v3: torchvision's
 # Inception3(num_classes=1008, aux_logits=False) with Mixed_5b..7c swapped for the FID blocks, then

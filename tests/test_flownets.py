@@ -1,18 +1,11 @@
 import pytest
 import torch
 
-from flowcore.flownets import (
-    FlowNet,
-    FlowNetConfig,
-    FlowNetTeacher,
-    fit_flow_net,
-    load_flow_net,
-    save_flow_net,
-)
-from flowcore.gmm import GMMTeacher, load_preset
 from flowcore.schedules import shifted_sigmas
 from flowcore.solvers import seeded_noise, solve_teacher
 from flowcore.teacher import Teacher
+from models.flownet import FlowNet, FlowNetConfig, FlowNetTeacher, fit_flow_net, load_flow_net, save_flow_net
+from models.gmm import GMMTeacher, load_preset
 
 
 def test_fit_ring2d_mlp_learns_the_flow(tmp_path):

@@ -58,9 +58,9 @@ def test_worker_without_ray_is_deterministic_and_authentic(tmp_path):
     recs = list(iter_shard_samples(a, "shard-000001"))
     assert [r.index for r in recs] == list(range(16, 32))
     # the stored states are the teacher's own solver states: re-solve one sample independently
-    from flowcore.gmm import GMMTeacher, load_preset
     from flowcore.schedules import shifted_sigmas
     from flowcore.solvers import seeded_noise, solve_teacher
+    from models.gmm import GMMTeacher, load_preset
 
     r = recs[3]
     t = GMMTeacher(load_preset("latent10"))

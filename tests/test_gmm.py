@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from flowcore.gmm import GMMSpec, GMMTeacher, load_preset, ring2d_spec
 from flowcore.schedules import shifted_sigmas
 from flowcore.solvers import seeded_noise, solve_teacher
 from flowcore.teacher import Teacher
+from models.gmm import GMMSpec, GMMTeacher, load_preset, ring2d_spec
 
 
 def _mc_velocity(teacher, x, sigma, n=400_000, cls=None, seed=0):

@@ -20,12 +20,12 @@ GOLDEN = {
 
 
 def _build(name, tmp_path):
-    from flowcore.teacher_spec import build_teacher
+    from models.registry import build_teacher
 
     if name.startswith("gmm:"):
         return build_teacher(name)
     if name == "flownet-seeded":
-        from flowcore.flownets import FlowNet, FlowNetConfig, FlowNetTeacher
+        from models.flownet import FlowNet, FlowNetConfig, FlowNetTeacher
 
         torch.manual_seed(0)
         return FlowNetTeacher(FlowNet(FlowNetConfig("mlp", (10,), 4, width=64, depth=2, guidance_cond=True)))

@@ -1,4 +1,4 @@
-"""flowcore.image_metrics: the Fréchet distance against closed forms, CLIP scorers from local stand-in
+"""evaluation.image_metrics: the Fréchet distance against closed forms, CLIP scorers from local stand-in
 weights, and the error when evaluation weights are absent (nothing is downloaded)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from flowcore.image_metrics import CLIPScorer, MetricWeightsMissing, frechet_distance
-from flowcore.tiny_models import make_tiny_clip
+from evaluation.image_metrics import CLIPScorer, MetricWeightsMissing, frechet_distance
+from models.tiny import make_tiny_clip
 
 
 def test_frechet_distance_matches_closed_forms():

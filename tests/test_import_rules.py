@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ["trajflow", "pipeline", "trainer", "storage_schemas", "flowcore"]
+PACKAGES = ["trajflow", "pipeline", "trainer", "storage_schemas", "flowcore", "models", "evaluation"]
 
 
 def _lint(cwd: Path) -> subprocess.CompletedProcess:
@@ -42,3 +42,20 @@ def test_flowcore_importing_fsspec_is_caught(tmp_path):
     r = _lint(tree)
     assert r.returncode != 0
     assert "flowcore is pure" in r.stdout
+
+
+def test_flowcore_importing_diffusers_is_caught(tmp_path):
+    """flowcore is pure math: a model library (even imported inside a function) breaks its contract."""
+    tree = _copy_tree(tmp_path)
+    (tree / "flowcore" / "_violation.py").write_text("def f():\n    import diffusers  # noqa\n")
+    r = _lint(tree)
+    assert r.returncode != 0
+    assert "flowcore is pure math" in r.stdout
+
+
+def test_models_importing_the_trainer_is_caught(tmp_path):
+    tree = _copy_tree(tmp_path)
+    (tree / "models" / "_violation.py").write_text("import trainer.config  # noqa\n")
+    r = _lint(tree)
+    assert r.returncode != 0
+    assert "models is the model layer" in r.stdout

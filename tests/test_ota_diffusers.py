@@ -32,7 +32,7 @@ def _corpus(teacher_dir: str, root, n: int = 8) -> str:
 
 @pytest.fixture(scope="module")
 def sd3_dir(tmp_path_factory):
-    from flowcore.tiny_models import make_tiny_sd3_pipeline
+    from models.tiny import make_tiny_sd3_pipeline
 
     return make_tiny_sd3_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd3")
 
@@ -65,8 +65,9 @@ def _train(cfg, rollout):
 
 def _corpus_teacher(corpus: str):
     """The corpus's teacher as the trainer rebuilds it (its text encoders, the corpus's resolution)."""
+    from trainer.teacher import teacher_from_card
+
     from trainer.data import open_corpus
-    from trainer.student import teacher_from_card
 
     return teacher_from_card(open_corpus(corpus).card)
 
@@ -76,9 +77,9 @@ def _metrics(out) -> list[dict]:
 
 
 def test_local_rollout_with_prompt_texts_equals_solve_teacher(sd3_dir):
-    from flowcore.diffusers_teacher import DiffusersFlowTeacher
     from flowcore.schedules import few_step_sigmas
     from flowcore.solvers import solve_teacher
+    from models.diffusers.sd3 import DiffusersFlowTeacher
 
     teacher = DiffusersFlowTeacher.from_pretrained(sd3_dir)
     texts = ["a red cat", "sunset 42", "a red cat"]  # a repeated prompt is encoded once
@@ -181,7 +182,7 @@ def test_cli_train_sd3_with_an_embedded_ray_serve_pool(sd3_corpus, tmp_path):
 
 @pytest.mark.slow
 def test_sd15_unet_student_with_fresh_ota(tmp_path, ray_cluster):
-    from flowcore.tiny_models import make_tiny_sd15_pipeline
+    from models.tiny import make_tiny_sd15_pipeline
 
     sd15 = make_tiny_sd15_pipeline(tmp_path / "tiny-sd15")
     corpus = _corpus(sd15, tmp_path, n=4)

@@ -6,18 +6,18 @@ import pytest
 import torch
 
 from flowcore.adversarial import (
-    TrajectoryDiscriminator,
     discriminator_hinge_loss,
     feature_matching_loss,
     step_probabilities,
     student_last_step_inputs,
 )
-from flowcore.flownets import FlowNet, FlowNetConfig
-from flowcore.gmm import GMMTeacher, load_preset
 from flowcore.ota import interpolated_starts, stage_solver_bounds, student_window_starts, window_grids
 from flowcore.rollout import LocalRollout, teacher_rollout
 from flowcore.schedules import solver_sigmas
 from flowcore.solvers import solve_teacher
+from models.flownet import FlowNet, FlowNetConfig
+from models.gmm import GMMTeacher, load_preset
+from trainer.students.flownet_discriminator import TrajectoryDiscriminator
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,7 @@ def _wait_running(pool, name, replicas, timeout=60):
 
 def test_pool_up_status_down_serves_exact_rollouts(ray_cluster, capsys):
     from flowcore.rollout import LocalRollout
-    from flowcore.teacher_spec import build_teacher
+    from models.registry import build_teacher
     from pipeline import pool
     from trajflow.cli import main
 

@@ -12,8 +12,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_four_step_student_beats_four_step_teacher_on_latent10(tmp_path):
+    from evaluation.gmm import evaluate_gmm
     from trainer.config import TrainConfig
-    from trainer.evaluate import evaluate_gmm
     from trainer.loop import Trainer
 
     data = make_corpus(str(tmp_path / "latent10"), 16384, 1024, guidance=2.0, stages=(8, 4), num_steps=32)

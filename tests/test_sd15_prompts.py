@@ -11,8 +11,9 @@ import shutil
 import pytest
 import torch
 
-from flowcore.diffusers_unet import DiffusersUNetTeacher, UNetCondition
-from flowcore.teacher_spec import build_teacher
+from models.diffusers.conditions import UNetCondition
+from models.diffusers.unet import DiffusersUNetTeacher
+from models.registry import build_teacher
 from trajflow.cli import main
 
 PROMPTS = ["a red cat", "a blue dog on grass", "sunset 42", "two green birds"]
@@ -105,7 +106,8 @@ def test_bad_inputs_give_clear_errors(sd15_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer/"):
         DiffusersUNetTeacher.from_pretrained(notok, text_encoders=True)
     # an SDXL UNet built without its text encoders names the SDXL folder layout (tests/test_sdxl_prompts.py)
-    from flowcore.diffusers_unet import SD15_SCHEDULER_CONFIG, tiny_unet
+    from models.diffusers.unet import SD15_SCHEDULER_CONFIG
+    from models.tiny import tiny_unet
 
     sdxl = DiffusersUNetTeacher(tiny_unet(seed=1, sdxl=True), SD15_SCHEDULER_CONFIG)
     with pytest.raises(ValueError, match="SDXL pipeline folder"):

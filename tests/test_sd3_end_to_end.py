@@ -42,11 +42,11 @@ def corpus(sd3_dir, tmp_path_factory, ray_cluster):
 
 
 def _student_velocity_fn(sd3_dir, ema_file, lora_rank):
-    """Our own student (trainer.diffusers_student) with the trained EMA weights, as v(x, sigma, cond)."""
+    """Our own student (trainer.students.diffusers) with the trained EMA weights, as v(x, sigma, cond)."""
     from safetensors.torch import load_file
 
-    from flowcore.diffusers_teacher import DiffusersFlowTeacher
-    from trainer.diffusers_student import build_sd3_student
+    from models.diffusers.sd3 import DiffusersFlowTeacher
+    from trainer.students.sd3 import build_sd3_student
 
     teacher = DiffusersFlowTeacher.from_pretrained(sd3_dir)
     student = build_sd3_student(teacher, lora_rank=lora_rank, lora_alpha=None, gradient_checkpointing=False,
@@ -60,8 +60,8 @@ def _student_velocity_fn(sd3_dir, ema_file, lora_rank):
 def test_prompts_to_lora_student_to_stock_pipeline_4_step_samples(sd3_dir, corpus, tmp_path, capsys):
     from diffusers import StableDiffusion3Pipeline
 
-    from flowcore.diffusers_scheduler import CorrectedFlowMatchEulerScheduler
     from flowcore.schedules import few_step_sigmas
+    from models.diffusers.schedulers import CorrectedFlowMatchEulerScheduler
     from storage_schemas import DatasetCard
 
     card = DatasetCard.from_json(open(os.path.join(corpus, "dataset.json")).read())
@@ -176,8 +176,8 @@ def test_eval_sd3_student_with_stand_in_evaluators(sd3_dir, corpus, tmp_path, ca
     import numpy as np
     from PIL import Image
 
-    from flowcore.fid_inception import save_random_fid_inception
-    from flowcore.tiny_models import make_tiny_clip
+    from evaluation.fid_inception import save_random_fid_inception
+    from models.tiny import make_tiny_clip
 
     run = str(tmp_path / "run")
     # no --batch-size / --mixed-precision: the memory-aware defaults of a diffusers student (4; no bf16 on a CPU)

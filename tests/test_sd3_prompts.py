@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowcore.diffusers_teacher import DiffusersFlowTeacher
-from flowcore.teacher_spec import build_teacher
-from flowcore.tiny_models import make_tiny_sd3_pipeline
+from models.diffusers.sd3 import DiffusersFlowTeacher
+from models.registry import build_teacher
+from models.tiny import make_tiny_sd3_pipeline
 
 PROMPTS = ["a red cat", "a blue dog on grass", "sunset 42"]
 

@@ -1,4 +1,4 @@
-"""SD3 students (trainer.diffusers_student) on a tiny SD3 pipeline: LoRA vs full, gradient checkpointing,
+"""SD3 students (trainer.students.diffusers) on a tiny SD3 pipeline: LoRA vs full, gradient checkpointing,
 bf16 autocast, the prompt-embedding cache, checkpoint compatibility errors."""
 
 from __future__ import annotations
@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowcore.diffusers_teacher import DiffusersFlowTeacher
-from flowcore.tiny_models import make_tiny_sd3_pipeline
-from trainer.diffusers_student import PromptEmbeddingCache, build_sd3_student
+from models.diffusers.sd3 import DiffusersFlowTeacher
+from models.tiny import make_tiny_sd3_pipeline
+from trainer.students.diffusers import PromptEmbeddingCache
+from trainer.students.sd3 import build_sd3_student
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,10 @@ import shutil
 import pytest
 import torch
 
-from flowcore.diffusers_unet import DiffusersUNetTeacher, UNetCondition
 from flowcore.solvers import solve_teacher
-from flowcore.teacher_spec import build_teacher
+from models.diffusers.conditions import UNetCondition
+from models.diffusers.unet import DiffusersUNetTeacher
+from models.registry import build_teacher
 from trajflow.cli import main
 
 PROMPTS = ["a red cat", "a blue dog on grass", "sunset 42", "two green birds"]
@@ -62,7 +63,7 @@ def test_tiny_pipeline_is_a_stock_sdxl_pipeline(pipe, sdxl_dir):
 
 
 def test_encode_prompts_is_the_pipelines_encode_prompt(pipe, sdxl_dir, teacher):
-    from flowcore.diffusers_text import SDXLPromptEncoder
+    from models.diffusers.text_encoders import SDXLPromptEncoder
 
     assert isinstance(teacher.prompt_encoder, SDXLPromptEncoder) and teacher.sample_shape == (4, 8, 8)
     texts = [PROMPTS[0], "", PROMPTS[1], PROMPTS[0]]  # incl. the empty prompt; a repeat is encoded once
@@ -159,7 +160,7 @@ def test_text_encoder_weights_are_in_the_fingerprint(sdxl_dir, teacher):
 
 
 def test_missing_text_encoder_2_is_named(sdxl_dir, tmp_path):
-    from flowcore.diffusers_text import SD15PromptEncoder
+    from models.diffusers.text_encoders import SD15PromptEncoder
     from pipeline.worker import GenerationWorker
 
     partial = str(tmp_path / "no-te2")

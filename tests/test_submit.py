@@ -368,7 +368,7 @@ class TestSubmitToRayHead:
 
     def test_submit_a_diffusers_teacher_with_prompts(self, ray_head, tmp_path):
         """docs/models.md's SD3 generate step, at tiny scale: a local pipeline folder and a prompt file."""
-        from flowcore.tiny_models import make_tiny_sd3_pipeline
+        from models.tiny import make_tiny_sd3_pipeline
         from storage_schemas import DatasetCard
 
         sd3 = make_tiny_sd3_pipeline(tmp_path / "tiny-sd3")

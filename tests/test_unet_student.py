@@ -19,10 +19,12 @@ import os
 import pytest
 import torch
 
-from flowcore.diffusers_scheduler import FlowUNetScheduler
-from flowcore.diffusers_unet import DiffusersUNetTeacher, UNetCondition, random_unet_condition, tiny_unet
 from flowcore.schedules import few_step_sigmas
 from flowcore.solvers import solve_teacher
+from models.diffusers.conditions import UNetCondition
+from models.diffusers.schedulers import FlowUNetScheduler
+from models.diffusers.unet import DiffusersUNetTeacher
+from models.tiny import random_unet_condition, tiny_unet
 from trajflow.cli import main
 
 PROMPTS = ["a red cat", "a blue dog on grass", "sunset 42", "two green birds"]
@@ -33,7 +35,7 @@ GUIDANCE = 4.0
 
 @pytest.fixture(scope="module")
 def sd15_dir(tmp_path_factory):
-    from flowcore.tiny_models import make_tiny_sd15_pipeline
+    from models.tiny import make_tiny_sd15_pipeline
 
     return make_tiny_sd15_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd15")
 
@@ -84,8 +86,8 @@ def test_stock_pipeline_with_flow_unet_scheduler_is_the_teachers_euler_solve(pip
 
 # ---------------------------------------------------------------------------------------------- the student
 def _unet_student(sdxl=False, **kw):
-    from flowcore.diffusers_unet import SD15_SCHEDULER_CONFIG
-    from trainer.diffusers_unet_student import UNetStudent
+    from models.diffusers.unet import SD15_SCHEDULER_CONFIG
+    from trainer.students.unet import UNetStudent
 
     teacher = DiffusersUNetTeacher(tiny_unet(seed=3, sdxl=sdxl), SD15_SCHEDULER_CONFIG)
     student_unet = tiny_unet(seed=3, sdxl=sdxl)
@@ -175,7 +177,7 @@ def test_prompts_to_lora_unet_student_to_stock_sd_pipeline(sd15_dir, corpus, pip
     from safetensors.torch import load_file
 
     from storage_schemas import DatasetCard
-    from trainer.diffusers_unet_student import build_unet_student
+    from trainer.students.unet import build_unet_student
 
     card = DatasetCard.from_json(open(os.path.join(corpus, "dataset.json")).read())
     assert card.teacher.kind == "diffusers_unet" and card.conditioning.kind == "prompt"
@@ -273,8 +275,8 @@ def test_sdxl_lora_unet_student_to_stock_sdxl_pipeline(tmp_path, ray_cluster, ca
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
-    from flowcore.tiny_models import make_tiny_sdxl_pipeline
-    from trainer.diffusers_unet_student import build_unet_student
+    from models.tiny import make_tiny_sdxl_pipeline
+    from trainer.students.unet import build_unet_student
 
     sdxl_dir = make_tiny_sdxl_pipeline(tmp_path / "tiny-sdxl")
     prompts = tmp_path / "prompts.jsonl"

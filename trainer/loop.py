@@ -22,22 +22,23 @@ from typing import Any
 import torch
 
 from flowcore.adversarial import (
-    TrajectoryDiscriminator,
     discriminator_hinge_loss,
     feature_matching_loss,
     generator_adversarial_loss,
     step_probabilities,
     student_last_step_inputs,
 )
-from flowcore.flownets import save_flow_net
-from flowcore.gmm import GMMTeacher
 from flowcore.losses import aligned_v_loss
 from flowcore.windows import sample_windows, stage_boundary_indices
+from models.flownet import save_flow_net
+from models.gmm import GMMTeacher
 from trainer.checkpoint import CheckpointStore
 from trainer.config import TrainConfig
 from trainer.data import CorpusStream, StreamConfig, make_dataloader, open_corpus
 from trainer.ota import OTAMixer, load_card_prompts
-from trainer.student import build_student, student_net_config, teacher_from_card
+from trainer.students.flownet import build_student, student_net_config
+from trainer.students.flownet_discriminator import TrajectoryDiscriminator
+from trainer.teacher import teacher_from_card
 
 #: TrainConfig fields that do not change what a checkpoint holds (ignored when explaining a mismatch)
 _RUN_ONLY_KEYS = {"data", "out", "max_steps", "steps_per_stage", "resume", "progress", "cache_dir", "storage_options",
@@ -172,8 +173,9 @@ class Trainer:
     def _build_diffusers_student(self):
         """The teacher's transformer (SD3) or UNet (SD1.5/SDXL) as the student (LoRA or full), its frozen
         text encoders for the prompts."""
-        from trainer.diffusers_student import PromptEmbeddingCache, build_sd3_student, check_diffusers_corpus
-        from trainer.diffusers_unet_student import build_unet_student
+        from trainer.students.diffusers import PromptEmbeddingCache, check_diffusers_corpus
+        from trainer.students.sd3 import build_sd3_student
+        from trainer.students.unet import build_unet_student
 
         cfg, acc = self.cfg, self.accelerator
         check_diffusers_corpus(self.card, cfg)
@@ -183,7 +185,7 @@ class Trainer:
             gc = acc.device.type == "cuda"
         build = build_sd3_student if self.card.teacher.kind == "diffusers" else build_unet_student
         if cfg.adv_weight > 0:  # D copies the teacher's first blocks *before* LoRA adapters go into them
-            from flowcore.adversarial_diffusers import SD3TrajectoryDiscriminator
+            from trainer.students.sd3_discriminator import SD3TrajectoryDiscriminator
 
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed + 1)
@@ -578,8 +580,8 @@ class Trainer:
         a folder a stock StableDiffusion3Pipeline / StableDiffusionPipeline / StableDiffusionXLPipeline loads."""
         import tempfile
 
-        from trainer.diffusers_student import export_sd3_student
-        from trainer.diffusers_unet_student import export_unet_student
+        from trainer.students.sd3 import export_sd3_student
+        from trainer.students.unet import export_unet_student
 
         model = self.accelerator.unwrap_model(self.model)
         weights = self.diffusers_ema if self.diffusers_ema is not None else model.trainable_state_dict()

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
 
 from trajflow import __version__
+from trajflow.args import UsageError, float_list, int_list, json_object_arg
 
 EPILOG = """\
 examples:
@@ -29,35 +29,6 @@ standard AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) or --storage
 """
 
 
-class UsageError(Exception):
-    """Bad flags or values: exit status 2 with a one-line message."""
-
-
-def json_object_arg(text: str) -> dict:
-    """argparse type: a JSON object (e.g. --storage-options)."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
-    return value
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(p) for p in text.split(",") if p.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _float_list(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(p) for p in text.split(",") if p.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     """The generate flags (also parsed by `trajflow submit` before it sends them to the cluster)."""
     g = p.add_argument_group("what to generate (these determine the corpus bytes)")
@@ -69,11 +40,11 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--solver", choices=["euler", "heun"], help="ODE solver (default euler)")
     g.add_argument("--num-steps", type=int, help="solver steps, a multiple of the finest stage (default 32)")
     g.add_argument("--shift", type=float, help="time shift of the sigma grid (default: a diffusers teacher's own scheduler shift, e.g. 3.0 for SD3-Medium; else 1.0)")
-    g.add_argument("--stages", type=_int_list, help="window stages finest first; saved sigmas default to the "
+    g.add_argument("--stages", type=int_list, help="window stages finest first; saved sigmas default to the "
                    "finest's boundaries (default 8,4,2)")
-    g.add_argument("--saved-sigmas", type=_float_list, help="explicit saved sigmas (solver grid points), e.g. 1,0.5,0")
+    g.add_argument("--saved-sigmas", type=float_list, help="explicit saved sigmas (solver grid points), e.g. 1,0.5,0")
     g.add_argument("--guidance", help="CFG weight, fixed (3.0) or a per-trajectory range (1.5:4.5) (default 1.0)")
-    g.add_argument("--classes", type=_int_list, help="class ids to cycle through (default: all classes)")
+    g.add_argument("--classes", type=int_list, help="class ids to cycle through (default: all classes)")
     g.add_argument("--prompts", help="prompt file (.jsonl/.parquet with prompt_id, prompt) for prompt teachers")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="stored state dtype (default float32)")
     g.add_argument("--resolution", type=int, help="image side in pixels for diffusers teachers (latent = PX / VAE "
@@ -91,12 +62,15 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--address", help="Ray address (default: start an embedded local Ray; 'auto' inside a cluster)")
     r.add_argument("--storage-options", type=json_object_arg, help="fsspec storage options as JSON")
     r.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    r.add_argument("--verify-sha256", action="store_true", default=None,
+                   help="on resume and before finalizing, re-hash every committed shard (default: check that "
+                   "each exists with its recorded size); what differs is regenerated")
 
 
 GENERATE_KEYS = ("teacher", "num_trajectories", "shard_size", "base_seed", "solver", "num_steps", "shift", "stages",
                  "saved_sigmas", "guidance", "classes", "prompts", "dtype", "resolution", "teacher_dtype", "batch_size",
                  "out", "num_workers",
-                 "gpus_per_worker", "cpus_per_worker", "max_retries", "address", "storage_options")
+                 "gpus_per_worker", "cpus_per_worker", "max_retries", "address", "storage_options", "verify_sha256")
 
 
 def generate_config_from_args(args: argparse.Namespace):
@@ -203,7 +177,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
-    from flowcore import tiny_models
+    from models import tiny as tiny_models
 
     if os.path.exists(args.dir) and os.listdir(args.dir):
         raise UsageError(f"{args.dir} exists and is not empty")
@@ -267,8 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "--stages 8,4 --alpha 1.0 --max-steps 1500")
     p.add_argument("--data", required=True, help="corpus URL (finalized: dataset.json + manifest.parquet)")
     p.add_argument("--out", required=True, help="run URL: checkpoints/, student/, logs/")
-    p.add_argument("--stages", type=_int_list, help="progressive window stages, finest first (default 8,4,2)")
-    p.add_argument("--steps-per-stage", type=_int_list, help="optimizer steps of each stage (default: split --max-steps)")
+    p.add_argument("--stages", type=int_list, help="progressive window stages, finest first (default 8,4,2)")
+    p.add_argument("--steps-per-stage", type=int_list, help="optimizer steps of each stage (default: split --max-steps)")
     p.add_argument("--max-steps", type=int, help="total steps (default: a budget for the corpus's teacher kind)")
     p.add_argument("--alpha", type=float, help="aligned-v direction weight; 0 = plain MSE (default 1.0)")
     p.add_argument("--window-points", choices=["start", "segment", "mixed"],
@@ -310,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("adversarial distillation on trajectory states")
     g.add_argument("--adv-weight", type=float, help="weight of the generator's -D term (default 0 = off)")
     g.add_argument("--fm-weight", type=float, help="discriminator feature-matching weight (default 1)")
-    g.add_argument("--adv-step-probs", type=_float_list,
+    g.add_argument("--adv-step-probs", type=float_list,
                    help="probabilities of judging student step 1..N (default 0.2,0.2,0.2,0.4 for 4 steps)")
     g.add_argument("--disc-lr", type=float, help="discriminator learning rate (default 1e-4)")
     g.add_argument("--disc-blocks", type=int, help="discriminator trunk blocks (default 2)")
@@ -370,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "coupling error, sliced Wasserstein distance, NLL, class accuracy, per-window "
                                    "one-jump error, next to the teacher's own 4- and 32-step figures.")
     p.add_argument("--student", required=True, help="student URL: a run's --out, its student/ dir, or the .safetensors")
-    p.add_argument("--steps", type=_int_list, default=(1, 2, 4), help="student step counts (default 1,2,4)")
+    p.add_argument("--steps", type=int_list, default=(1, 2, 4), help="student step counts (default 1,2,4)")
     p.add_argument("--num-samples", type=int, default=2000)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--storage-options", type=json_object_arg)

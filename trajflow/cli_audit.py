@@ -9,7 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from trajflow.cli import json_object_arg
+from trajflow.args import json_object_arg
 
 DESCRIPTION = """\
 Verify a corpus against its dataset card, manifest and commit records, and report every defect

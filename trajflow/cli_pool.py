@@ -48,7 +48,7 @@ def add_pool_parser(sub) -> None:
 
 
 def _json_object(text: str) -> dict:
-    from trajflow.cli import json_object_arg
+    from trajflow.args import json_object_arg
 
     return json_object_arg(text)
 
@@ -68,7 +68,7 @@ def _print_status(st: dict, as_json: bool) -> None:
 
 def cmd_pool(args: argparse.Namespace) -> int:
     from pipeline import pool
-    from trajflow.cli import UsageError
+    from trajflow.args import UsageError
 
     name = args.name or pool.DEFAULT_POOL
     if args.action == "up":
@@ -76,7 +76,7 @@ def cmd_pool(args: argparse.Namespace) -> int:
             raise UsageError("pool up needs --teacher SPEC")
         if args.replicas < 1 or args.max_batch_size < 1:
             raise UsageError("--replicas and --max-batch-size must be >= 1")
-        from flowcore.teacher_spec import parse_teacher_spec
+        from models.spec import parse_teacher_spec
 
         try:
             parse_teacher_spec(args.teacher)
@@ -128,7 +128,7 @@ def rollout_teacher_for(cfg, address: str | None, pool_name: str | None, replica
 
     card = open_corpus(cfg.data, cfg.storage_options).card
     if card.teacher.kind in ("diffusers", "diffusers_unet"):  # refused before any pool is started or reached
-        from trainer.diffusers_student import check_diffusers_corpus
+        from trainer.students.diffusers import check_diffusers_corpus
 
         check_diffusers_corpus(card, cfg)
     name = pool_name or pool.DEFAULT_POOL

@@ -80,7 +80,7 @@ def resolve_methods(spec: str) -> list[str]:
 def train_method(name: str, corpus: str, run_dir: Path, profile: Profile, *, rollout_teacher=None, seed: int = 0,
                  progress: bool = True):
     """Train (or reuse) one method's student; returns (EMA student net, teacher, summary dict)."""
-    from flowcore.flownets import load_flow_net
+    from models.flownet import load_flow_net
     from trainer.config import TrainConfig
     from trainer.loop import Trainer
 
@@ -96,8 +96,9 @@ def train_method(name: str, corpus: str, run_dir: Path, profile: Profile, *, rol
     cfg.out = str(run_dir)  # one directory per recipe + budget: other settings never resume this run
     done = run_dir / "done.json"
     if done.exists() and json.loads(done.read_text()).get("config") == key:  # re-running reuses finished work
+        from trainer.teacher import teacher_from_card
+
         from trainer.data import open_corpus
-        from trainer.student import teacher_from_card
 
         net, _ = load_flow_net(run_dir / "student" / "student.safetensors")
         return net, teacher_from_card(open_corpus(corpus).card), {**json.loads(done.read_text())["summary"],
@@ -138,7 +139,7 @@ def compare(corpus: str, run_root: Path, methods: list[str], profile: Profile, *
             rollout_teacher=None, num_samples: int = 2000, steps=(1, 2, 4), progress: bool = True,
             log=print) -> dict[str, Any]:
     """Train every method (reusing finished ones) and evaluate all of them and the teacher."""
-    from trainer.evaluate import evaluate_gmm
+    from evaluation.gmm import evaluate_gmm
 
     rows: list[dict[str, Any]] = []
     summaries: dict[str, Any] = {}

@@ -78,10 +78,10 @@ def _plot_samples(out: Path, students: dict[str, Any], teacher, shift: float, n:
     import matplotlib.pyplot as plt
     import torch
 
-    from flowcore.diffusers_scheduler import diffusers_default_sigmas
+    from evaluation.gmm import student_velocity_fn
     from flowcore.schedules import few_step_sigmas
     from flowcore.solvers import seeded_noise, solve, solve_teacher
-    from trainer.evaluate import student_velocity_fn
+    from models.diffusers.schedulers import diffusers_default_sigmas
 
     noise = seeded_noise([10**15 + i for i in range(n)], teacher.sample_shape, torch.float64)
     cls = torch.arange(n) % teacher.num_classes if teacher.num_classes else None
@@ -267,7 +267,7 @@ def run_demo(args) -> int:
 
 
 def _compare_ring2d(out: Path, corpus: str, rollout_teacher, progress: bool) -> dict[str, Any]:
-    from flowcore.flownets import load_flow_net
+    from models.flownet import load_flow_net
     from trajflow.compare import METHOD_SETS, PROFILES, check_targets, compare
 
     methods = METHOD_SETS["demo"]
@@ -278,8 +278,9 @@ def _compare_ring2d(out: Path, corpus: str, rollout_teacher, progress: bool) -> 
     result["targets"] = check_targets(result)
     runs = {m: Path(result["training"][m]["run_dir"]) for m in methods}
     students = {m: load_flow_net(r / "student" / "student.safetensors")[0] for m, r in runs.items()}
+    from trainer.teacher import teacher_from_card
+
     from trainer.data import open_corpus
-    from trainer.student import teacher_from_card
 
     teacher = teacher_from_card(open_corpus(corpus).card)
     _plot_samples(out, students, teacher, shift)

@@ -7,8 +7,8 @@ import os
 import sys
 import tempfile
 
-from flowcore.flownets import load_flow_net
-from flowcore.gmm import GMMTeacher
+from models.flownet import load_flow_net
+from models.gmm import GMMTeacher
 from storage_schemas import DatasetCard
 
 
@@ -29,8 +29,9 @@ def load_student(url: str, storage_options=None):
 
 
 def run_eval(args) -> int:
-    from trainer.evaluate import evaluate_gmm
-    from trainer.student import teacher_from_card
+    from trainer.teacher import teacher_from_card
+
+    from evaluation.gmm import evaluate_gmm
 
     try:
         net, extra = load_student(args.student, args.storage_options)

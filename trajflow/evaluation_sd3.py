@@ -3,7 +3,7 @@
 The student samples in a stock ``StableDiffusion3Pipeline`` (``trajflow.sample``) at each step count;
 the teacher (the base pipeline, its own scheduler, ``--teacher-steps`` steps, the corpus's guidance)
 samples the same prompts and seeds as the reference. Scores come from evaluation models the user
-supplies by local path (``flowcore.image_metrics``, ``flowcore.fid_inception``); nothing is downloaded.
+supplies by local path (``evaluation.image_metrics``, ``evaluation.fid_inception``); nothing is downloaded.
 FID to the teacher compares each student's images with the teacher's for the same prompts and seeds
 (a distillation-fidelity proxy); ``--fid-reference DIR`` adds FID to a folder of real images.
 """
@@ -61,8 +61,8 @@ def _images(pipe, prompts, steps, guidance, res, seed, extra) -> list:
 
 
 def sd3_report(args) -> dict[str, Any]:
-    from flowcore.fid_inception import InceptionFID
-    from flowcore.image_metrics import CLIPScorer, frechet_distance
+    from evaluation.fid_inception import InceptionFID
+    from evaluation.image_metrics import CLIPScorer, frechet_distance
     from trajflow.sample import load_student_pipeline, local_student_dir, teacher_pipeline_from
 
     hpsv2, fid_path, fid_ref = (getattr(args, k, None) for k in ("hpsv2", "fid_inception", "fid_reference"))
@@ -134,7 +134,7 @@ def sd3_report(args) -> dict[str, Any]:
 
 
 def run_eval_sd3(args) -> int:
-    from flowcore.image_metrics import MetricWeightsMissing
+    from evaluation.image_metrics import MetricWeightsMissing
 
     try:
         report = sd3_report(args)

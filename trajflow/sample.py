@@ -1,7 +1,7 @@
 """`trajflow sample`: few-step images from an exported diffusers student in a stock diffusers pipeline.
 
-The student folder (``trainer.diffusers_student.export_sd3_student``,
-``trainer.diffusers_unet_student.export_unet_student``) names its kind, pipeline class and base
+The student folder (``trainer.students.diffusers.export_sd3_student``,
+``trainer.students.unet.export_unet_student``) names its kind, pipeline class and base
 pipeline; this loads the stock pipeline (``StableDiffusion3Pipeline``, ``StableDiffusionPipeline``
 or ``StableDiffusionXLPipeline``) from the base with the student's network (full fine-tune:
 ``transformer/`` or ``unet/``) or its LoRA (``pipe.load_lora_weights``) and flowcore's scheduler
@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Any
 
-from trainer.diffusers_student import STUDENT_META
+from trainer.students.diffusers import STUDENT_META
 
 
 def local_student_dir(url: str, storage_options: dict[str, Any] | None = None) -> str:
@@ -58,7 +58,7 @@ def load_student_pipeline(student_dir: str, base: str | None = None, device: str
     import diffusers
     import torch
 
-    from flowcore import diffusers_scheduler
+    from models.diffusers import schedulers as diffusers_scheduler
 
     with open(os.path.join(student_dir, STUDENT_META)) as f:
         meta = json.load(f)
@@ -91,7 +91,7 @@ def load_student_pipeline(student_dir: str, base: str | None = None, device: str
 def run_sample(args) -> int:
     import torch
 
-    from trajflow.cli import UsageError
+    from trajflow.args import UsageError
 
     if args.steps < 1 or args.num_images < 1:
         raise UsageError("--steps and --num-images must be >= 1")

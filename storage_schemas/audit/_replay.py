@@ -39,7 +39,8 @@ def _local_target(target: str) -> str:
 
 
 def _from_spec(spec: str, device: str, card: DatasetCard | None = None):
-    from flowcore.teacher_spec import TeacherSpec, build_teacher, parse_teacher_spec
+    from models.registry import build_teacher
+    from models.spec import TeacherSpec, parse_teacher_spec
 
     s = parse_teacher_spec(spec)
     target = s.target if s.kind == "gmm" and "/" not in s.target else _local_target(s.target)
@@ -61,32 +62,19 @@ def rebuild_teacher(card: DatasetCard, override: str | None, device: str) -> tup
     Returns (teacher, []) on a match, (teacher, [fingerprints]) when every buildable candidate has
     another fingerprint (a teacher_mismatch), and raises ReplayUnavailable when none can be built.
     """
-    config = card.teacher.config
     builders = []
     if override:
         builders.append((f"--replay-teacher {override}", lambda: _from_spec(override, device, card)))
-    else:
-        if card.teacher.kind == "gmm" and isinstance(config.get("spec"), dict):
-            def from_config():
-                from flowcore.gmm import GMMSpec, GMMTeacher
+    else:  # the one registry every component rebuilds teachers with; local files only (no fetch here)
+        def from_card():
+            from models.registry import teacher_from_config
 
-                return GMMTeacher(GMMSpec.from_json_dict(config["spec"]), device=device)
+            try:
+                return teacher_from_config(card.teacher.kind, card.teacher.config, card.run, device=device)
+            except ValueError as exc:
+                raise ReplayUnavailable(f"{exc}; pass --replay-teacher KIND:/local/path") from None
 
-            builders.append(("teacher.config.spec", from_config))
-        spec = card.run.get("teacher_spec")
-        if isinstance(spec, str) and spec:
-            builders.append((f"run.teacher_spec {spec}", lambda: _from_spec(spec, device, card)))
-        source = config.get("source") if card.teacher.kind == "diffusers" else None
-        if isinstance(source, dict) and source.get("path"):
-            def from_source():
-                from flowcore.diffusers_teacher import DiffusersFlowTeacher
-
-                if not os.path.isdir(str(source["path"])):
-                    raise ReplayUnavailable(f"diffusers teacher folder {source['path']} does not exist on this "
-                                            "machine; pass --replay-teacher diffusers:/local/path")
-                return DiffusersFlowTeacher.from_config(config).to(device)
-
-            builders.append(("teacher.config.source", from_source))
+        builders.append((f"the card's {card.teacher.kind} teacher", from_card))
     if not builders:
         raise ReplayUnavailable(f"the card does not say how to rebuild its {card.teacher.kind!r} teacher "
                                 "(no teacher.config.spec or run.teacher_spec); pass --replay-teacher SPEC")

@@ -1,9 +1,9 @@
 """Students for UNet corpora (SD1.5 / SD2 / SDXL teachers): the teacher's UNet, full or LoRA.
 
-A corpus generated from ``flowcore.diffusers_unet.DiffusersUNetTeacher`` holds trajectories of the
+A corpus generated from ``models.diffusers.unet.DiffusersUNetTeacher`` holds trajectories of the
 UNet's probability-flow ODE written in trajflow's rectified-flow sigma. The student is the
 teacher's own ``UNet2DConditionModel`` (no second copy), trained as every diffusers student is
-(``trainer.diffusers_student.DiffusersStudent``: peft LoRA on the attention projections
+(``trainer.students.diffusers.DiffusersStudent``: peft LoRA on the attention projections
 ``to_q/k/v``, ``to_out.0`` as diffusers' SD LoRA recipes, or a float32 full fine-tune), and its
 forward returns the rectified-flow velocity ``v(x_sigma, sigma, cond)`` through exactly the
 conversion the teacher uses (``flowcore.vp_flow.VPFlowConversion``: ``z = x / c(sigma)``, fractional
@@ -26,9 +26,10 @@ from typing import Any
 
 import torch
 
-from flowcore.diffusers_unet import DiffusersUNetTeacher, UNetCondition
 from flowcore.vp_flow import VPFlowConversion
-from trainer.diffusers_student import DiffusersStudent, student_network, write_student_meta
+from models.diffusers.conditions import UNetCondition
+from models.diffusers.unet import DiffusersUNetTeacher
+from trainer.students.diffusers import DiffusersStudent, student_network, write_student_meta
 
 #: attention projections LoRA adapts (diffusers' SD / SDXL LoRA training recipes)
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -85,7 +86,7 @@ def export_unet_student(student: UNetStudent, trainable: dict[str, torch.Tensor]
     ``trainable`` (e.g. the EMA) swapped in; returns the written files relative to ``folder``."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from flowcore.diffusers_scheduler import FlowUNetScheduler
+    from models.diffusers.schedulers import FlowUNetScheduler
 
     pipeline_cls = StableDiffusionXLPipeline if student.is_sdxl else StableDiffusionPipeline
     with student.swapped_in(trainable):

@@ -42,11 +42,11 @@ weights that do not depend on the output, so this equals CFG on velocities.
 The teacher consumes ``UNetCondition`` embeddings (SD1.5/SD2: ``encoder_hidden_states``; SDXL: plus
 ``text_embeds`` (pooled) and ``time_ids``). Loaded from a whole SD1.5/SD2 pipeline folder (with
 text_encoder/ and tokenizer/) it also carries the pipeline's frozen CLIP text encoder
-(``flowcore.diffusers_text.SD15PromptEncoder``): ``teacher.encode_prompts(texts)`` makes the
+(``models.diffusers.text_encoders.SD15PromptEncoder``): ``teacher.encode_prompts(texts)`` makes the
 conditions with the stock ``StableDiffusionPipeline.encode_prompt``, the empty prompt's embeddings
 are the ``null_condition`` (the stock pipeline's CFG negative), and the encoder's weights are part of
 the fingerprint. An SDXL UNet loaded from a whole SDXL pipeline folder (text_encoder/,
-text_encoder_2/, tokenizer/, tokenizer_2/) carries ``flowcore.diffusers_text.SDXLPromptEncoder``
+text_encoder_2/, tokenizer/, tokenizer_2/) carries ``models.diffusers.text_encoders.SDXLPromptEncoder``
 instead: the stock ``StableDiffusionXLPipeline.encode_prompt`` (both encoders' penultimate states
 concatenated, pooled from encoder 2), ``time_ids`` [[H, W, 0, 0, H, W]] for the teacher's resolution
 (latent size x VAE scale factor) as the stock pipeline builds them, and the stock CFG negative
@@ -59,31 +59,18 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 import torch
 
-from flowcore.diffusers_teacher import DenoiserPlacement, _dtype_of, _json_clean, _select
 from flowcore.guidance import combine_cfg
 from flowcore.teacher import as_guidance_batch, fingerprint_of
-from flowcore.vp_flow import PREDICTION_TYPES, VPFlowConversion, sigma_of_alpha_cumprod, vp_scale
+from flowcore.vp_flow import VPFlowConversion, sigma_of_alpha_cumprod, vp_scale
+from models.diffusers.common import DenoiserPlacement, dtype_of, json_clean
+from models.diffusers.conditions import UNetCondition
 
-__all__ = [
-    "UNetCondition",
-    "DiffusersUNetTeacher",
-    "PREDICTION_TYPES",
-    "SD15_SCHEDULER_CONFIG",
-    "TINY_UNET_CONFIG",
-    "TINY_SDXL_UNET_CONFIG",
-    "tiny_unet",
-    "random_unet_condition",
-    "sigma_of_alpha_cumprod",
-]
-
-# PREDICTION_TYPES and sigma_of_alpha_cumprod live in flowcore.vp_flow (the VP <-> rectified-flow
-# conversion the teacher, the UNet student and FlowUNetScheduler share) and are re-exported here
+__all__ = ["DiffusersUNetTeacher", "SD15_SCHEDULER_CONFIG"]
 
 #: Stable Diffusion 1.5's noise schedule (scheduler/scheduler_config.json of the SD1.5 pipeline)
 SD15_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -93,134 +80,6 @@ SD15_SCHEDULER_CONFIG: dict[str, Any] = {
     "beta_schedule": "scaled_linear",
     "prediction_type": "epsilon",
 }
-
-#: a tiny SD1.5-shaped UNet (random weights) for tests and demos
-TINY_UNET_CONFIG: dict[str, Any] = {
-    "sample_size": 8,
-    "in_channels": 4,
-    "out_channels": 4,
-    "block_out_channels": (32, 64),
-    "layers_per_block": 1,
-    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-    "cross_attention_dim": 32,
-    "attention_head_dim": 8,
-    "norm_num_groups": 8,
-}
-
-#: a tiny SDXL-shaped UNet: text_time additional embeddings (pooled 16 + 6 time ids x 8)
-TINY_SDXL_UNET_CONFIG: dict[str, Any] = {
-    **TINY_UNET_CONFIG,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 8,
-    "projection_class_embeddings_input_dim": 16 + 6 * 8,
-    "use_linear_projection": True,
-}
-
-
-@dataclass
-class UNetCondition:
-    """A batch of prompt embeddings for a diffusers UNet.
-
-    prompt_embeds: [B, L, D] (``encoder_hidden_states``: CLIP text encoder last hidden states for
-    SD1.5/SD2; both CLIP encoders' penultimate states concatenated for SDXL).
-    negative_prompt_embeds: optional unconditional embeddings for CFG, [B or 1, L, D].
-    SDXL only: pooled_prompt_embeds [B, P] (``text_embeds``), negative_pooled_prompt_embeds
-    [B or 1, P] (both or neither with the negative embeddings), time_ids [B or 1, 6]
-    (original size, crop top-left, target size; used for both CFG halves, as the SDXL pipeline
-    does by default).
-    """
-
-    prompt_embeds: torch.Tensor
-    negative_prompt_embeds: torch.Tensor | None = None
-    pooled_prompt_embeds: torch.Tensor | None = None
-    negative_pooled_prompt_embeds: torch.Tensor | None = None
-    time_ids: torch.Tensor | None = None
-
-    def __post_init__(self):
-        pe = self.prompt_embeds
-        if pe.ndim != 3:
-            raise ValueError(f"prompt_embeds must be [B, L, D], got shape {tuple(pe.shape)}")
-        B = pe.shape[0]
-        ne = self.negative_prompt_embeds
-        if ne is not None and (ne.ndim != 3 or ne.shape[1:] != pe.shape[1:] or ne.shape[0] not in (1, B)):
-            raise ValueError(f"negative_prompt_embeds must be [{B} or 1, {pe.shape[1]}, {pe.shape[2]}], "
-                             f"got {tuple(ne.shape)}")
-        pp, npool = self.pooled_prompt_embeds, self.negative_pooled_prompt_embeds
-        if pp is not None and (pp.ndim != 2 or pp.shape[0] != B):
-            raise ValueError(f"pooled_prompt_embeds must be [{B}, P], got {tuple(pp.shape)}")
-        if npool is not None:
-            if pp is None or ne is None:
-                raise ValueError("negative_pooled_prompt_embeds needs pooled_prompt_embeds and negative_prompt_embeds")
-            if npool.ndim != 2 or npool.shape[1:] != pp.shape[1:] or npool.shape[0] not in (1, B):
-                raise ValueError(f"negative_pooled_prompt_embeds must be [{B} or 1, {pp.shape[1]}], "
-                                 f"got {tuple(npool.shape)}")
-        if pp is not None and ne is not None and npool is None:
-            raise ValueError("an SDXL condition with negative_prompt_embeds needs negative_pooled_prompt_embeds too")
-        ti = self.time_ids
-        if ti is not None and (ti.ndim != 2 or ti.shape[0] not in (1, B)):
-            raise ValueError(f"time_ids must be [{B} or 1, N], got {tuple(ti.shape)}")
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.prompt_embeds.shape[0])
-
-    @property
-    def has_negative(self) -> bool:
-        return self.negative_prompt_embeds is not None
-
-    def index(self, sel) -> UNetCondition:
-        """Rows ``sel`` (int, slice, list, long/bool tensor); batch-1 (shared) tensors stay shared."""
-        B = self.batch_size
-
-        def pick(t):
-            if t is None:
-                return None
-            if t.shape[0] == 1 and B != 1:
-                return t
-            return _select(t, sel)
-
-        return UNetCondition(*(pick(getattr(self, f.name)) for f in fields(self)))
-
-    def to(self, device=None, dtype: torch.dtype | None = None) -> UNetCondition:
-        """Move (and optionally cast) every tensor."""
-        return UNetCondition(*(None if getattr(self, f.name) is None else getattr(self, f.name).to(device, dtype)
-                               for f in fields(self)))
-
-    def expand(self, batch: int) -> UNetCondition:
-        """Broadcast batch-1 tensors to ``batch`` rows."""
-        def ex(t):
-            if t is None or t.shape[0] == batch:
-                return t
-            if t.shape[0] != 1:
-                raise ValueError(f"cannot broadcast a batch of {t.shape[0]} conditions to {batch}")
-            return t.expand(batch, *t.shape[1:])
-
-        return UNetCondition(*(ex(getattr(self, f.name)) for f in fields(self)))
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Named tensors (for safetensors files and fingerprints); absent ones are omitted."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> UNetCondition:
-        return cls(**{f.name: tensors.get(f.name) for f in fields(cls)})
-
-    @staticmethod
-    def cat(conditions: Sequence[UNetCondition]) -> UNetCondition:
-        """Concatenate along the batch (batch-1 tensors are broadcast first); each optional tensor
-        must be present in all conditions or in none."""
-        if not conditions:
-            raise ValueError("nothing to concatenate")
-        parts = [c.expand(c.batch_size) for c in conditions]
-        out = []
-        for f in fields(UNetCondition):
-            ts = [getattr(c, f.name) for c in parts]
-            present = {t is not None for t in ts}
-            if len(present) != 1:
-                raise ValueError(f"cannot concatenate conditions with and without {f.name}")
-            out.append(torch.cat(ts) if present == {True} else None)
-        return UNetCondition(*out)
 
 
 class DiffusersUNetTeacher(DenoiserPlacement):
@@ -235,7 +94,7 @@ class DiffusersUNetTeacher(DenoiserPlacement):
     when a condition has no negative embeddings, and the condition when ``cond`` is None.
     ``config_for_card``: provenance (path, subfolder) written into ``config()["source"]``; not part
     of the fingerprint. ``prompt_encoder``: the pipeline's frozen text encoder(s)
-    (``flowcore.diffusers_text.SD15PromptEncoder``; ``SDXLPromptEncoder`` for an SDXL UNet, whose
+    (``models.diffusers.text_encoders.SD15PromptEncoder``; ``SDXLPromptEncoder`` for an SDXL UNet, whose
     time ids are set to this teacher's resolution) for ``encode_prompts``; its empty-prompt
     condition (the stock CFG negative) becomes the ``null_condition`` unless one is given; its
     weights enter the fingerprint.
@@ -310,7 +169,7 @@ class DiffusersUNetTeacher(DenoiserPlacement):
         ids for SDXL; CFG uses ``null_condition``, the stock pipeline's empty-prompt negative). Needs a
         teacher loaded from a whole SD1.5/SD2/SDXL pipeline folder."""
         if self.prompt_encoder is None:
-            from flowcore.diffusers_text import missing_sd15_text_parts, missing_sdxl_text_parts
+            from models.diffusers.text_encoders import missing_sd15_text_parts, missing_sdxl_text_parts
 
             where = ""
             path = (self.config_for_card or {}).get("path")
@@ -443,7 +302,7 @@ class DiffusersUNetTeacher(DenoiserPlacement):
         return {
             "kind": self.kind,
             "model_class": type(self.unet).__name__,
-            "unet_config": _json_clean(getattr(self.unet, "config", {})),
+            "unet_config": json_clean(getattr(self.unet, "config", {})),
             "schedule": self.schedule,
             "timestep_interpolation": "log_snr_linear",
             "sample_shape": list(self.sample_shape),
@@ -517,14 +376,14 @@ class DiffusersUNetTeacher(DenoiserPlacement):
         if isinstance(scheduler_config, (str, os.PathLike)):
             with open(scheduler_config) as f:
                 scheduler_config = json.load(f)
-        dtype = _dtype_of(torch_dtype)
+        dtype = dtype_of(torch_dtype)
         model = UNet2DConditionModel.from_pretrained(root, subfolder=subfolder, torch_dtype=dtype,
                                                      local_files_only=True)
         if device is not None:
             model.to(device)
         source = {"path": root, "subfolder": subfolder,
                   "torch_dtype": None if dtype is None else str(dtype).removeprefix("torch.")}
-        from flowcore.diffusers_text import (
+        from models.diffusers.text_encoders import (
             SD15PromptEncoder,
             SDXLPromptEncoder,
             missing_sd15_text_parts,
@@ -582,34 +441,4 @@ def _check_prompt_encoder(encoder, ucfg, is_sdxl: bool, sample_shape: tuple[int,
                 f"{pooled} (projection_class_embeddings_input_dim - 6 x addition_time_embed_dim)")
     encoder.set_latent_size(sample_shape[1], sample_shape[2])
 
-
-def tiny_unet(seed: int = 0, *, sdxl: bool = False, **overrides):
-    """A tiny ``UNet2DConditionModel`` with random weights (``TINY_UNET_CONFIG``, or
-    ``TINY_SDXL_UNET_CONFIG`` with ``sdxl=True``, + overrides), in eval mode. Global RNG untouched."""
-    from diffusers import UNet2DConditionModel
-
-    cfg = {**(TINY_SDXL_UNET_CONFIG if sdxl else TINY_UNET_CONFIG), **overrides}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = UNet2DConditionModel(**cfg)
-    return model.eval()
-
-
-def random_unet_condition(unet, batch: int, *, seq_len: int = 8, seed: int = 0, negative: bool = False,
-                          dtype: torch.dtype = torch.float32) -> UNetCondition:
-    """Random embeddings shaped for ``unet``'s config (SDXL: + pooled embeddings and time ids)."""
-    cfg = unet.config
-    g = torch.Generator().manual_seed(seed)
-    D = cfg.cross_attention_dim
-    pe = torch.randn(batch, seq_len, D, generator=g)
-    ne = torch.randn(batch, seq_len, D, generator=g) if negative else None
-    pp = npool = ti = None
-    if getattr(cfg, "addition_embed_type", None) == "text_time":
-        P = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        pp = torch.randn(batch, P, generator=g)
-        npool = torch.randn(batch, P, generator=g) if negative else None
-        h = w = 8 * cfg.sample_size
-        ti = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32)
-    conv = [None if t is None else t.to(dtype) for t in (pe, ne, pp, npool)]
-    return UNetCondition(*conv, ti)
 

@@ -3,7 +3,7 @@
 This module holds what every diffusers student shares (``DiffusersStudent``: LoRA or full
 fine-tune, gradient checkpointing, the trainable weights; ``PromptEmbeddingCache``; the corpus
 checks; the export metadata) and the SD3 student (``SD3Student``, the teacher's transformer). The
-UNet student (SD1.5 / SDXL) is ``trainer.diffusers_unet_student``.
+UNet student (SD1.5 / SDXL) is ``trainer.students.unet``.
 
 The corpus holds the teacher's trajectories, so the trainer needs the teacher only for its frozen
 text encoders (prompt embeddings, computed here from the prompts in the records, no grad) and as
@@ -32,12 +32,9 @@ from typing import Any
 
 import torch
 
-from flowcore.diffusers_teacher import DiffusersFlowTeacher, PromptCondition, vae_scale_factor_of
+from models.diffusers.common import vae_scale_factor_of
 
-#: attention projections of SD3's joint transformer blocks that LoRA adapts (as diffusers' SD3 LoRA recipes)
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 STUDENT_META = "trajflow_student.json"
-STUDENT_FORMAT = "trajflow-sd3-student/1"
 
 #: teacher kind on the card -> the model class a student of that kind is built around
 DIFFUSERS_STUDENT_MODELS = {"diffusers": ("SD3Transformer2DModel",), "diffusers_unet": ("UNet2DConditionModel",)}
@@ -122,33 +119,6 @@ class DiffusersStudent(torch.nn.Module):
             self.load_trainable_state_dict(saved)
 
 
-class SD3Student(DiffusersStudent):
-    """v_theta(x, sigma, prompt embeddings) of an ``SD3Transformer2DModel`` (full or LoRA)."""
-
-    def __init__(self, transformer: torch.nn.Module, *, num_train_timesteps: int = 1000,
-                 lora_rank: int | None = None, lora_alpha: float | None = None,
-                 gradient_checkpointing: bool = False):
-        super().__init__()
-        self.num_train_timesteps = int(num_train_timesteps)
-        self.transformer = self._prepare(transformer, lora_rank, lora_alpha, LORA_TARGETS, gradient_checkpointing)
-
-    @staticmethod
-    def condition_tensors(cond: PromptCondition) -> tuple[torch.Tensor, torch.Tensor]:
-        return cond.prompt_embeds, cond.pooled_prompt_embeds
-
-    def forward(self, x: torch.Tensor, sigma_B: torch.Tensor, prompt_embeds: torch.Tensor,
-                pooled_prompt_embeds: torch.Tensor) -> torch.Tensor:
-        dt = next(self.transformer.parameters()).dtype
-        return self.transformer(
-            hidden_states=x.to(dt), encoder_hidden_states=prompt_embeds.to(dt),
-            pooled_projections=pooled_prompt_embeds.to(dt),
-            timestep=sigma_B.float() * self.num_train_timesteps, return_dict=False)[0]
-
-    def config(self) -> dict[str, Any]:
-        return {"kind": "sd3", "lora_rank": self.lora_rank, "num_train_timesteps": self.num_train_timesteps,
-                "lora_targets": self.lora_targets}
-
-
 class PromptEmbeddingCache:
     """Prompt text -> one row of the encoder's condition (``PromptCondition`` for SD3: embeds [L, D],
     pooled [P]; ``UNetCondition`` for SD1.5: embeds, SDXL: + pooled and time ids) through the frozen
@@ -206,14 +176,6 @@ def student_network(teacher, network: torch.nn.Module, *, init: str, seed: int, 
     return network
 
 
-def build_sd3_student(teacher: DiffusersFlowTeacher, *, lora_rank: int | None, lora_alpha: float | None,
-                      gradient_checkpointing: bool, init: str, seed: int) -> SD3Student:
-    """The student around the teacher's transformer (``init="teacher"``), or a re-initialised copy."""
-    transformer = student_network(teacher, teacher.transformer, init=init, seed=seed, what="SD3")
-    return SD3Student(transformer, num_train_timesteps=teacher.num_train_timesteps, lora_rank=lora_rank,
-                      lora_alpha=lora_alpha, gradient_checkpointing=gradient_checkpointing)
-
-
 def base_pipeline_of(card) -> str:
     """The teacher's pipeline folder as recorded on the card (``teacher.config.source.path``)."""
     return str((card.teacher.config.get("source") or {}).get("path", ""))
@@ -252,36 +214,3 @@ def write_student_meta(folder: str, student: DiffusersStudent, card, *, fmt: str
     return sorted(os.path.relpath(os.path.join(d, n), folder) for d, _, files in os.walk(folder) for n in files)
 
 
-def export_sd3_student(student: SD3Student, trainable: dict[str, torch.Tensor], card, folder: str,
-                       extra: dict[str, Any]) -> list[str]:
-    """Write the student folder (module docstring) into the LOCAL ``folder`` with the weights
-    ``trainable`` (e.g. the EMA) swapped in; returns the written files relative to ``folder``."""
-    from diffusers import StableDiffusion3Pipeline
-
-    from flowcore.diffusers_scheduler import CorrectedFlowMatchEulerScheduler
-
-    base = base_pipeline_of(card)
-    with student.swapped_in(trainable):
-        tr = student.transformer
-        if student.lora_rank:
-            from peft.utils import get_peft_model_state_dict
-
-            StableDiffusion3Pipeline.save_lora_weights(
-                folder, transformer_lora_layers=get_peft_model_state_dict(tr),
-                transformer_lora_adapter_metadata=tr.peft_config["default"].to_dict())
-        else:
-            tr.save_pretrained(os.path.join(folder, "transformer"))
-    shift = float(card.run.get("shift", 1.0))
-    sched_cfg = {}
-    sched_file = os.path.join(base, "scheduler", "scheduler_config.json")
-    if os.path.isfile(sched_file):
-        with open(sched_file) as f:
-            sched_cfg = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
-    # the student was trained on the corpus's windows: few_step_sigmas(N, corpus shift), no dynamic shifting
-    sched_cfg.update(shift=shift, use_dynamic_shifting=False,
-                     num_train_timesteps=student.num_train_timesteps)
-    for k in CorrectedFlowMatchEulerScheduler._INCOMPATIBLE:
-        sched_cfg.pop(k, None)
-    CorrectedFlowMatchEulerScheduler.from_config(sched_cfg).save_pretrained(os.path.join(folder, "scheduler"))
-    return write_student_meta(folder, student, card, fmt=STUDENT_FORMAT, kind="sd3",
-                              pipeline_class="StableDiffusion3Pipeline", shift=shift, extra=extra)

@@ -14,7 +14,7 @@ when every guidance weight is exactly 1; rows with w == 1 in a mixed batch retur
 conditional velocity exactly.
 
 The teacher consumes ``PromptCondition`` embeddings. Loaded from a whole pipeline folder it also
-carries the pipeline's frozen text encoders (``flowcore.diffusers_text.SD3PromptEncoder``):
+carries the pipeline's frozen text encoders (``models.diffusers.text_encoders.SD3PromptEncoder``):
 ``teacher.encode_prompts(texts)`` then makes the conditions, the empty prompt's embeddings are the
 ``null_condition`` (the stock pipeline's CFG negative), and the encoders' weights are part of the
 fingerprint. Only local paths are loaded (``local_files_only=True``): flowcore never downloads.
@@ -25,205 +25,16 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
 from flowcore.guidance import combine_cfg
 from flowcore.teacher import as_guidance_batch, as_sigma_batch, fingerprint_of
+from models.diffusers.common import DenoiserPlacement, dtype_of, json_clean, vae_scale_factor_of
+from models.diffusers.conditions import PromptCondition
 
-__all__ = [
-    "PromptCondition",
-    "DiffusersFlowTeacher",
-    "tiny_sd3_transformer",
-    "random_prompt_condition",
-    "TINY_SD3_CONFIG",
-]
-
-#: the tiny SD3 transformer used by tests and demos (random weights, ~30k parameters)
-TINY_SD3_CONFIG: dict[str, Any] = {
-    "sample_size": 8,
-    "patch_size": 2,
-    "in_channels": 4,
-    "num_layers": 2,
-    "attention_head_dim": 8,
-    "num_attention_heads": 2,
-    "joint_attention_dim": 32,
-    "caption_projection_dim": 16,  # must equal num_attention_heads * attention_head_dim
-    "pooled_projection_dim": 16,
-    "out_channels": 4,
-    "pos_embed_max_size": 16,  # in patches: latents up to 32x32 with patch_size 2
-}
-
-
-def _select(t: torch.Tensor, sel) -> torch.Tensor:
-    if isinstance(sel, int):
-        sel = slice(sel, sel + 1 if sel != -1 else None)
-    if isinstance(sel, (list, tuple)):
-        sel = torch.as_tensor(sel, dtype=torch.long)
-    if isinstance(sel, torch.Tensor):
-        sel = sel.to(t.device)
-    return t[sel]
-
-
-@dataclass
-class PromptCondition:
-    """A batch of SD3-style prompt embeddings.
-
-    prompt_embeds: [B, L, D] (joint text embeddings: CLIP-L/G padded + T5, concatenated on L);
-    pooled_prompt_embeds: [B, P] (pooled CLIP-L + CLIP-G).
-    negative_prompt_embeds / negative_pooled_prompt_embeds: optional unconditional (negative-prompt)
-    embeddings for CFG, either per row ([B, L, D] / [B, P]) or shared ([1, L, D] / [1, P]);
-    both or neither. ``L`` and ``D`` must match the positive embeddings (one batched 2B call).
-    """
-
-    prompt_embeds: torch.Tensor
-    pooled_prompt_embeds: torch.Tensor
-    negative_prompt_embeds: torch.Tensor | None = None
-    negative_pooled_prompt_embeds: torch.Tensor | None = None
-
-    def __post_init__(self):
-        pe, pp = self.prompt_embeds, self.pooled_prompt_embeds
-        if pe.ndim != 3:
-            raise ValueError(f"prompt_embeds must be [B, L, D], got shape {tuple(pe.shape)}")
-        if pp.ndim != 2:
-            raise ValueError(f"pooled_prompt_embeds must be [B, P], got shape {tuple(pp.shape)}")
-        if pp.shape[0] != pe.shape[0]:
-            raise ValueError(
-                f"prompt_embeds and pooled_prompt_embeds disagree on the batch: {pe.shape[0]} vs {pp.shape[0]}"
-            )
-        ne, npool = self.negative_prompt_embeds, self.negative_pooled_prompt_embeds
-        if (ne is None) != (npool is None):
-            raise ValueError("give both negative_prompt_embeds and negative_pooled_prompt_embeds, or neither")
-        if ne is not None:
-            if ne.ndim != 3 or ne.shape[1:] != pe.shape[1:]:
-                raise ValueError(
-                    f"negative_prompt_embeds must be [B or 1, {pe.shape[1]}, {pe.shape[2]}] like prompt_embeds, "
-                    f"got {tuple(ne.shape)}"
-                )
-            if npool.ndim != 2 or npool.shape[1:] != pp.shape[1:]:
-                raise ValueError(
-                    f"negative_pooled_prompt_embeds must be [B or 1, {pp.shape[1]}], got {tuple(npool.shape)}"
-                )
-            for name, t in (("negative_prompt_embeds", ne), ("negative_pooled_prompt_embeds", npool)):
-                if t.shape[0] not in (1, pe.shape[0]):
-                    raise ValueError(f"{name} must have batch 1 or {pe.shape[0]}, got {t.shape[0]}")
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.prompt_embeds.shape[0])
-
-    @property
-    def has_negative(self) -> bool:
-        return self.negative_prompt_embeds is not None
-
-    def index(self, sel) -> PromptCondition:
-        """Rows ``sel`` (int, slice, list of ints, long or bool tensor); an int keeps the batch dim.
-        Shared (batch-1) negatives stay shared."""
-        def pick(t):
-            if t is None:
-                return None
-            if t.shape[0] == 1 and self.batch_size != 1:
-                return t
-            return _select(t, sel)
-
-        return PromptCondition(
-            _select(self.prompt_embeds, sel),
-            _select(self.pooled_prompt_embeds, sel),
-            pick(self.negative_prompt_embeds),
-            pick(self.negative_pooled_prompt_embeds),
-        )
-
-    def to(self, device=None, dtype: torch.dtype | None = None) -> PromptCondition:
-        """Move (and optionally cast) every tensor."""
-        def mv(t):
-            return None if t is None else t.to(device=device, dtype=dtype)
-
-        return PromptCondition(*(mv(getattr(self, f.name)) for f in fields(self)))
-
-    def expand(self, batch: int) -> PromptCondition:
-        """Broadcast a batch-1 condition (and shared negatives) to ``batch`` rows."""
-        def ex(t):
-            if t is None or t.shape[0] == batch:
-                return t
-            if t.shape[0] != 1:
-                raise ValueError(f"cannot broadcast a batch of {t.shape[0]} conditions to {batch}")
-            return t.expand(batch, *t.shape[1:])
-
-        return PromptCondition(*(ex(getattr(self, f.name)) for f in fields(self)))
-
-    @staticmethod
-    def cat(conditions: Sequence[PromptCondition]) -> PromptCondition:
-        """Concatenate along the batch; negatives must be present in all or none."""
-        if not conditions:
-            raise ValueError("nothing to concatenate")
-        has = {c.has_negative for c in conditions}
-        if len(has) != 1:
-            raise ValueError("cannot concatenate conditions with and without negative embeddings")
-        parts = [c.expand(c.batch_size) for c in conditions]
-        out = [torch.cat([c.prompt_embeds for c in parts]), torch.cat([c.pooled_prompt_embeds for c in parts])]
-        if has == {True}:
-            out += [
-                torch.cat([c.negative_prompt_embeds for c in parts]),
-                torch.cat([c.negative_pooled_prompt_embeds for c in parts]),
-            ]
-        return PromptCondition(*out)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Named tensors (for safetensors files and fingerprints); absent negatives are omitted."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> PromptCondition:
-        """Inverse of ``tensors()``."""
-        return cls(**{f.name: tensors.get(f.name) for f in fields(cls)})
-
-
-def _json_clean(config: dict[str, Any]) -> dict[str, Any]:
-    """A diffusers config without private bookkeeping keys (``_class_name``, ``_name_or_path``,
-    ``_diffusers_version``, ``_use_default_values``, ...), normalised through JSON (tuples -> lists)."""
-    public = {k: v for k, v in dict(config).items() if not str(k).startswith("_")}
-    return json.loads(json.dumps(public, sort_keys=True))
-
-
-def _dtype_of(torch_dtype) -> torch.dtype | None:
-    if torch_dtype is None or isinstance(torch_dtype, torch.dtype):
-        return torch_dtype
-    name = str(torch_dtype).removeprefix("torch.")
-    dt = getattr(torch, name, None)
-    if not isinstance(dt, torch.dtype):
-        raise ValueError(f"unknown torch dtype {torch_dtype!r}")
-    return dt
-
-
-class DenoiserPlacement:
-    """dtype / device / ``to`` of a diffusers teacher: its ``denoiser`` network, its optional
-    ``prompt_encoder`` and its optional ``null_condition`` move together."""
-
-    denoiser: torch.nn.Module
-    prompt_encoder: Any
-    null_condition: Any
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.denoiser.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.denoiser.parameters()).device
-
-    def to(self, device=None, dtype: torch.dtype | None = None):
-        """Move the denoiser (and prompt encoder, null condition) in place; returns self."""
-        if dtype is None:  # diffusers warns about to(dtype=...) even when the dtype is None
-            self.denoiser.to(device)
-        else:
-            self.denoiser.to(device=device, dtype=dtype)
-        if self.prompt_encoder is not None and device is not None:
-            self.prompt_encoder.to(device)
-        if self.null_condition is not None:
-            self.null_condition = self.null_condition.to(device=device)
-        return self
+__all__ = ["DiffusersFlowTeacher", "latent_shape_for_resolution"]
 
 
 class DiffusersFlowTeacher(DenoiserPlacement):
@@ -366,7 +177,7 @@ class DiffusersFlowTeacher(DenoiserPlacement):
         return {
             "kind": self.kind,
             "model_class": type(self.transformer).__name__,
-            "transformer_config": _json_clean(getattr(self.transformer, "config", {})),
+            "transformer_config": json_clean(getattr(self.transformer, "config", {})),
             "sample_shape": list(self.sample_shape),
             "num_train_timesteps": self.num_train_timesteps,
             "dtype": str(self.dtype).removeprefix("torch."),
@@ -435,7 +246,7 @@ class DiffusersFlowTeacher(DenoiserPlacement):
         if not os.path.isfile(os.path.join(folder, "config.json")):
             hint = "" if subfolder is None else f" (is {root!r} the transformer folder itself? pass subfolder=None)"
             raise FileNotFoundError(f"no diffusers transformer at {folder!r}: config.json missing{hint}")
-        dtype = _dtype_of(torch_dtype)
+        dtype = dtype_of(torch_dtype)
         model = SD3Transformer2DModel.from_pretrained(
             root, subfolder=subfolder, torch_dtype=dtype, local_files_only=True
         )
@@ -461,11 +272,11 @@ class DiffusersFlowTeacher(DenoiserPlacement):
         }
         encoder = None
         if text_encoders is None:
-            from flowcore.diffusers_text import has_text_encoders
+            from models.diffusers.text_encoders import has_text_encoders
 
             text_encoders = bool(subfolder) and has_text_encoders(root)
         if text_encoders:
-            from flowcore.diffusers_text import DEFAULT_MAX_SEQUENCE_LENGTH, SD3PromptEncoder
+            from models.diffusers.text_encoders import DEFAULT_MAX_SEQUENCE_LENGTH, SD3PromptEncoder
 
             msl = int(max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH)
             encoder = SD3PromptEncoder.from_pretrained(root, torch_dtype=dtype, device=device, max_sequence_length=msl)
@@ -503,16 +314,6 @@ class DiffusersFlowTeacher(DenoiserPlacement):
         )
 
 
-def vae_scale_factor_of(path: str | os.PathLike) -> int | None:
-    """2 ** (len(block_out_channels) - 1) from ``path/vae/config.json`` (as the stock pipelines compute
-    it), or None when the folder has no VAE config."""
-    cfg = os.path.join(os.fspath(path), "vae", "config.json")
-    if not os.path.isfile(cfg):
-        return None
-    with open(cfg) as f:
-        return 2 ** (len(json.load(f).get("block_out_channels", [0] * 4)) - 1)
-
-
 def latent_shape_for_resolution(root: str, transformer_config, resolution: int) -> tuple[int, int, int]:
     """(C, px / s, px / s) for square ``resolution``-pixel images, with the VAE scale factor
     s = 2 ** (len(vae block_out_channels) - 1) read from ``root/vae/config.json`` (8 for SD3)."""
@@ -533,32 +334,3 @@ def latent_shape_for_resolution(root: str, transformer_config, resolution: int) 
     return (int(transformer_config.in_channels), side, side)
 
 
-def tiny_sd3_transformer(seed: int = 0, **overrides):
-    """A tiny ``SD3Transformer2DModel`` with random weights (``TINY_SD3_CONFIG`` + overrides), in
-    eval mode. The global RNG state is left untouched."""
-    from diffusers import SD3Transformer2DModel
-
-    cfg = {**TINY_SD3_CONFIG, **overrides}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = SD3Transformer2DModel(**cfg)
-    return model.eval()
-
-
-def random_prompt_condition(
-    transformer,
-    batch: int,
-    *,
-    seq_len: int = 8,
-    seed: int = 0,
-    negative: bool = False,
-    dtype: torch.dtype = torch.float32,
-) -> PromptCondition:
-    """Random prompt embeddings shaped for ``transformer``'s config (tests, demos, benchmarks)."""
-    cfg = transformer.config
-    g = torch.Generator().manual_seed(seed)
-    D, P = cfg.joint_attention_dim, cfg.pooled_projection_dim
-    parts = [torch.randn(batch, seq_len, D, generator=g), torch.randn(batch, P, generator=g)]
-    if negative:
-        parts += [torch.randn(batch, seq_len, D, generator=g), torch.randn(batch, P, generator=g)]
-    return PromptCondition(*(p.to(dtype) for p in parts))

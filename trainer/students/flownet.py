@@ -1,7 +1,7 @@
-"""Teachers rebuilt from a corpus's card, and students initialised from the teacher's weights.
+"""The flow-net student: its architecture from the card, initialised from the teacher's weights.
 
 For the analytic GMM teacher, which has no weights, the "pretrained" net is a flow net fitted to
-the same GMM by plain flow matching (``flowcore.flownets.fit_flow_net``), cached on local disk by
+the same GMM by plain flow matching (``models.flownet.fit_flow_net``), cached on local disk by
 (GMM fingerprint, architecture, fit budget) so every run and every rank reuses it.
 """
 
@@ -12,60 +12,13 @@ import json
 import math
 import os
 from dataclasses import asdict, replace
-from pathlib import Path
-from typing import Any
 
 import torch
 
-from flowcore.flownets import (
-    FlowNet,
-    FlowNetConfig,
-    FlowNetTeacher,
-    fit_flow_net,
-    load_flow_net,
-    save_flow_net,
-)
-from flowcore.gmm import GMMSpec, GMMTeacher
+from models.flownet import FlowNet, FlowNetConfig, FlowNetTeacher, fit_flow_net, load_flow_net, save_flow_net
+from models.gmm import GMMTeacher
 from storage_schemas import DatasetCard
-from storage_schemas.fetch import fetch_to_local
-
-CACHE_ROOT = Path(os.environ.get("TRAJFLOW_CACHE", os.path.expanduser("~/.cache/trajflow")))
-
-
-def teacher_from_card(card: DatasetCard, storage_options: dict[str, Any] | None = None, device=None):
-    """Rebuild the corpus's teacher (GMM from its spec; flow net from the recorded SPEC's file; a
-    diffusers SD3 or UNet (SD1.5/SDXL) pipeline, with its text encoders, from the card's
-    ``source.path`` on this machine)."""
-    kind = card.teacher.kind
-    if kind in ("diffusers", "diffusers_unet"):
-        if kind == "diffusers":
-            from flowcore.diffusers_teacher import DiffusersFlowTeacher as teacher_cls
-        else:
-            from flowcore.diffusers_unet import DiffusersUNetTeacher as teacher_cls
-
-        source = card.teacher.config.get("source") or {}
-        path = str(source.get("path") or "")
-        if not path or not os.path.isdir(path):
-            raise ValueError(f"the corpus's diffusers teacher folder {path!r} is not on this machine: the trainer "
-                             "loads it (text encoders, initial weights) from the path recorded in the card's "
-                             "teacher.config.source.path; put the pipeline folder there on every node")
-        teacher = teacher_cls.from_config(card.teacher.config, device=device)
-        if teacher.fingerprint() != card.teacher.fingerprint:
-            raise ValueError(f"the diffusers model at {path} is not the corpus's teacher (fingerprint differs: other "
-                             "weights, dtype or text encoders)")
-        return teacher
-    if kind == "gmm":
-        return GMMTeacher(GMMSpec.from_json_dict(card.teacher.config["spec"]))
-    if kind == "flownet":
-        spec = str(card.run.get("teacher_spec", ""))
-        if not spec.startswith("flownet:"):
-            raise ValueError("the card does not record where the flow-net teacher's weights are (run.teacher_spec)")
-        net, _ = load_flow_net(fetch_to_local(spec[len("flownet:"):], str(CACHE_ROOT / "teachers"), storage_options))
-        teacher = FlowNetTeacher(net)
-        if teacher.fingerprint() != card.teacher.fingerprint:
-            raise ValueError(f"the flow net at {spec} is not the corpus's teacher (fingerprint differs)")
-        return teacher
-    raise ValueError(f"training from a {kind!r} teacher corpus is not supported by this trainer yet")
+from trainer.teacher import CACHE_ROOT
 
 
 def student_net_config(card: DatasetCard, arch: str, width: int, depth: int) -> FlowNetConfig:

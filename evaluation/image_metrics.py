@@ -15,7 +15,7 @@
     ("FD-CLIP": FID's formula on CLIP features instead of InceptionV3's pool3).
 
 Standard FID (pool3 features of TF's Inception-v3 with pytorch-fid's weights) is
-``flowcore.fid_inception``, written without torchvision (which does not import beside the CPU torch wheel).
+``evaluation.fid_inception``, written without torchvision (which does not import beside the CPU torch wheel).
 """
 
 from __future__ import annotations

@@ -1,15 +1,15 @@
-"""Teacher SPEC strings -> Teacher objects (local files only; URLs are fetched by the callers).
+"""Teacher SPEC strings: parsing and the diffusers folder layout (``models.registry`` builds the teachers).
 
     gmm:ring2d | gmm:latent10         built-in analytic GMM presets
-    gmm:/path/spec.json               a GMM from a JSON spec (see flowcore.gmm.GMMSpec)
-    flownet:/path/net.safetensors     a small flow net saved by flowcore.flownets.save_flow_net
+    gmm:/path/spec.json               a GMM from a JSON spec (see models.gmm.GMMSpec)
+    flownet:/path/net.safetensors     a small flow net saved by models.flownet.save_flow_net
     diffusers:/path/model[:subfolder] a diffusers pipeline from a local folder: the UNet adapter
-                                      (flowcore.diffusers_unet, SD1.5/SD2/SDXL) when the folder has
+                                      (models.diffusers.unet, SD1.5/SD2/SDXL) when the folder has
                                       unet/, the flow-matching transformer adapter
-                                      (flowcore.diffusers_teacher, SD3) when it has transformer/
+                                      (models.diffusers.sd3, SD3) when it has transformer/
 
-``pipeline`` and ``trajflow`` resolve remote URLs (s3://, gs://, ...) to a local cached copy
-before calling ``build_teacher``: flowcore stays free of object-storage code.
+Remote URLs (s3://, gs://, ...) reach ``models.registry.build_teacher`` with a ``fetch`` callable from
+the caller (pipeline, trainer): the model layer stays free of object-storage code.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-
-import torch
 
 KINDS = ("gmm", "flownet", "diffusers")
 
@@ -54,57 +52,6 @@ def parse_teacher_spec(spec: str) -> TeacherSpec:
     return TeacherSpec(kind, rest, variant)
 
 
-def build_teacher(spec: str | TeacherSpec, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                  resolution: int | None = None, sample_shape=None):
-    """Build a Teacher from a SPEC whose target is a preset or a LOCAL path.
-
-    ``resolution`` (image pixels) or ``sample_shape`` (latent C, H, W) size a diffusers teacher's
-    samples (default: the model config's sample_size); other teachers have a fixed shape. A
-    diffusers SD3 pipeline folder is loaded with its text encoders (``encode_prompts``); an SD1.5/SD2 UNet
-    pipeline folder with its CLIP text encoder when it has text_encoder/ and tokenizer/ (SDXL: both CLIP
-    encoders, when it also has text_encoder_2/ and tokenizer_2/; time ids at this resolution)."""
-    s = parse_teacher_spec(spec) if isinstance(spec, str) else spec
-    if s.kind != "diffusers" and (resolution is not None or sample_shape is not None):
-        raise ValueError(f"resolution / sample_shape apply to diffusers teachers only; {s.kind}: teachers have a "
-                         "fixed sample shape")
-    if s.kind == "gmm":
-        from flowcore.gmm import PRESETS, GMMSpec, GMMTeacher, load_preset
-
-        gspec = load_preset(s.target) if s.target in PRESETS else GMMSpec.load(s.target)
-        return GMMTeacher(gspec, device=device)
-    if s.kind == "flownet":
-        from pathlib import Path
-
-        from flowcore.flownets import FlowNetTeacher, load_flow_net
-
-        net, _ = load_flow_net(s.target, device=device)
-        if dtype is not None:
-            net = net.to(dtype)
-        return FlowNetTeacher(net, name=Path(s.target).stem)
-    kwargs = {"subfolder": diffusers_subfolder(s.target, s.variant)}
-    if dtype is not None:
-        kwargs["torch_dtype"] = dtype
-    if sample_shape is not None:
-        kwargs["sample_shape"] = tuple(int(d) for d in sample_shape)
-    if _is_unet_folder(s.target, kwargs["subfolder"]):
-        from types import SimpleNamespace
-
-        from flowcore.diffusers_teacher import latent_shape_for_resolution
-        from flowcore.diffusers_unet import DiffusersUNetTeacher
-
-        if resolution is not None and sample_shape is None:
-            with open(os.path.join(s.target, kwargs["subfolder"], "config.json")) as f:
-                unet_cfg = SimpleNamespace(in_channels=int(json.load(f).get("in_channels", 4)))
-            kwargs["sample_shape"] = latent_shape_for_resolution(s.target, unet_cfg, resolution)
-
-        return DiffusersUNetTeacher.from_pretrained(s.target, **kwargs).to(device)
-    from flowcore.diffusers_teacher import DiffusersFlowTeacher
-
-    if resolution is not None and sample_shape is None:
-        kwargs["resolution"] = int(resolution)
-    return DiffusersFlowTeacher.from_pretrained(s.target, **kwargs).to(device)
-
-
 def diffusers_subfolder(path: str, variant: str | None) -> str:
     """The model subfolder of a local diffusers pipeline folder: ``variant`` when given, else ``unet``
     when the folder has a unet/ subfolder (and no transformer/), else ``transformer``."""
@@ -120,7 +67,7 @@ def diffusers_subfolder(path: str, variant: str | None) -> str:
     return "transformer"
 
 
-def _is_unet_folder(path: str, subfolder: str) -> bool:
+def is_unet_folder(path: str, subfolder: str) -> bool:
     """Whether ``path/subfolder`` holds a UNet (its config's ``_class_name`` names a UNet, or, with no
     readable config, the subfolder is called ``unet``)."""
     cfg = os.path.join(path, subfolder, "config.json")

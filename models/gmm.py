@@ -161,7 +161,7 @@ def load_preset(name: str) -> GMMSpec:
     if name == "ring2d":
         return ring2d_spec()
     if name == "latent10":
-        text = resources.files("flowcore").joinpath("presets/latent10.json").read_text()
+        text = resources.files("models").joinpath("presets/latent10.json").read_text()
         return GMMSpec.from_json_dict(json.loads(text))
     raise ValueError(f"unknown GMM preset {name!r}; built-in presets: {', '.join(PRESETS)}")
 

@@ -1,7 +1,7 @@
 """Tiny, random-weight diffusers pipelines built locally (tests, docs, demos; no hub, no downloads).
 
 ``make_tiny_sd3_pipeline(folder)`` writes a complete ``StableDiffusion3Pipeline`` folder with
-``save_pretrained``: the tiny ``SD3Transformer2DModel`` of ``flowcore.diffusers_teacher``
+``save_pretrained``: the tiny ``SD3Transformer2DModel`` of ``models.diffusers.sd3``
 (``TINY_SD3_CONFIG``), a tiny ``AutoencoderKL`` (2 blocks: 16 px images <-> 8x8x4 latents), two
 tiny ``CLIPTextModelWithProjection`` and a tiny ``T5EncoderModel`` with tokenizers built here from
 a character vocabulary, and a ``FlowMatchEulerDiscreteScheduler`` config (shift 3, like SD3).
@@ -12,7 +12,7 @@ The same code path then serves a real SD3-Medium folder; only the sizes differ.
 
 ``make_tiny_sd15_pipeline(folder)`` does the same for a ``StableDiffusionPipeline`` (SD1.5 layout:
 unet/ + vae/ + text_encoder/ + tokenizer/ + scheduler/): the tiny ``UNet2DConditionModel`` of
-``flowcore.diffusers_unet`` (``TINY_UNET_CONFIG``, cross-attention width 32), a tiny ``AutoencoderKL``
+``models.diffusers.unet`` (``TINY_UNET_CONFIG``, cross-attention width 32), a tiny ``AutoencoderKL``
 (16 px images <-> 8x8x4 latents), a tiny ``CLIPTextModel`` (width 32) with the locally built
 character tokenizer, SD1.5's ``DDIMScheduler`` config, and no safety checker. Prompt embeddings
 are [B, 77, 32], as SD1.5's are [B, 77, 768].
@@ -34,8 +34,12 @@ from typing import Any
 
 import torch
 
+from models.diffusers.conditions import PromptCondition, UNetCondition
+
 __all__ = ["make_tiny_sd3_pipeline", "make_tiny_sd15_pipeline", "make_tiny_sdxl_pipeline", "make_tiny_clip",
-           "TINY_SD3_RESOLUTION", "TINY_SD15_RESOLUTION", "TINY_SDXL_RESOLUTION", "SDXL_SCHEDULER_CONFIG"]
+           "TINY_SD3_RESOLUTION", "TINY_SD15_RESOLUTION", "TINY_SDXL_RESOLUTION", "SDXL_SCHEDULER_CONFIG",
+           "TINY_SD3_CONFIG", "TINY_UNET_CONFIG", "TINY_SDXL_UNET_CONFIG", "tiny_sd3_transformer", "tiny_unet",
+           "random_prompt_condition", "random_unet_condition"]
 
 #: image side in pixels of the tiny pipeline's native latent (8x8 latents, VAE scale factor 2)
 TINY_SD3_RESOLUTION = 16
@@ -98,7 +102,6 @@ def make_tiny_sd3_pipeline(folder: str | os.PathLike, seed: int = 0, shift: floa
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from flowcore.diffusers_teacher import tiny_sd3_transformer
 
     folder = os.fspath(folder)
     clip_tok, t5_tok = _clip_tokenizer(), _t5_tokenizer()
@@ -146,7 +149,8 @@ def make_tiny_sd15_pipeline(folder: str | os.PathLike, seed: int = 0,
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from flowcore.diffusers_unet import SD15_SCHEDULER_CONFIG, tiny_unet
+    from models.diffusers.unet import SD15_SCHEDULER_CONFIG
+
 
     folder = os.fspath(folder)
     tok = _clip_tokenizer()
@@ -189,7 +193,6 @@ def make_tiny_sdxl_pipeline(folder: str | os.PathLike, seed: int = 0,
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from flowcore.diffusers_unet import tiny_unet
 
     folder = os.fspath(folder)
     tok = _clip_tokenizer()
@@ -228,7 +231,7 @@ def make_tiny_sdxl_pipeline(folder: str | os.PathLike, seed: int = 0,
 
 def make_tiny_clip(folder: str | os.PathLike, seed: int = 0, image_size: int = 32) -> str:
     """Write a tiny random-weight ``CLIPModel`` + ``CLIPProcessor`` folder: a stand-in for the CLIP /
-    PickScore evaluation models (``flowcore.image_metrics.CLIPScorer``) in tests. Returns the folder."""
+    PickScore evaluation models (``evaluation.image_metrics.CLIPScorer``) in tests. Returns the folder."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     folder = os.fspath(folder)
@@ -247,3 +250,108 @@ def make_tiny_clip(folder: str | os.PathLike, seed: int = 0, image_size: int = 3
                          tokenizer=tok)
     proc.save_pretrained(folder)
     return folder
+
+
+# ---- tiny networks and random conditions (tests, demos, benchmarks)
+
+#: the tiny SD3 transformer used by tests and demos (random weights, ~30k parameters)
+TINY_SD3_CONFIG: dict[str, Any] = {
+    "sample_size": 8,
+    "patch_size": 2,
+    "in_channels": 4,
+    "num_layers": 2,
+    "attention_head_dim": 8,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "caption_projection_dim": 16,  # must equal num_attention_heads * attention_head_dim
+    "pooled_projection_dim": 16,
+    "out_channels": 4,
+    "pos_embed_max_size": 16,  # in patches: latents up to 32x32 with patch_size 2
+}
+
+
+def tiny_sd3_transformer(seed: int = 0, **overrides):
+    """A tiny ``SD3Transformer2DModel`` with random weights (``TINY_SD3_CONFIG`` + overrides), in
+    eval mode. The global RNG state is left untouched."""
+    from diffusers import SD3Transformer2DModel
+
+    cfg = {**TINY_SD3_CONFIG, **overrides}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SD3Transformer2DModel(**cfg)
+    return model.eval()
+
+
+def random_prompt_condition(
+    transformer,
+    batch: int,
+    *,
+    seq_len: int = 8,
+    seed: int = 0,
+    negative: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> PromptCondition:
+    """Random prompt embeddings shaped for ``transformer``'s config (tests, demos, benchmarks)."""
+    cfg = transformer.config
+    g = torch.Generator().manual_seed(seed)
+    D, P = cfg.joint_attention_dim, cfg.pooled_projection_dim
+    parts = [torch.randn(batch, seq_len, D, generator=g), torch.randn(batch, P, generator=g)]
+    if negative:
+        parts += [torch.randn(batch, seq_len, D, generator=g), torch.randn(batch, P, generator=g)]
+    return PromptCondition(*(p.to(dtype) for p in parts))
+
+
+#: a tiny SD1.5-shaped UNet (random weights) for tests and demos
+TINY_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 32,
+    "attention_head_dim": 8,
+    "norm_num_groups": 8,
+}
+
+
+#: a tiny SDXL-shaped UNet: text_time additional embeddings (pooled 16 + 6 time ids x 8)
+TINY_SDXL_UNET_CONFIG: dict[str, Any] = {
+    **TINY_UNET_CONFIG,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 16 + 6 * 8,
+    "use_linear_projection": True,
+}
+
+
+def tiny_unet(seed: int = 0, *, sdxl: bool = False, **overrides):
+    """A tiny ``UNet2DConditionModel`` with random weights (``TINY_UNET_CONFIG``, or
+    ``TINY_SDXL_UNET_CONFIG`` with ``sdxl=True``, + overrides), in eval mode. Global RNG untouched."""
+    from diffusers import UNet2DConditionModel
+
+    cfg = {**(TINY_SDXL_UNET_CONFIG if sdxl else TINY_UNET_CONFIG), **overrides}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = UNet2DConditionModel(**cfg)
+    return model.eval()
+
+
+def random_unet_condition(unet, batch: int, *, seq_len: int = 8, seed: int = 0, negative: bool = False,
+                          dtype: torch.dtype = torch.float32) -> UNetCondition:
+    """Random embeddings shaped for ``unet``'s config (SDXL: + pooled embeddings and time ids)."""
+    cfg = unet.config
+    g = torch.Generator().manual_seed(seed)
+    D = cfg.cross_attention_dim
+    pe = torch.randn(batch, seq_len, D, generator=g)
+    ne = torch.randn(batch, seq_len, D, generator=g) if negative else None
+    pp = npool = ti = None
+    if getattr(cfg, "addition_embed_type", None) == "text_time":
+        P = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        pp = torch.randn(batch, P, generator=g)
+        npool = torch.randn(batch, P, generator=g) if negative else None
+        h = w = 8 * cfg.sample_size
+        ti = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32)
+    conv = [None if t is None else t.to(dtype) for t in (pe, ne, pp, npool)]
+    return UNetCondition(*conv, ti)

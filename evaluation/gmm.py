@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from flowcore.diffusers_scheduler import diffusers_default_sigmas
-from flowcore.gmm import GMMTeacher
 from flowcore.metrics import coupling_error, sliced_wasserstein
 from flowcore.schedules import few_step_sigmas, shifted_sigmas
 from flowcore.solvers import seeded_noise, solve, solve_teacher
+from models.diffusers.schedulers import diffusers_default_sigmas
+from models.gmm import GMMTeacher
 
 EVAL_SEED_BASE = 10**15  # far from the 63-bit hashed training seeds' typical values; fixed for comparability
 

@@ -40,7 +40,8 @@ from typing import Any
 
 import torch
 
-from flowcore.diffusers_teacher import PromptCondition, vae_scale_factor_of
+from models.diffusers.common import vae_scale_factor_of
+from models.diffusers.conditions import PromptCondition
 
 __all__ = ["SD3PromptEncoder", "SD15PromptEncoder", "SDXLPromptEncoder", "has_text_encoders",
            "missing_sd15_text_parts", "missing_sdxl_text_parts", "DEFAULT_MAX_SEQUENCE_LENGTH"]
@@ -186,7 +187,7 @@ class SD3PromptEncoder(_PipelinePromptEncoder):
 
 class SD15PromptEncoder(_PipelinePromptEncoder):
     """Frozen SD1.5 / SD2 text encoder (one CLIP) behind ``StableDiffusionPipeline.encode_prompt``
-    (see module docstring); ``encode`` returns ``flowcore.diffusers_unet.UNetCondition``."""
+    (see module docstring); ``encode`` returns ``models.diffusers.conditions.UNetCondition``."""
 
     def __init__(self, pipe):
         for name in ("text_encoder", "tokenizer"):
@@ -237,7 +238,7 @@ class SD15PromptEncoder(_PipelinePromptEncoder):
 
     def encode(self, texts: Sequence[str]):
         """UNetCondition (no negatives) for ``texts``; each distinct text is encoded once."""
-        from flowcore.diffusers_unet import UNetCondition
+        from models.diffusers.conditions import UNetCondition
 
         unique, rows = _unique_rows(texts)
         with torch.no_grad():
@@ -249,7 +250,7 @@ class SD15PromptEncoder(_PipelinePromptEncoder):
 
 class SDXLPromptEncoder(_PipelinePromptEncoder):
     """Frozen SDXL text encoders (two CLIPs) behind ``StableDiffusionXLPipeline.encode_prompt`` (see
-    module docstring); ``encode`` returns ``flowcore.diffusers_unet.UNetCondition`` with
+    module docstring); ``encode`` returns ``models.diffusers.conditions.UNetCondition`` with
     ``prompt_embeds`` [B, 77, D1 + D2], ``pooled_prompt_embeds`` [B, P] and ``time_ids`` [1, 6].
 
     ``vae_scale_factor``: pixels per latent cell (default: the pipeline's, which is 8 when it was
@@ -361,7 +362,7 @@ class SDXLPromptEncoder(_PipelinePromptEncoder):
     def encode(self, texts: Sequence[str]):
         """UNetCondition (no negatives; time ids [1, 6] shared by the batch) for ``texts``; each
         distinct text is encoded once."""
-        from flowcore.diffusers_unet import UNetCondition
+        from models.diffusers.conditions import UNetCondition
 
         unique, rows = _unique_rows(texts)
         time_ids = self.time_ids()  # fail before encoding when the resolution is unknown

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flowcore.image_metrics import MetricWeightsMissing, frechet_distance
+from evaluation.image_metrics import MetricWeightsMissing, frechet_distance
 
 __all__ = ["FIDInceptionV3", "InceptionFID", "load_fid_inception", "save_random_fid_inception", "FID_WEIGHTS_FILE",
            "FID_FEATURE_DIM"]

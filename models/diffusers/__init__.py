@@ -1,0 +1,7 @@
+"""diffusers networks as trajflow Teachers.
+
+``conditions`` (PromptCondition, UNetCondition: a leaf), ``common`` (placement, config/dtype helpers),
+``text_encoders`` (each pipeline's own ``encode_prompt``), ``sd3`` (DiffusersFlowTeacher), ``unet``
+(DiffusersUNetTeacher through ``flowcore.vp_flow``), ``schedulers`` (the corrected few-step schedulers a
+stock pipeline loads). Imports run downwards only: conditions/common <- text_encoders <- sd3/unet.
+"""

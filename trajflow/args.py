@@ -1,0 +1,38 @@
+"""Argument types and the usage error shared by every `trajflow` subcommand (a leaf: the dispatcher in
+``trajflow.cli`` and the command modules import it, it imports none of them)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+__all__ = ["UsageError", "json_object_arg", "int_list", "float_list"]
+
+
+class UsageError(Exception):
+    """Bad flags or values: exit status 2 with a one-line message."""
+
+
+def json_object_arg(text: str) -> dict:
+    """argparse type: a JSON object (e.g. --storage-options)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
