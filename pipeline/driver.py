@@ -26,11 +26,14 @@ from storage_schemas import (
     COMMITS_DIR,
     DATASET_CARD,
     MANIFEST,
+    SHARDS_DIR,
     CorpusFormatError,
     DatasetCard,
     ShardCommit,
+    commit_relpath,
     manifest_to_parquet_bytes,
     shard_id,
+    shard_relpath,
 )
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,25 @@ def created_by() -> str:
 
 class GenerationFailed(RuntimeError):
     """The job cannot finish: a shard failed past its retries, or the corpus refuses this config."""
+
+
+class ShardsLost(GenerationFailed):
+    """Committed shards whose objects are missing or differ from their commit records.
+
+    ``lost``: {shard_id: why}. The driver regenerates them; :func:`finalize` raises it rather than
+    write a manifest that names them."""
+
+    def __init__(self, url: str, lost: dict[str, str], vanished: list[str] | None = None):
+        self.url = url
+        self.lost = dict(lost)
+        self.vanished = list(vanished or [])
+        shown = "; ".join(f"{sid}: {why}" for sid, why in sorted(self.lost.items())[:3])
+        more = f" (and {len(self.lost) - 3} more)" if len(self.lost) > 3 else ""
+        parts = [f"{len(self.lost)} committed shard(s) are missing or damaged on storage: {shown}{more}"] \
+            if self.lost else []
+        if self.vanished:
+            parts.append(f"{', '.join(self.vanished)} vanished right after being written")
+        super().__init__(f"{url}: " + "; ".join(parts))
 
 
 @dataclass
@@ -73,6 +95,10 @@ class GenerationSummary:
     #: verifying and recording the shards committed now (summed)
     commit_seconds: float = 0.0
     commit_cpu_seconds: float = 0.0
+    #: committed shards found missing or damaged on storage (at resume or at finalize) and regenerated
+    regenerated: int = 0
+    #: committer actors that died and were replaced
+    committers_replaced: int = 0
 
     @property
     def steady_trajectories_per_second(self) -> float:
@@ -83,7 +109,9 @@ class GenerationSummary:
         return (f"generated {self.url}: {self.num_shards} shards / {self.num_samples} trajectories "
                 f"({self.committed_now} committed now, {self.skipped} already committed), "
                 f"{self.retries} retries, {self.actors_replaced} workers replaced, "
-                f"{self.seconds:.1f}s, {self.trajectories_per_second:.1f} traj/s")
+                + (f"{self.committers_replaced} committers replaced, " if self.committers_replaced else "")
+                + (f"{self.regenerated} lost or damaged shards regenerated, " if self.regenerated else "")
+                + f"{self.seconds:.1f}s, {self.trajectories_per_second:.1f} traj/s")
 
 
 def build_card(cfg: GenerateConfig, described: dict[str, Any], prompts_sha: str | None) -> DatasetCard:
@@ -138,22 +166,79 @@ def _card_diff(old: DatasetCard, new: DatasetCard) -> list[str]:
     return out
 
 
-def prepare_corpus(store: ObjectStore, card: DatasetCard) -> dict[str, ShardCommit]:
-    """Write the card, or check an existing one; return the valid commit records already there."""
+def _check_card(store: ObjectStore, card: DatasetCard) -> None:
+    """The stored card must be this run's (same fingerprint): else GenerationFailed naming what differs."""
+    try:
+        existing = DatasetCard.from_json(store.read_bytes(DATASET_CARD))
+    except FileNotFoundError:
+        raise GenerationFailed(f"{store.url}/{DATASET_CARD} disappeared while it was being checked; "
+                               "re-run the same command") from None
+    except CorpusFormatError as e:
+        raise GenerationFailed(f"{store.url} holds an unreadable dataset card: {e}") from None
+    if existing.fingerprint() != card.fingerprint():
+        diff = ", ".join(_card_diff(existing, card)) or "content"
+        raise GenerationFailed(
+            f"{store.url} already holds a corpus generated with a different config (differs in: {diff}). "
+            "Use a new --out, or re-run with the original settings to resume."
+        )
+
+
+def ensure_card(store: ObjectStore, card: DatasetCard) -> bool:
+    """Create the card with create-only semantics, or check the one there. True if created now.
+
+    Of two runs racing on one root, exactly one creates it (a conditional PUT on object storage,
+    an exclusive create locally); the other reads the winner's card and, for a different config,
+    fails with the "different config" error."""
+    if store.create_only(DATASET_CARD, card.to_json().encode()):
+        return True
+    _check_card(store, card)
+    return False
+
+
+def verify_commits(store: ObjectStore, commits: dict[str, ShardCommit], *,
+                   sha256: bool = False) -> dict[str, str]:
+    """{shard_id: why} for every commit record whose shard object is missing, not at the planned
+    path, or of another size than recorded (and with ``sha256``, of another sha256). One listing of
+    ``shards/`` (plus one read per shard with ``sha256``)."""
+    sizes = store.sizes(SHARDS_DIR) if commits else {}
+    bad: dict[str, str] = {}
+    for sid, c in sorted(commits.items()):
+        expected = shard_relpath(sid)
+        if c.path != expected:
+            bad[sid] = f"its record names {c.path!r}, not {expected!r}"
+            continue
+        name = expected.rsplit("/", 1)[-1]
+        if name not in sizes:
+            bad[sid] = f"{expected} is missing"
+        elif sizes[name] != c.num_bytes:
+            bad[sid] = f"{expected} holds {sizes[name]} bytes, its record says {c.num_bytes}"
+        elif sha256:
+            try:
+                got = store.sha256(expected)
+            except FileNotFoundError:
+                bad[sid] = f"{expected} is missing"
+                continue
+            if got != c.sha256:
+                bad[sid] = f"{expected} has sha256 {got[:12]}..., its record says {c.sha256[:12]}..."
+    return bad
+
+
+def drop_commits(store: ObjectStore, lost: dict[str, str]) -> None:
+    """Remove the commit records of ``lost`` shards (logged, naming why), so that a run killed
+    before regenerating them does not trust them again either."""
+    for sid, why in sorted(lost.items()):
+        log.warning("committed shard %s is not on storage as recorded (%s): regenerating it", sid, why)
+        store.remove(commit_relpath(sid))
+
+
+def prepare_corpus(store: ObjectStore, card: DatasetCard, *, verify_sha256: bool = False,
+                   lost: dict[str, str] | None = None) -> dict[str, ShardCommit]:
+    """Write the card (create-only), or check an existing one; return the commit records already
+    there that carry this card's fingerprint *and* whose shard object is on storage as recorded
+    (size; with ``verify_sha256`` also sha256). The records of missing or damaged shards are removed
+    (their shards are regenerated) and reported in ``lost`` when a dict is given."""
     fp = card.fingerprint()
-    if store.exists(DATASET_CARD):
-        try:
-            existing = DatasetCard.from_json(store.read_bytes(DATASET_CARD))
-        except CorpusFormatError as e:
-            raise GenerationFailed(f"{store.url} holds an unreadable dataset card: {e}") from None
-        if existing.fingerprint() != fp:
-            diff = ", ".join(_card_diff(existing, card)) or "content"
-            raise GenerationFailed(
-                f"{store.url} already holds a corpus generated with a different config (differs in: {diff}). "
-                "Use a new --out, or re-run with the original settings to resume."
-            )
-    else:
-        store.write_bytes(DATASET_CARD, card.to_json().encode())
+    ensure_card(store, card)
     committed: dict[str, ShardCommit] = {}
     for name in store.list(COMMITS_DIR):
         if not name.endswith(".json"):
@@ -163,14 +248,55 @@ def prepare_corpus(store: ObjectStore, card: DatasetCard) -> dict[str, ShardComm
         except (CorpusFormatError, FileNotFoundError) as e:
             log.warning("ignoring unreadable commit record %s: %s (its shard will be regenerated)", name, e)
             continue
-        if commit.card_fingerprint == fp:
+        if commit.card_fingerprint == fp and name == f"{commit.shard_id}.json":
             committed[commit.shard_id] = commit
+    bad = verify_commits(store, committed, sha256=verify_sha256)
+    drop_commits(store, bad)
+    for sid in bad:
+        del committed[sid]
+    if lost is not None:
+        lost.update(bad)
     return committed
 
 
-def finalize(store: ObjectStore, card: DatasetCard, commits: dict[str, ShardCommit]) -> None:
-    """Write manifest.parquet from the commit records of every planned shard."""
-    store.write_bytes(MANIFEST, manifest_to_parquet_bytes(commits.values()))
+def finalize(store: ObjectStore, card: DatasetCard, commits: dict[str, ShardCommit], *,
+             verify_sha256: bool = False) -> None:
+    """Write manifest.parquet from the commit records of every planned shard, after checking that
+    the card is there (recreated if missing: it is deterministic from the config) and that every
+    shard is on storage as its record says; then check again that nothing vanished meanwhile.
+
+    The manifest is written atomically (temporary file + rename locally, one PUT on object storage).
+    A commit record missing on storage for a shard whose object is intact is rewritten.
+
+    Raises:
+        ShardsLost: shards missing or damaged (their records are removed; regenerate and call again).
+        GenerationFailed: the card there is another config's.
+    """
+    bad = verify_commits(store, commits, sha256=verify_sha256)
+    if bad:
+        drop_commits(store, bad)
+        raise ShardsLost(store.url, bad)
+    if ensure_card(store, card):
+        log.warning("%s/%s was missing at finalize: rewrote it", store.url, DATASET_CARD)
+    records = set(store.list(COMMITS_DIR))
+    for sid, c in sorted(commits.items()):
+        if f"{sid}.json" not in records:
+            log.warning("commit record of %s was missing at finalize (its shard is intact): rewrote it", sid)
+            store.write_bytes(commit_relpath(sid), c.to_json().encode())
+    data = manifest_to_parquet_bytes(commits.values())
+    store.write_atomic(MANIFEST, data)
+    # storage can lose objects at any time (an outage, a wiped bucket): check once more after writing
+    bad = verify_commits(store, commits)
+    vanished = [] if store.exists(DATASET_CARD) else [DATASET_CARD]
+    try:
+        if store.size(MANIFEST) != len(data):
+            vanished.append(MANIFEST)
+    except FileNotFoundError:
+        vanished.append(MANIFEST)
+    if bad or vanished:
+        store.remove(MANIFEST)  # never leave a manifest naming what is not there
+        drop_commits(store, bad)
+        raise ShardsLost(store.url, bad, vanished)
 
 
 def _root_error(e: BaseException) -> str:
@@ -182,6 +308,21 @@ def _root_error(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines()]
     found = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception): ", ln)]
     return found[-1] if found else str(e)
+
+
+def _committer_died(e: BaseException, committer: Any) -> bool:
+    """Whether a failed commit call failed because the committer actor itself is dead or unreachable
+    (not because its argument, the solve, failed: that error names the worker actor)."""
+    from ray.exceptions import RayActorError, RayTaskError
+
+    if isinstance(e, RayTaskError) or not isinstance(e, RayActorError):
+        return False
+    actor_id = getattr(e, "actor_id", None)
+    try:
+        own = committer._actor_id.hex()
+    except AttributeError:
+        return True
+    return actor_id is None or actor_id == own
 
 
 def _ensure_ray(address: str | None):
@@ -284,7 +425,8 @@ def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = N
     try:
         card = build_card(cfg, described, prompts_sha)
         fp = card.fingerprint()
-        committed = prepare_corpus(store, card)
+        lost_at_start: dict[str, str] = {}
+        committed = prepare_corpus(store, card, verify_sha256=cfg.verify_sha256, lost=lost_at_start)
     except BaseException:
         for a in actors + committers:
             ray.kill(a)
@@ -293,7 +435,8 @@ def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = N
     pending = deque(n for n in range(cfg.num_shards) if planned[n] not in committed)
     skipped = cfg.num_shards - len(pending)
     attempts: dict[int, int] = {}
-    retries = replaced = 0
+    retries = replaced = committers_replaced = 0
+    regenerated = len(lost_at_start)
     done_samples = sum(c.num_samples for c in committed.values())
     # shard n: worker.solve_for_commit(n) -> (payload ref, status ref); committer.commit(payload ref, fp).
     # The driver waits on the small status ref only: the states never pass through it.
@@ -372,76 +515,111 @@ def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = N
 
     committed_now = new_samples = 0
     solve_total = solve_cpu_total = commit_total = commit_cpu_total = 0.0
+    finalize_rounds = 0
     try:
         fill()
-        while solving or committing or (pending and starting):
-            waitable = list(solving) + list(committing) + list(starting)
-            done, _ = ray.wait(waitable, num_returns=1, timeout=None if (solving or committing) else start_timeout_s)
-            if not done:
-                raise GenerationFailed(f"no worker became available within {start_timeout_s:.0f}s")
-            ref = done[0]
-            if ref in starting:
-                actor = starting.pop(ref)
-                try:
-                    ray.get(ref)
-                    ready.append(actor)
-                except (RayTaskError, RayActorError) as e:
-                    lose_worker(actor, f"failed to start: {e}")
-                    if replaced > cfg.max_retries * max(1, cfg.num_workers):
-                        raise GenerationFailed(f"workers keep failing to start; last error: {e}") from None
-            elif ref in solving:
-                n, worker = solving.pop(ref)
-                try:
-                    ray.get(ref)
-                except RayActorError as e:  # the worker died (node lost, OOM, killed)
-                    retries += 1
-                    attempts_n = attempts[n]
-                    solving[ref] = (n, worker)  # so lose_worker requeues it with the rest
-                    lose_worker(worker, type(e).__name__)
-                    if attempts_n >= cfg.max_retries + 1:
-                        raise GenerationFailed(
-                            f"shard {planned[n]} failed {attempts_n} times (last: its worker died); giving up") from None
-                except RayTaskError as e:
-                    retries += 1
-                    cause = getattr(e, "cause", None) or e
-                    give_up_or_requeue(n, f"{type(cause).__name__}: {cause}")
-            elif ref in committing:
-                n, sref, committer = committing.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except (RayTaskError, RayActorError) as e:
-                    if status_of.get(sref) in solving or sref not in worker_of:
-                        continue  # the solve itself failed: handled (or about to be) through its own ref
-                    retries += 1
-                    if isinstance(e, RayActorError) and not isinstance(e, RayTaskError):
-                        if committer in committers:  # the committer process died: replace it, keep the solve
+        while True:
+            while solving or committing or (pending and starting):
+                waitable = list(solving) + list(committing) + list(starting)
+                done, _ = ray.wait(waitable, num_returns=1, timeout=None if (solving or committing) else start_timeout_s)
+                if not done:
+                    raise GenerationFailed(f"no worker became available within {start_timeout_s:.0f}s")
+                ref = done[0]
+                if ref in starting:
+                    actor = starting.pop(ref)
+                    try:
+                        ray.get(ref)
+                        ready.append(actor)
+                    except (RayTaskError, RayActorError) as e:
+                        lose_worker(actor, f"failed to start: {e}")
+                        if replaced > cfg.max_retries * max(1, cfg.num_workers):
+                            raise GenerationFailed(f"workers keep failing to start; last error: {e}") from None
+                elif ref in solving:
+                    n, worker = solving.pop(ref)
+                    try:
+                        ray.get(ref)
+                    except RayActorError as e:  # the worker died (node lost, OOM, killed)
+                        retries += 1
+                        attempts_n = attempts[n]
+                        solving[ref] = (n, worker)  # so lose_worker requeues it with the rest
+                        lose_worker(worker, type(e).__name__)
+                        if attempts_n >= cfg.max_retries + 1:
+                            raise GenerationFailed(
+                                f"shard {planned[n]} failed {attempts_n} times (last: its worker died); giving up") from None
+                    except RayTaskError as e:
+                        retries += 1
+                        cause = getattr(e, "cause", None) or e
+                        give_up_or_requeue(n, f"{type(cause).__name__}: {cause}")
+                elif ref in committing:
+                    n, sref, committer = committing.pop(ref)
+                    try:
+                        result = ray.get(ref)
+                    except (RayTaskError, RayActorError) as e:
+                        if sref not in worker_of:
+                            continue  # the shard was dropped (requeued) meanwhile
+                        committer_died = _committer_died(e, committer)
+                        if committer_died and committer in committers:  # replace it; the solve is kept
+                            committers_replaced += 1
+                            if committers_replaced > (cfg.max_retries + 1) * len(committers):
+                                raise GenerationFailed(f"committers keep dying ({committers_replaced} replaced); "
+                                                       f"last error: {_root_error(e)}") from None
+                            ray.kill(committer)  # (an unavailable one must not come back and commit too)
                             committers[committers.index(committer)] = new_committer()
-                            log.warning("committer died; starting a replacement")
-                    cause = getattr(e, "cause", None) or e
-                    if attempts[n] >= cfg.max_retries + 1:
-                        raise GenerationFailed(
-                            f"shard {planned[n]} could not be committed after {attempts[n]} attempts; last error: "
-                            f"{type(cause).__name__}: {cause}. Committed shards are kept; fix the cause and re-run "
-                            "the same command to resume.") from None
-                    attempts[n] += 1
-                    log.warning("committing shard %s failed (%s); retrying the upload", planned[n], cause)
-                    commit_via(sref, n)  # the solved shard is still in the object store: no re-solve
-                    continue
-                worker_of.pop(sref, None)
-                status_of.pop(sref, None)
-                commit = ShardCommit(**{k: v for k, v in result.items() if not k.startswith("_")})
-                committed[commit.shard_id] = commit
-                committed_now += 1
-                new_samples += commit.num_samples
-                solve_total += float(result.get("_solve_seconds", 0.0))
-                solve_cpu_total += float(result.get("_solve_cpu_seconds", 0.0))
-                commit_total += float(result.get("_commit_seconds", 0.0))
-                commit_cpu_total += float(result.get("_commit_cpu_seconds", 0.0))
+                            log.warning("committer died (%s); starting a replacement", type(e).__name__)
+                        if status_of.get(sref) in solving:
+                            if not committer_died:
+                                continue  # the solve itself failed: handled (or about to be) through its own ref
+                            # the solve is still running: hand its (future) result to a live committer
+                            retries += 1
+                            commit_via(sref, n)
+                            continue
+                        retries += 1
+                        cause = getattr(e, "cause", None) or e
+                        if attempts[n] >= cfg.max_retries + 1:
+                            raise GenerationFailed(
+                                f"shard {planned[n]} could not be committed after {attempts[n]} attempts; last error: "
+                                f"{type(cause).__name__}: {cause}. Committed shards are kept; fix the cause and re-run "
+                                "the same command to resume.") from None
+                        attempts[n] += 1
+                        log.warning("committing shard %s failed (%s); retrying the upload", planned[n], cause)
+                        commit_via(sref, n)  # the solved shard is still in the object store: no re-solve
+                        continue
+                    worker_of.pop(sref, None)
+                    status_of.pop(sref, None)
+                    commit = ShardCommit(**{k: v for k, v in result.items() if not k.startswith("_")})
+                    committed[commit.shard_id] = commit
+                    committed_now += 1
+                    new_samples += commit.num_samples
+                    solve_total += float(result.get("_solve_seconds", 0.0))
+                    solve_cpu_total += float(result.get("_solve_cpu_seconds", 0.0))
+                    commit_total += float(result.get("_commit_seconds", 0.0))
+                    commit_cpu_total += float(result.get("_commit_cpu_seconds", 0.0))
+                    if bar is not None:
+                        bar.update(commit.num_samples)
                 if bar is not None:
-                    bar.update(commit.num_samples)
-            if bar is not None:
-                bar.set_postfix(shards=f"{len(committed)}/{cfg.num_shards}", retries=retries)
-            fill()
+                    bar.set_postfix(shards=f"{len(committed)}/{cfg.num_shards}", retries=retries)
+                fill()
+            missing = [s for s in planned if s not in committed]
+            if missing:
+                raise GenerationFailed(f"shards {missing[:5]} have no commit record after the run")
+            try:
+                finalize(store, card, {s: committed[s] for s in planned}, verify_sha256=cfg.verify_sha256)
+                break
+            except ShardsLost as e:  # storage lost objects during the run: regenerate them, then again
+                finalize_rounds += 1
+                if finalize_rounds > cfg.max_retries + 1:
+                    raise GenerationFailed(f"{e}; objects keep vanishing from storage after {finalize_rounds} "
+                                           "rounds of regenerating them. Committed shards are kept; fix the "
+                                           "storage and re-run the same command to resume.") from None
+                log.warning("%s; regenerating (round %d)", e, finalize_rounds)
+                for sid in e.lost:
+                    if sid in committed:
+                        del committed[sid]
+                        n = planned.index(sid)
+                        attempts[n] = 0
+                        pending.append(n)
+                        regenerated += 1
+                fill()
     except GetTimeoutError as e:
         raise GenerationFailed(f"timed out waiting for workers: {e}") from None
     finally:
@@ -454,12 +632,8 @@ def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = N
             ray.kill(a)
         if bar is not None:
             bar.close()
-    missing = [s for s in planned if s not in committed]
-    if missing:
-        raise GenerationFailed(f"shards {missing[:5]} have no commit record after the run")
-    finalize(store, card, {s: committed[s] for s in planned})
     seconds = time.perf_counter() - t_start
     total = sum(committed[s].num_samples for s in planned)
     return GenerationSummary(cfg.out, cfg.num_shards, total, committed_now, skipped, retries, replaced,
                              seconds, new_samples / max(seconds, 1e-9), startup_s, solve_total, solve_cpu_total,
-                             commit_total, commit_cpu_total)
+                             commit_total, commit_cpu_total, regenerated, committers_replaced)
