@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .errors import CorpusFormatError, SchemaError, UnsupportedSchemaVersion
+from .limits import MAX_JSON_DEPTH, json_depth_exceeds
 from .version import SUPPORTED_SCHEMA_VERSIONS
 
 MAX_SEED = 2**63 - 1
@@ -137,12 +138,22 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def parse_json_object(data: str | bytes, *, where: str) -> dict[str, Any]:
-    """Parse a JSON object; unparseable bytes -> CorpusFormatError, a non-object -> SchemaError."""
+def parse_json_object(data: str | bytes, *, where: str, max_bytes: int | None = None,
+                      max_depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:
+    """Parse a JSON object; unparseable bytes, more than ``max_bytes`` (None: no size limit) or
+    nesting deeper than ``max_depth`` -> CorpusFormatError, a non-object -> SchemaError."""
+    size = len(data.encode("utf-8", "surrogatepass")) if isinstance(data, str) else len(data)
+    if max_bytes is not None and size > max_bytes:
+        raise CorpusFormatError(f"{where}: {size} bytes, more than the {max_bytes}-byte limit for this document; "
+                                "it was not parsed")
     try:
         obj = json.loads(data, parse_constant=_reject_constant)
+    except RecursionError:
+        raise CorpusFormatError(f"{where}: JSON nested deeper than the {max_depth}-level limit") from None
     except (ValueError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise CorpusFormatError(f"{where}: not valid JSON: {exc}") from None
+    if json_depth_exceeds(obj, max_depth):
+        raise CorpusFormatError(f"{where}: JSON nested deeper than the {max_depth}-level limit")
     if not isinstance(obj, dict):
         raise SchemaError(f"{where}: must be a JSON object, found {_type_name(obj)}")
     return obj

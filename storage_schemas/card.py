@@ -33,6 +33,7 @@ from ._fields import (
     pretty_json,
 )
 from .errors import SchemaError
+from .limits import MAX_CARD_BYTES
 from .version import SCHEMA_VERSION
 
 CARD_WHERE = "dataset card (dataset.json)"
@@ -393,7 +394,7 @@ class DatasetCard:
             UnsupportedSchemaVersion: schema_version missing, mistyped or unsupported.
             SchemaError: a missing, unknown or wrongly typed field (named in the message).
         """
-        return cls.from_dict(parse_json_object(text, where=CARD_WHERE))
+        return cls.from_dict(parse_json_object(text, where=CARD_WHERE, max_bytes=MAX_CARD_BYTES))
 
     def fingerprint(self) -> str:
         """sha256 hex of the canonical JSON of everything that determines the data (all but created_by)."""

@@ -29,6 +29,7 @@ from ._fields import (
 )
 from .errors import CorpusFormatError, SchemaError, UnsupportedSchemaVersion
 from .layout import shard_number, validate_relative_path, validate_shard_id
+from .limits import MAX_COMMIT_BYTES
 from .version import SCHEMA_VERSION, SUPPORTED_SCHEMA_VERSIONS
 
 _SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
@@ -135,7 +136,7 @@ class ShardCommit:
             UnsupportedSchemaVersion: schema_version missing, mistyped or unsupported.
             SchemaError: a missing, unknown or wrongly typed field (named in the message).
         """
-        return cls.from_dict(parse_json_object(text, where="commit record"))
+        return cls.from_dict(parse_json_object(text, where="commit record", max_bytes=MAX_COMMIT_BYTES))
 
 
 MANIFEST_SCHEMA = pa.schema(

@@ -39,6 +39,7 @@ from ._fields import (
 )
 from .card import SIGMA_TOLERANCE
 from .errors import CorpusFormatError, NonFiniteError, SchemaError, ShapeMismatchError, UnsafeMemberError
+from .limits import MAX_SAMPLE_JSON_BYTES, json_depth_exceeds
 
 if TYPE_CHECKING:
     from .card import DatasetCard
@@ -466,7 +467,8 @@ def decode_sample(
     for suffix in sorted(SAMPLE_MEMBER_SUFFIXES):
         if suffix not in members:
             raise SchemaError(f"{where}: missing member {key + '.' + suffix!r}")
-    meta = parse_json_object(bytes(members[META_MEMBER]), where=f"{where} metadata (.json)")
+    meta = parse_json_object(bytes(members[META_MEMBER]), where=f"{where} metadata (.json)",
+                             max_bytes=MAX_SAMPLE_JSON_BYTES)
     try:
         tensors = safetensors.torch.load(bytes(members[TRAJ_MEMBER]))
     except Exception as exc:  # safetensors raises its own error types for corrupt headers/buffers
@@ -618,6 +620,8 @@ def _decode_same_layout(
             continue
         text = members[META_MEMBER]
         try:
+            if len(text) > MAX_SAMPLE_JSON_BYTES:
+                raise ValueError("over the size limit")  # decode_sample raises the precise error
             # json.loads(bytes) reads UTF-8 when the text starts "{" and a non-NUL byte (its encoding
             # detection); anything else goes to decode_sample
             if not (text[:1] == b"{" and text[1:2] not in (b"", b"\0")):
@@ -629,8 +633,11 @@ def _decode_same_layout(
                 meta = _validated_meta(key, meta, key, from_json=True)
                 if card is not None:
                     _check_meta_against_card(meta, card, key)
-        except (CorpusFormatError, ValueError):
+        except (CorpusFormatError, ValueError, RecursionError):
             out.append(None)
+            continue
+        if json_depth_exceeds(meta):
+            out.append(None)  # decode_sample raises the precise error
             continue
         record = new(SampleRecord)
         setattr_(record, "key", key)

@@ -183,17 +183,34 @@ def _pack_shard_with_tarwriter(samples: list[tuple[str, dict[str, bytes]]]) -> b
     return buffer.getvalue()
 
 
-class _TailRecorder:
-    """A read-only stream wrapper remembering the last bytes read, to check the end-of-archive."""
+#: reads past the end of the source tolerated before the tar counts as cut short. tarfile's stream
+#: mode skips a member's payload by reading it, block after block, even past the end of the data:
+#: a 10 KiB shard whose header claims 1e12 bytes would cost ~1e8 empty reads (minutes). With this
+#: bound the time of a read is linear in the bytes actually there, never in a size a header claims.
+_MAX_READS_PAST_END = 8
 
-    def __init__(self, source: BinaryIO) -> None:
+
+class _TailRecorder:
+    """A read-only stream wrapper remembering the last bytes read, to check the end-of-archive, and
+    refusing to be read on and on past its end (see :data:`_MAX_READS_PAST_END`)."""
+
+    def __init__(self, source: BinaryIO, shard_id: str = "?") -> None:
         self._source = source
+        self._shard_id = shard_id
         self.position = 0
         self._tail = bytearray()
         self._tail_start = 0
+        self._reads_past_end = 0
 
     def read(self, size: int = -1) -> bytes:
         chunk = self._source.read(size)
+        if not chunk and size != 0:
+            self._reads_past_end += 1
+            if self._reads_past_end > _MAX_READS_PAST_END:
+                raise CorpusFormatError(
+                    f"shard {self._shard_id!r}: truncated tar: a member header declares more data than the shard "
+                    f"holds ({self.position} bytes)"
+                )
         self.position += len(chunk)
         self._tail += chunk
         excess = len(self._tail) - _KEEP_TAIL
@@ -362,7 +379,7 @@ def _stream_members(
     collect_unsafe: list[UnsafeMemberError] | None,
 ) -> Iterator[tuple[str, dict[str, bytes], MemberSpans]]:
     """The general reader (tarfile, streaming): ``(key, {suffix: payload}, {suffix: span})``."""
-    recorder = _TailRecorder(source)
+    recorder = _TailRecorder(source, shard_id)
     try:
         tar = tarfile.open(fileobj=recorder, mode="r|")
     except _TAR_ERRORS as exc:

@@ -14,6 +14,7 @@ from typing import Any, BinaryIO, TypeVar
 
 from fsspec.core import url_to_fs
 
+from storage_schemas.limits import SymlinkRefused, refuse_local_symlink  # noqa: F401 - SymlinkRefused re-exported
 from storage_schemas.retry import is_transient  # noqa: F401 - re-exported
 from storage_schemas.retry import with_retries as _with_retries
 
@@ -115,11 +116,24 @@ class CorpusStore:
             out[rel] = int(size) if isinstance(size, int | float) else -1
         return out
 
-    def cat(self, rel: str) -> bytes:
-        return self._retry(lambda: self.fs.cat_file(self.path(rel)), f"reading {self.url}/{rel}")
+    def refuse_symlink(self, rel: str) -> None:
+        """On a local disk: SymlinkRefused (one line) when ``rel`` is, or lies under, a symbolic link
+        below the root. Links are never followed: they can point outside the corpus."""
+        if not self.is_remote:
+            refuse_local_symlink(self.root, rel, self.url)
+
+    def cat(self, rel: str, max_bytes: int | None = None) -> bytes:
+        """The whole object; with ``max_bytes``, at most that many bytes plus one are read (a
+        caller that gets more than ``max_bytes`` refuses the object without holding it whole)."""
+        self.refuse_symlink(rel)
+        if max_bytes is None:
+            return self._retry(lambda: self.fs.cat_file(self.path(rel)), f"reading {self.url}/{rel}")
+        return self._retry(lambda: self.fs.cat_file(self.path(rel), start=0, end=max_bytes + 1),
+                           f"reading {self.url}/{rel}")
 
     def open(self, rel: str) -> BinaryIO:
         """A sequential binary reader (remote reads go through a bounded read-ahead block)."""
+        self.refuse_symlink(rel)
         path = self.path(rel)
 
         def do_open():

@@ -22,6 +22,7 @@ import torch
 from .._fields import MAX_SEED, parse_json_object
 from ..card import SIGMA_TOLERANCE, DatasetCard
 from ..errors import CorpusFormatError, SchemaError, UnsafeMemberError
+from ..limits import MAX_SAMPLE_JSON_BYTES
 from ..manifest import ShardCommit
 from ..record import (
     KEY_DIGITS,
@@ -34,7 +35,7 @@ from ..record import (
 )
 from ..shard import iter_shard_members
 from ._index import missing_ranges, ranges_text, spans_text
-from ._io import CorpusStore, HashingReader, StorageReadError, is_transient
+from ._io import CorpusStore, HashingReader, StorageReadError, SymlinkRefused, is_transient
 from ._stats import ConditionStats, TrajectoryStats
 from .problems import Problem
 
@@ -127,7 +128,8 @@ def inspect_sample(
         found.append(("decode_error", f"missing member {key}.{META_MEMBER}"))
     else:
         try:
-            meta = parse_json_object(bytes(members[META_MEMBER]), where=f"{key}.{META_MEMBER}")
+            meta = parse_json_object(bytes(members[META_MEMBER]), where=f"{key}.{META_MEMBER}",
+                                     max_bytes=MAX_SAMPLE_JSON_BYTES)
         except CorpusFormatError as exc:
             found.append(("decode_error", str(exc)))
     if TRAJ_MEMBER not in members:
@@ -289,6 +291,9 @@ def _check_with_retries(store: CorpusStore, entry: ShardCommit, ctx: ShardContex
                                            entry.path))
             return result
     result = ShardResult(entry)
+    if isinstance(last, SymlinkRefused):
+        result.problems.append(Problem("symlink_refused", entry.shard_id, str(last), entry.path))
+        return result
     result.problems.append(Problem("read_error", entry.shard_id,
                                    f"{entry.path} could not be read: {type(last).__name__}: {last}", entry.path))
     return result
@@ -382,7 +387,7 @@ def _sample(result: ShardResult, agg: _Aggregate, ctx: ShardContext, key: str, m
     meta = None
     if META_MEMBER in members:
         try:
-            meta = parse_json_object(bytes(members[META_MEMBER]), where=key)
+            meta = parse_json_object(bytes(members[META_MEMBER]), where=key, max_bytes=MAX_SAMPLE_JSON_BYTES)
         except CorpusFormatError:
             meta = None
     if meta is not None:

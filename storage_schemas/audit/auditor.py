@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..layout import DATASET_CARD, MANIFEST, shard_number
+from ..limits import MAX_CARD_BYTES, MAX_COMMIT_BYTES
 from ..manifest import ShardCommit
 from ..record import sample_key
 from ._index import (
@@ -43,7 +44,7 @@ from ._index import (
     read_manifest,
     seed_rule_of,
 )
-from ._io import CorpusStore, StorageReadError
+from ._io import CorpusStore, StorageReadError, SymlinkRefused
 from ._shards import ReplaySample, ShardContext, ShardResult, check_shard
 from ._stats import ConditionStats, TrajectoryStats, shard_size_stats
 from .problems import PROBLEM_KINDS, AuditReport, Problem
@@ -194,8 +195,9 @@ def _read_documents(store: CorpusStore, index: CorpusIndex, workers: int, progre
     listing = index.listing
     if DATASET_CARD in listing:
         try:
-            read_card(index, store.cat(DATASET_CARD))
-        except (StorageReadError, FileNotFoundError) as exc:
+            # (a card over its size limit is refused by DatasetCard.from_json: read only one byte more)
+            read_card(index, store.cat(DATASET_CARD, max_bytes=MAX_CARD_BYTES))
+        except (StorageReadError, FileNotFoundError, SymlinkRefused) as exc:
             index.card_present = True
             index.add("card_invalid", None, f"{DATASET_CARD} could not be read: {exc}", DATASET_CARD)
     else:
@@ -203,7 +205,7 @@ def _read_documents(store: CorpusStore, index: CorpusIndex, workers: int, progre
     if MANIFEST in listing:
         try:
             read_manifest(index, store.cat(MANIFEST))
-        except (StorageReadError, FileNotFoundError) as exc:
+        except (StorageReadError, FileNotFoundError, SymlinkRefused) as exc:
             index.manifest_present = True
             index.add("manifest_invalid", None, f"{MANIFEST} could not be read: {exc}", MANIFEST)
     files = commit_files(listing)
@@ -211,8 +213,8 @@ def _read_documents(store: CorpusStore, index: CorpusIndex, workers: int, progre
 
     def fetch(rel: str) -> tuple[str, bytes | None, str | None]:
         try:
-            return rel, store.cat(rel), None
-        except (StorageReadError, FileNotFoundError) as exc:
+            return rel, store.cat(rel, max_bytes=MAX_COMMIT_BYTES), None
+        except (StorageReadError, FileNotFoundError, SymlinkRefused) as exc:
             return rel, None, str(exc)
 
     if not files:

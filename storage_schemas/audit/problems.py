@@ -30,6 +30,7 @@ PROBLEM_KINDS: dict[str, str] = {
     "size_mismatch": "a shard's stored size differs from its recorded num_bytes",
     "sha256_mismatch": "a shard's stored sha256 differs from its recorded sha256",
     "read_error": "a shard could not be read from storage (after retries)",
+    "symlink_refused": "on a local disk, a shard that is (or lies under) a symbolic link; links are never followed",
     "tar_corrupt": "a shard is not a complete, well-formed tar (truncated, bad header, no end marker)",
     "unsafe_member": "a tar member that is not part of the format (other suffix, link, '..', absolute path); never decoded",
     "count_mismatch": "the number of samples in a shard's tar differs from its recorded num_samples",
