@@ -22,7 +22,7 @@ def test_four_step_student_beats_four_step_teacher_on_latent10(tmp_path):
     trainer = Trainer(cfg).build()
     try:
         trainer.train()
-        student = trainer.ema
+        student = trainer.student.sampling_network()  # the EMA weights
         report = evaluate_gmm(student, trainer.teacher, shift=1.0, guidance=2.0, steps=(1, 2, 4), num_samples=1000)
     finally:
         trainer.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from flowcore.ota import OTA_MODES
@@ -16,7 +16,8 @@ DEFAULT_BUDGET = {"gmm": 1500, "flownet": 1500, "diffusers": 20000, "diffusers_u
 #: network, activations and optimizer state on one GPU, so it starts small (measure yours with
 #: benchmarks/sd3_scale.py and raise it)
 DEFAULT_BATCH_SIZE = {"gmm": 128, "flownet": 128, "diffusers": 4, "diffusers_unet": 4}
-DIFFUSERS_KINDS = ("diffusers", "diffusers_unet")
+#: autocast default on a GPU with bf16, by teacher kind: diffusers students train in bf16, flow nets in full precision
+DEFAULT_MIXED_PRECISION_ON_BF16_GPU = {"gmm": "no", "flownet": "no", "diffusers": "bf16", "diffusers_unet": "bf16"}
 
 
 @dataclass
@@ -131,12 +132,6 @@ class TrainConfig:
             raise ValueError(f"ota-mode must be one of {', '.join(OTA_MODES)}, got {self.ota_mode!r}")
         if self.ota_prefetch < 1 or self.ota_timeout <= 0:
             raise ValueError("ota-prefetch must be >= 1 and ota-timeout > 0")
-        if self.ota_ratio > 0 and self.ota_samples < 1:
-            raise ValueError(f"ota-ratio {self.ota_ratio} of batch-size {self.batch_size} is no online sample; "
-                             "raise the batch size or the ratio")
-        if self.ota_ratio < 1 and self.corpus_batch_size < 1:
-            raise ValueError(f"ota-ratio {self.ota_ratio} of batch-size {self.batch_size} leaves no corpus sample; "
-                             "use ota-ratio 1 for online-only training")
         if self.adv_weight < 0 or self.fm_weight < 0 or self.disc_lr <= 0 or self.disc_blocks < 1:
             raise ValueError("adv-weight and fm-weight must be >= 0, disc-lr > 0, disc-blocks >= 1")
         if self.adv_step_probs is not None:
@@ -149,6 +144,7 @@ class TrainConfig:
                 continue
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1")
+        self._check_batch_split()
         if not 0 <= self.ema_decay < 1:
             raise ValueError("ema-decay must be in [0, 1)")
         if self.lr <= 0 or self.grad_clip <= 0 or self.warmup_steps < 0:
@@ -172,26 +168,42 @@ class TrainConfig:
         if self.num_workers < 0:
             raise ValueError("num-workers must be >= 0")
 
+    def _check_batch_split(self) -> None:
+        """The corpus/online split of a batch, once the batch size is known (explicit, or resolved from the
+        corpus's teacher kind by ``resolved``): neither part may be empty when it is asked for."""
+        if self.batch_size is None:
+            return
+        b, r = self.batch_size, self.ota_ratio
+        if r > 0 and self.ota_samples < 1:
+            raise ValueError(f"--ota-ratio {r} of --batch-size {b} is round({r} x {b}) = 0 online samples per step; "
+                             f"raise the ratio to at least {0.5 / b:.3g} or the batch size")
+        if r < 1 and self.corpus_batch_size < 1:
+            raise ValueError(f"--ota-ratio {r} of --batch-size {b} leaves {self.corpus_batch_size} corpus samples per "
+                             f"step ({self.ota_samples} online); lower the ratio, raise the batch size, or use "
+                             "--ota-ratio 1 for online-only training")
+
     @property
     def ota_samples(self) -> int:
-        """Online samples per rank per step (online mixing is for flow-net students, hence their default
-        batch size while ``batch_size`` is unresolved)."""
-        return int(round(self.ota_ratio * (self.batch_size or DEFAULT_BATCH_SIZE["flownet"])))
+        """Online samples per rank per step (needs ``batch_size``: see ``resolved``)."""
+        if self.batch_size is None:
+            raise ValueError("the batch size is not resolved yet (TrainConfig.resolved(teacher_kind, ...))")
+        return int(round(self.ota_ratio * self.batch_size))
 
     @property
     def corpus_batch_size(self) -> int:
         """Corpus samples per rank per step."""
-        return (self.batch_size or DEFAULT_BATCH_SIZE["flownet"]) - self.ota_samples
+        return self.batch_size - self.ota_samples
 
-    def resolve_defaults(self, teacher_kind: str, *, cuda: bool, bf16_supported: bool) -> None:
-        """Fill the settings left None by the corpus's teacher kind and the machine (memory-aware
-        defaults): ``batch_size`` from DEFAULT_BATCH_SIZE; ``mixed_precision`` bf16 for diffusers
-        students on a GPU with bf16, else no. Explicit values are kept."""
-        if self.batch_size is None:
-            self.batch_size = DEFAULT_BATCH_SIZE.get(teacher_kind, DEFAULT_BATCH_SIZE["flownet"])
-        if self.mixed_precision is None:
-            diffusers = teacher_kind in DIFFUSERS_KINDS
-            self.mixed_precision = "bf16" if diffusers and cuda and bf16_supported else "no"
+    def resolved(self, teacher_kind: str, *, cuda: bool, bf16_supported: bool) -> TrainConfig:
+        """A copy with the settings left None filled by the corpus's teacher kind and the machine
+        (memory-aware defaults): ``batch_size`` from DEFAULT_BATCH_SIZE; ``mixed_precision`` bf16 for
+        diffusers students on a GPU with bf16, else no. Explicit values are kept; the batch split is
+        validated again with the resolved batch size."""
+        batch = self.batch_size or DEFAULT_BATCH_SIZE.get(teacher_kind, DEFAULT_BATCH_SIZE["flownet"])
+        mp = self.mixed_precision
+        if mp is None:
+            mp = DEFAULT_MIXED_PRECISION_ON_BF16_GPU.get(teacher_kind, "no") if cuda and bf16_supported else "no"
+        return replace(self, batch_size=batch, mixed_precision=mp)  # replace() runs __post_init__
 
     def stage_steps(self, teacher_kind: str) -> tuple[int, ...]:
         """Optimizer steps of each stage."""

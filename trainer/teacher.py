@@ -16,12 +16,10 @@ from models import registry
 from storage_schemas import DatasetCard
 from storage_schemas.fetch import fetch_to_local
 
-__all__ = ["CACHE_ROOT", "teacher_from_card", "DIFFUSERS_KINDS"]
+__all__ = ["CACHE_ROOT", "teacher_from_card"]
 
 #: node-local cache for fetched teacher weights and fitted GMM nets (shared by every run and rank)
 CACHE_ROOT = Path(os.environ.get("TRAJFLOW_CACHE", os.path.expanduser("~/.cache/trajflow")))
-
-DIFFUSERS_KINDS = registry.DIFFUSERS_KINDS
 
 
 def teacher_from_card(card: DatasetCard, storage_options: dict[str, Any] | None = None, device=None):

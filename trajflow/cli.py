@@ -136,8 +136,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 last = trainer.train()
                 exported = trainer.export_student()
             finally:
-                if hasattr(trainer, "accelerator"):
-                    trainer.close()
+                trainer.close()
     except (CorruptShardError, CorpusNotFinalizedError, FileNotFoundError, PoolError, ValueError) as e:
         print(f"trajflow train: error: {e}", file=sys.stderr)
         return 1

@@ -96,9 +96,8 @@ def train_method(name: str, corpus: str, run_dir: Path, profile: Profile, *, rol
     cfg.out = str(run_dir)  # one directory per recipe + budget: other settings never resume this run
     done = run_dir / "done.json"
     if done.exists() and json.loads(done.read_text()).get("config") == key:  # re-running reuses finished work
-        from trainer.teacher import teacher_from_card
-
         from trainer.data import open_corpus
+        from trainer.teacher import teacher_from_card
 
         net, _ = load_flow_net(run_dir / "student" / "student.safetensors")
         return net, teacher_from_card(open_corpus(corpus).card), {**json.loads(done.read_text())["summary"],
@@ -110,12 +109,12 @@ def train_method(name: str, corpus: str, run_dir: Path, profile: Profile, *, rol
     try:
         last = trainer.train()
         trainer.export_student()
-        net = copy.deepcopy(trainer.ema if trainer.ema is not None else trainer.accelerator.unwrap_model(trainer.model))
+        net = copy.deepcopy(trainer.student.sampling_network())
         teacher = trainer.teacher
         ota = dict(trainer.ota.stats) if trainer.ota is not None else {}
     finally:
         trainer.close()
-    samples = profile.steps * cfg.corpus_batch_size * (0 if cfg.ota_ratio >= 1 else 1) + ota.get("ota_samples", 0)
+    samples = profile.steps * trainer.cfg.corpus_batch_size * (0 if cfg.ota_ratio >= 1 else 1) + ota.get("ota_samples", 0)
     summary = {"steps": trainer.step, "training_samples": samples, "last_loss": last.get("loss"), "run_dir": str(run_dir),
                **ota}
     done.write_text(json.dumps({"config": key, "summary": summary}))

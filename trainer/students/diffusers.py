@@ -1,8 +1,8 @@
 """Students for diffusers corpora: the teacher's network, fully fine-tuned or with LoRA.
 
-This module holds what every diffusers student shares (``DiffusersStudent``: LoRA or full
+This module holds what every diffusers student shares (``DiffusersStudentNet``: LoRA or full
 fine-tune, gradient checkpointing, the trainable weights; ``PromptEmbeddingCache``; the corpus
-checks; the export metadata) and the SD3 student (``SD3Student``, the teacher's transformer). The
+checks; the export metadata) and the SD3 student (``SD3StudentNet``, the teacher's transformer). The
 UNet student (SD1.5 / SDXL) is ``trainer.students.unet``.
 
 The corpus holds the teacher's trajectories, so the trainer needs the teacher only for its frozen
@@ -28,11 +28,13 @@ import json
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from models.diffusers.common import vae_scale_factor_of
+from trainer.students.base import Condition, Sampler, check_capabilities
+from trainer.teacher import teacher_from_card
 
 STUDENT_META = "trajflow_student.json"
 
@@ -40,29 +42,7 @@ STUDENT_META = "trajflow_student.json"
 DIFFUSERS_STUDENT_MODELS = {"diffusers": ("SD3Transformer2DModel",), "diffusers_unet": ("UNet2DConditionModel",)}
 
 
-def check_diffusers_corpus(card, cfg) -> None:
-    """Clear errors for what the diffusers student paths (SD3 transformer, SD1.5/SDXL UNet) do not do (yet)."""
-    kind, model_class = card.teacher.kind, card.teacher.config.get("model_class")
-    if model_class not in DIFFUSERS_STUDENT_MODELS.get(kind, ()):
-        raise ValueError(f"diffusers students are SD3-class transformers or UNet2DConditionModels; this corpus's "
-                         f"teacher ({kind}) is {model_class!r}")
-    if not isinstance(card.solver.guidance, (int, float)):
-        raise ValueError("a diffusers student has no guidance input: distil from a corpus generated with one fixed "
-                         "--guidance (the student then samples with guidance_scale=1)")
-    if cfg.ota_ratio >= 1:
-        raise ValueError("--ota-ratio 1 (online rollouts only) is not supported for diffusers students; use a ratio "
-                         "below 1 (the corpus part carries every step)")
-    if cfg.ota_ratio > 0 and cfg.ota_mode != "fresh":
-        raise ValueError(f"--ota-mode {cfg.ota_mode} is not supported for diffusers students yet; use --ota-mode fresh "
-                         "(the teacher solves from new noise, windows cut from its states)")
-    if cfg.adv_weight > 0 and kind != "diffusers":
-        raise ValueError("--adv-weight (adversarial distillation) is not supported for diffusers students with a "
-                         "UNet (SD1.5/SDXL) yet; SD3-class transformer students support it")
-    if card.conditioning.kind == "class":
-        raise ValueError("a diffusers corpus cannot be class-conditioned")
-
-
-class DiffusersStudent(torch.nn.Module):
+class DiffusersStudentNet(torch.nn.Module):
     """What the SD3 and UNet students share: the diffusers model ``denoiser`` prepared for training,
     either with peft LoRA adapters on ``lora_targets`` (frozen base in its dtype, float32 adapters)
     or fully trainable in float32; optional gradient checkpointing. Subclasses define ``forward(x,
@@ -181,7 +161,7 @@ def base_pipeline_of(card) -> str:
     return str((card.teacher.config.get("source") or {}).get("path", ""))
 
 
-def write_student_meta(folder: str, student: DiffusersStudent, card, *, fmt: str, kind: str, pipeline_class: str,
+def write_student_meta(folder: str, student: DiffusersStudentNet, card, *, fmt: str, kind: str, pipeline_class: str,
                        shift: float, extra: dict[str, Any]) -> list[str]:
     """Write ``trajflow_student.json`` (what ``trajflow sample`` / ``eval`` need: kind, pipeline class,
     base pipeline path, LoRA or full, shift, resolution, the distilled guidance, the card) into
@@ -214,3 +194,117 @@ def write_student_meta(folder: str, student: DiffusersStudent, card, *, fmt: str
     return sorted(os.path.relpath(os.path.join(d, n), folder) for d, _, files in os.walk(folder) for n in files)
 
 
+
+
+class DiffusersStudent:
+    """What the SD3 and UNet ``Student``\ s share: the teacher's own network as the student (no second copy in
+    memory; the teacher object is dropped after build), its frozen text encoders behind a
+    ``PromptEmbeddingCache``, EMA over the trainable weights only (LoRA adapters, or the whole network).
+    Subclasses set ``kind``/``capabilities`` and define ``_network`` (and ``_discriminator``) and ``export``.
+    The sampler uses the current weights (swapping an EMA in would copy the weights twice per step)."""
+
+    kind: ClassVar[str]
+    display_name: ClassVar[str] = "diffusers students"
+    #: the export is the whole out/student/ folder
+    export_entry: ClassVar[str] = ""
+    capabilities: ClassVar[frozenset[str]]
+    #: teacher kind on the card -> the model class a student of that kind is built around
+    model_classes: ClassVar[tuple[str, ...]]
+    real_sampler = None
+    teacher = None
+
+    def __init__(self, card, network: DiffusersStudentNet, prompts: PromptEmbeddingCache, device,
+                 discriminator: torch.nn.Module | None = None):
+        self.card, self.network, self.prompts, self.device = card, network, prompts, device
+        self._disc = discriminator
+
+    @classmethod
+    def check_corpus(cls, card, cfg) -> None:
+        """Clear errors for what the diffusers student paths do not do (yet)."""
+        kind, model_class = card.teacher.kind, card.teacher.config.get("model_class")
+        if model_class not in cls.model_classes:
+            raise ValueError(f"diffusers students are SD3-class transformers or UNet2DConditionModels; this corpus's "
+                             f"teacher ({kind}) is {model_class!r}")
+        if not isinstance(card.solver.guidance, (int, float)):
+            raise ValueError("a diffusers student has no guidance input: distil from a corpus generated with one "
+                             "fixed --guidance (the student then samples with guidance_scale=1)")
+        check_capabilities(cls, cfg)
+        if card.conditioning.kind == "class":
+            raise ValueError("a diffusers corpus cannot be class-conditioned")
+
+    @classmethod
+    def build(cls, card, cfg, *, device, main_process_first=None, progress: bool = False) -> DiffusersStudent:
+        teacher = teacher_from_card(card, cfg.storage_options, device=device)
+        gc = cfg.gradient_checkpointing
+        if gc is None:  # memory-aware default: activations dominate at 1024 px on a GPU; CPU runs are tiny
+            gc = torch.device(device).type == "cuda"
+        disc = None
+        if cfg.adv_weight > 0:  # D copies the teacher's first blocks *before* LoRA adapters go into them
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed + 1)
+                disc = cls._discriminator(teacher, cfg)
+        network = cls._network(teacher, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, gradient_checkpointing=gc,
+                               init=cfg.init, seed=cfg.seed)
+        return cls(card, network, PromptEmbeddingCache(teacher.prompt_encoder, cfg.prompt_cache_size), device, disc)
+
+    @classmethod
+    def _network(cls, teacher, **kwargs) -> DiffusersStudentNet:
+        raise NotImplementedError
+
+    @classmethod
+    def _discriminator(cls, teacher, cfg) -> torch.nn.Module:
+        raise NotImplementedError
+
+    # -- conditions --------------------------------------------------------------------------------
+    def _encode(self, texts: Sequence[str]) -> Condition:
+        return tuple(self.network.condition_tensors(self.prompts(list(texts)).to(device=self.device)))
+
+    def corpus_condition(self, batch) -> Condition:
+        return self._encode(batch.get("prompt") or [""] * len(batch["valid"]))  # unconditional: the empty prompt
+
+    def online_condition(self, online) -> Condition:
+        return self._encode(online.prompts or [""] * len(online.windows.x_BX))
+
+    def discriminator_condition(self, cond: Condition) -> Condition:
+        return cond
+
+    def sampler(self, autocast, device) -> Sampler:
+        net = self.network
+
+        @torch.no_grad()
+        def fn(x, sigma, *cond):
+            with autocast():
+                return net(x.to(device), sigma.to(device), *cond).float().to(x.device)
+
+        return fn
+
+    def build_discriminator(self, cfg) -> torch.nn.Module:
+        if self._disc is None:
+            raise ValueError(f"no discriminator was built for this {self.kind} student (adv-weight 0 at build)")
+        return self._disc
+
+    # -- weights -----------------------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.network.trainable_state_dict()
+
+    def load_trainable_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.network.load_trainable_state_dict(tensors)
+
+    def ema_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.network.trainable_state_dict().items()}
+
+    def net_config(self) -> dict[str, Any]:
+        return self.network.config()
+
+    def export(self, weights: dict[str, torch.Tensor], folder: str, run: dict[str, Any]) -> list[str]:
+        return self._export(self.network, weights, self.card, folder, extra={
+            "data": run["data"], "train_steps": run["steps"], "stages": list(run["stages"]),
+            "num_inference_steps": run["stages"][-1], "alpha": run["alpha"],
+            "window_points": run["window_points"], "ema": run["ema"]})
+
+    @staticmethod
+    def _export(network, weights, card, folder, extra) -> list[str]:
+        raise NotImplementedError
+
+    def step_metrics(self) -> dict[str, float]:
+        return {"prompt_cache_hits": self.prompts.hits, "prompt_cache_misses": self.prompts.misses}

@@ -1,4 +1,4 @@
-"""The flow-net student: its architecture from the card, initialised from the teacher's weights.
+"""The flow-net student (``FlowNetStudent``): its architecture from the card, initialised from the teacher's weights.
 
 For the analytic GMM teacher, which has no weights, the "pretrained" net is a flow net fitted to
 the same GMM by plain flow matching (``models.flownet.fit_flow_net``), cached on local disk by
@@ -7,18 +7,22 @@ the same GMM by plain flow matching (``models.flownet.fit_flow_net``), cached on
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 import os
 from dataclasses import asdict, replace
+from typing import Any, ClassVar
 
 import torch
 
 from models.flownet import FlowNet, FlowNetConfig, FlowNetTeacher, fit_flow_net, load_flow_net, save_flow_net
 from models.gmm import GMMTeacher
 from storage_schemas import DatasetCard
-from trainer.teacher import CACHE_ROOT
+from trainer.students.base import Condition, Sampler, check_capabilities
+from trainer.students.flownet_discriminator import TrajectoryDiscriminator
+from trainer.teacher import CACHE_ROOT, teacher_from_card
 
 
 def student_net_config(card: DatasetCard, arch: str, width: int, depth: int) -> FlowNetConfig:
@@ -64,7 +68,7 @@ def pretrained_gmm_net(teacher: GMMTeacher, net_cfg: FlowNetConfig, fit_steps: i
     return net
 
 
-def build_student(card: DatasetCard, net_cfg: FlowNetConfig, init: str, teacher, fit_steps: int,
+def init_flow_net_student(card: DatasetCard, net_cfg: FlowNetConfig, init: str, teacher, fit_steps: int,
                   seed: int = 0, progress: bool = False) -> FlowNet:
     """A student FlowNet, initialised from the teacher's weights (or from scratch)."""
     torch.manual_seed(seed)
@@ -84,3 +88,100 @@ def build_student(card: DatasetCard, net_cfg: FlowNetConfig, init: str, teacher,
     if unexpected or any(not k.startswith("cond.guidance") for k in missing):
         raise ValueError(f"teacher weights do not fit the student (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return student
+
+
+class FlowNetStudent:
+    """The ``Student`` of GMM and flow-net corpora: a ``FlowNet`` v(x, sigma, class, guidance).
+
+    Samples (OTA student mode, the adversarial walk) with the EMA weights when an EMA is kept: the EMA
+    tensors are the parameters of a shadow copy of the network, so no weights are swapped per step.
+    Checkpoint keys and the export (``student/student.safetensors``) are the network's full state_dict.
+    """
+
+    kind: ClassVar[str] = "flownet"
+    display_name: ClassVar[str] = "flow-net students"
+    #: the exported file under out/student/
+    export_entry: ClassVar[str] = "student.safetensors"
+    capabilities: ClassVar[frozenset[str]] = frozenset(
+        {"ota:fresh", "ota:student", "ota:perflow", "ota:online_only", "adversarial"})
+
+    def __init__(self, card: DatasetCard, network: FlowNet, net_cfg: FlowNetConfig, teacher):
+        self.card, self.network, self.net_cfg, self.teacher = card, network, net_cfg, teacher
+        self._shadow: FlowNet | None = None  # the EMA's network, made by ema_tensors()
+        self.real_sampler = None
+        if isinstance(teacher, GMMTeacher):  # perflow: noised real samples drawn from the exact mixture
+            def real_sampler(n, g, cls, _t=teacher):
+                return _t.sample(n, g, cls)
+
+            self.real_sampler = real_sampler
+
+    @classmethod
+    def check_corpus(cls, card, cfg) -> None:
+        check_capabilities(cls, cfg)
+
+    @classmethod
+    def build(cls, card: DatasetCard, cfg, *, device, main_process_first, progress: bool) -> FlowNetStudent:
+        teacher = teacher_from_card(card, cfg.storage_options)
+        net_cfg = student_net_config(card, cfg.student_arch, cfg.student_width, cfg.student_depth)
+        with main_process_first():  # rank 0 fits (and caches) the GMM teacher's net first
+            network = init_flow_net_student(card, net_cfg, cfg.init, teacher, cfg.teacher_fit_steps, seed=cfg.seed,
+                                            progress=progress)
+        return cls(card, network, net_cfg, teacher)
+
+    # -- conditions --------------------------------------------------------------------------------
+    def _cond(self, class_B, guidance_B) -> Condition:
+        return (class_B if self.net_cfg.num_classes else None,
+                guidance_B.float() if self.net_cfg.guidance_cond else None)
+
+    def corpus_condition(self, batch) -> Condition:
+        return self._cond(batch["class_id"], batch["guidance"])
+
+    def online_condition(self, online) -> Condition:
+        return self._cond(online.class_B, online.guidance_B)
+
+    def discriminator_condition(self, cond: Condition) -> Condition:
+        return (cond[0],)
+
+    def sampler(self, autocast=None, device=None) -> Sampler:
+        net = self._shadow if self._shadow is not None else self.network
+        use_cls, use_guid = bool(self.net_cfg.num_classes), self.net_cfg.guidance_cond
+
+        @torch.no_grad()
+        def fn(x, sigma, cls=None, guid=None):
+            return net(x, sigma, cls if use_cls else None, guid if use_guid else None)
+
+        return fn
+
+    def build_discriminator(self, cfg) -> torch.nn.Module:
+        return TrajectoryDiscriminator(self.net_cfg, cfg.disc_blocks).load_backbone(self.network)
+
+    # -- weights -----------------------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.network.state_dict()
+
+    def load_trainable_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.network.load_state_dict(tensors)
+
+    def ema_tensors(self) -> dict[str, torch.Tensor]:
+        self._shadow = copy.deepcopy(self.network).requires_grad_(False)
+        return self._shadow.state_dict()
+
+    def sampling_network(self) -> FlowNet:
+        """The network evaluation samples with: the EMA's when kept, else the trained one."""
+        return self._shadow if self._shadow is not None else self.network
+
+    def net_config(self) -> dict[str, Any]:
+        return asdict(self.net_cfg)
+
+    def export(self, weights: dict[str, torch.Tensor], folder: str, run: dict[str, Any]) -> list[str]:
+        net = copy.deepcopy(self.network)
+        net.load_state_dict(weights)
+        save_flow_net(net, os.path.join(folder, "student.safetensors"), extra={
+            "card": json.loads(self.card.to_json()), "data": run["data"], "steps": run["steps"],
+            "stages": list(run["stages"]), "final_stage": run["stages"][-1],
+            "shift": float(self.card.run.get("shift", 1.0)), "alpha": run["alpha"],
+            "window_points": run["window_points"]})
+        return ["student.safetensors"]
+
+    def step_metrics(self) -> dict[str, float]:
+        return {}

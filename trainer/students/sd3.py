@@ -12,13 +12,20 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from models.diffusers.conditions import PromptCondition
 from models.diffusers.sd3 import DiffusersFlowTeacher
-from trainer.students.diffusers import DiffusersStudent, base_pipeline_of, student_network, write_student_meta
+from trainer.students.diffusers import (
+    DiffusersStudent,
+    DiffusersStudentNet,
+    base_pipeline_of,
+    student_network,
+    write_student_meta,
+)
+from trainer.students.sd3_discriminator import SD3TrajectoryDiscriminator
 
 #: attention projections of SD3's joint transformer blocks that LoRA adapts (as diffusers' SD3 LoRA recipes)
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -27,7 +34,7 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", 
 STUDENT_FORMAT = "trajflow-sd3-student/1"
 
 
-class SD3Student(DiffusersStudent):
+class SD3StudentNet(DiffusersStudentNet):
     """v_theta(x, sigma, prompt embeddings) of an ``SD3Transformer2DModel`` (full or LoRA)."""
 
     def __init__(self, transformer: torch.nn.Module, *, num_train_timesteps: int = 1000,
@@ -55,14 +62,14 @@ class SD3Student(DiffusersStudent):
 
 
 def build_sd3_student(teacher: DiffusersFlowTeacher, *, lora_rank: int | None, lora_alpha: float | None,
-                      gradient_checkpointing: bool, init: str, seed: int) -> SD3Student:
+                      gradient_checkpointing: bool, init: str, seed: int) -> SD3StudentNet:
     """The student around the teacher's transformer (``init="teacher"``), or a re-initialised copy."""
     transformer = student_network(teacher, teacher.transformer, init=init, seed=seed, what="SD3")
-    return SD3Student(transformer, num_train_timesteps=teacher.num_train_timesteps, lora_rank=lora_rank,
+    return SD3StudentNet(transformer, num_train_timesteps=teacher.num_train_timesteps, lora_rank=lora_rank,
                       lora_alpha=lora_alpha, gradient_checkpointing=gradient_checkpointing)
 
 
-def export_sd3_student(student: SD3Student, trainable: dict[str, torch.Tensor], card, folder: str,
+def export_sd3_student(student: SD3StudentNet, trainable: dict[str, torch.Tensor], card, folder: str,
                        extra: dict[str, Any]) -> list[str]:
     """Write the student folder (module docstring) into the LOCAL ``folder`` with the weights
     ``trainable`` (e.g. the EMA) swapped in; returns the written files relative to ``folder``."""
@@ -95,3 +102,23 @@ def export_sd3_student(student: SD3Student, trainable: dict[str, torch.Tensor], 
     CorrectedFlowMatchEulerScheduler.from_config(sched_cfg).save_pretrained(os.path.join(folder, "scheduler"))
     return write_student_meta(folder, student, card, fmt=STUDENT_FORMAT, kind="sd3",
                               pipeline_class="StableDiffusion3Pipeline", shift=shift, extra=extra)
+
+
+class SD3Student(DiffusersStudent):
+    """The ``Student`` of SD3-class corpora: the teacher's transformer (full or LoRA); fresh-mode OTA and
+    adversarial distillation (``SD3TrajectoryDiscriminator`` on copies of the teacher's first blocks)."""
+
+    kind: ClassVar[str] = "sd3"
+    capabilities: ClassVar[frozenset[str]] = frozenset({"ota:fresh", "adversarial"})
+    model_classes: ClassVar[tuple[str, ...]] = ("SD3Transformer2DModel",)
+
+    @classmethod
+    def _network(cls, teacher, **kwargs) -> SD3StudentNet:
+        return build_sd3_student(teacher, **kwargs)
+
+    @classmethod
+    def _discriminator(cls, teacher, cfg) -> torch.nn.Module:
+        return SD3TrajectoryDiscriminator(teacher.transformer, cfg.disc_blocks,
+                                          num_train_timesteps=teacher.num_train_timesteps)
+
+    _export = staticmethod(export_sd3_student)

@@ -3,7 +3,7 @@
 A corpus generated from ``models.diffusers.unet.DiffusersUNetTeacher`` holds trajectories of the
 UNet's probability-flow ODE written in trajflow's rectified-flow sigma. The student is the
 teacher's own ``UNet2DConditionModel`` (no second copy), trained as every diffusers student is
-(``trainer.students.diffusers.DiffusersStudent``: peft LoRA on the attention projections
+(``trainer.students.diffusers.DiffusersStudentNet``: peft LoRA on the attention projections
 ``to_q/k/v``, ``to_out.0`` as diffusers' SD LoRA recipes, or a float32 full fine-tune), and its
 forward returns the rectified-flow velocity ``v(x_sigma, sigma, cond)`` through exactly the
 conversion the teacher uses (``flowcore.vp_flow.VPFlowConversion``: ``z = x / c(sigma)``, fractional
@@ -22,21 +22,26 @@ Export (``export_unet_student``) writes a folder a stock ``StableDiffusionPipeli
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from flowcore.vp_flow import VPFlowConversion
 from models.diffusers.conditions import UNetCondition
 from models.diffusers.unet import DiffusersUNetTeacher
-from trainer.students.diffusers import DiffusersStudent, student_network, write_student_meta
+from trainer.students.diffusers import (
+    DiffusersStudent,
+    DiffusersStudentNet,
+    student_network,
+    write_student_meta,
+)
 
 #: attention projections LoRA adapts (diffusers' SD / SDXL LoRA training recipes)
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 UNET_STUDENT_FORMAT = "trajflow-unet-student/1"
 
 
-class UNetStudent(DiffusersStudent):
+class UNetStudentNet(DiffusersStudentNet):
     """v_theta(x, sigma, prompt embeddings [, pooled, time ids]) of a ``UNet2DConditionModel`` (full or
     LoRA), through the teacher's VP -> rectified-flow conversion ``conversion``."""
 
@@ -73,14 +78,14 @@ class UNetStudent(DiffusersStudent):
 
 
 def build_unet_student(teacher: DiffusersUNetTeacher, *, lora_rank: int | None, lora_alpha: float | None,
-                       gradient_checkpointing: bool, init: str, seed: int) -> UNetStudent:
+                       gradient_checkpointing: bool, init: str, seed: int) -> UNetStudentNet:
     """The student around the teacher's UNet (``init="teacher"``), or a re-initialised copy."""
     unet = student_network(teacher, teacher.unet, init=init, seed=seed, what="UNet")
-    return UNetStudent(unet, teacher.conversion, lora_rank=lora_rank, lora_alpha=lora_alpha,
+    return UNetStudentNet(unet, teacher.conversion, lora_rank=lora_rank, lora_alpha=lora_alpha,
                        gradient_checkpointing=gradient_checkpointing)
 
 
-def export_unet_student(student: UNetStudent, trainable: dict[str, torch.Tensor], card, folder: str,
+def export_unet_student(student: UNetStudentNet, trainable: dict[str, torch.Tensor], card, folder: str,
                         extra: dict[str, Any]) -> list[str]:
     """Write the student folder (module docstring) into the LOCAL ``folder`` with the weights
     ``trainable`` (e.g. the EMA) swapped in; returns the written files relative to ``folder``."""
@@ -103,3 +108,19 @@ def export_unet_student(student: UNetStudent, trainable: dict[str, torch.Tensor]
     FlowUNetScheduler(**student.conversion.schedule, shift=shift).save_pretrained(os.path.join(folder, "scheduler"))
     return write_student_meta(folder, student, card, fmt=UNET_STUDENT_FORMAT, kind="unet",
                               pipeline_class=pipeline_cls.__name__, shift=shift, extra=extra)
+
+
+class UNetStudent(DiffusersStudent):
+    """The ``Student`` of SD1.5/SD2/SDXL corpora: the teacher's UNet (full or LoRA) through its VP -> flow
+    conversion; fresh-mode OTA (no adversarial distillation for UNets yet)."""
+
+    kind: ClassVar[str] = "unet"
+    display_name: ClassVar[str] = "diffusers students with a UNet (SD1.5/SDXL)"
+    capabilities: ClassVar[frozenset[str]] = frozenset({"ota:fresh"})
+    model_classes: ClassVar[tuple[str, ...]] = ("UNet2DConditionModel",)
+
+    @classmethod
+    def _network(cls, teacher, **kwargs) -> UNetStudentNet:
+        return build_unet_student(teacher, **kwargs)
+
+    _export = staticmethod(export_unet_student)
