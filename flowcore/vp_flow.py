@@ -11,7 +11,7 @@ A DDPM-family UNet (SD1.5, SD2, SDXL) lives on the variance-preserving path
 velocity field goes through it, so they cannot drift apart:
 
 - ``models.diffusers.unet.DiffusersUNetTeacher.velocity`` (the teacher, under no_grad),
-- ``trainer.students.unet.UNetStudent.forward`` (the student, differentiable in the output),
+- ``trainer.students.unet.UNetStudentNet.forward`` (the student, differentiable in the output),
 - ``models.diffusers.schedulers.FlowUNetScheduler`` (the exported sampler in a stock pipeline).
 
     conv = VPFlowConversion(scheduler_config)          # dict, FrozenDict or a diffusers scheduler

@@ -87,14 +87,14 @@ def test_stock_pipeline_with_flow_unet_scheduler_is_the_teachers_euler_solve(pip
 # ---------------------------------------------------------------------------------------------- the student
 def _unet_student(sdxl=False, **kw):
     from models.diffusers.unet import SD15_SCHEDULER_CONFIG
-    from trainer.students.unet import UNetStudent
+    from trainer.students.unet import UNetStudentNet
 
     teacher = DiffusersUNetTeacher(tiny_unet(seed=3, sdxl=sdxl), SD15_SCHEDULER_CONFIG)
     student_unet = tiny_unet(seed=3, sdxl=sdxl)
     args = dict(lora_rank=None, lora_alpha=None, gradient_checkpointing=False)
     args.update(kw)
     torch.manual_seed(0)
-    return teacher, UNetStudent(student_unet, teacher.conversion, **args)
+    return teacher, UNetStudentNet(student_unet, teacher.conversion, **args)
 
 
 @pytest.mark.parametrize("sdxl", [False, True])
