@@ -198,3 +198,21 @@ def test_a_root_that_is_itself_a_link_is_fine(tmp_path):
     build_corpus(str(real), num=16, shard_size=8)
     (tmp_path / "alias").symlink_to(real, target_is_directory=True)
     assert audit_corpus(str(tmp_path / "alias"), deep=True).exit_status == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# the documented exit code of an unreadable manifest (docs/audit.md, docs/runbook.md)
+
+
+def test_unreadable_manifest_is_manifest_invalid_exit_1_and_nothing_to_audit_is_exit_2(tmp_path):
+    root = tmp_path / "c"
+    build_corpus(str(root), num=16, shard_size=8)
+    (root / ss.MANIFEST).write_bytes(b"PAR1 this is not parquet")
+    r = audit_cli(str(root))
+    assert r.returncode == 1 and "manifest_invalid" in r.stdout, r.stdout + r.stderr
+    # nothing left to audit at all: no readable card, no manifest, no commit record
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / ss.DATASET_CARD).write_bytes(b"[" * 100_000)
+    r = audit_cli(str(bare))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stdout + r.stderr
