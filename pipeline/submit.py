@@ -61,6 +61,7 @@ _ANNOTATION_TYPES = {
     "tuple[float, ...]": "floats",
     "tuple[float, ...] | None": "floats",
     "dict[str, Any]": "json",
+    "bool": "flag",  # e.g. --verify-sha256: a flag without a value, forwarded as is
 }
 
 

@@ -401,3 +401,16 @@ def test_generate_refuses_a_symlinked_shard_in_a_local_root(ray_cluster, tmp_pat
     assert last.startswith("trajflow generate: error:") and "symbolic link" in last and "shard-000004" in last
     assert outside.read_bytes() == b"not yours"
 
+
+
+def test_verify_sha256_is_a_flag_for_generate_and_submit():
+    from pipeline.submit import parse_generate_args
+    from trajflow.cli import build_parser, generate_config_from_args
+
+    argv = ["--teacher", "gmm:ring2d", "--num-trajectories", "8", "--out", "/tmp/x", "--verify-sha256"]
+    args = build_parser().parse_args(["generate", *argv])
+    assert generate_config_from_args(args).verify_sha256 is True
+    assert generate_config_from_args(build_parser().parse_args(["generate", *argv[:-1]])).verify_sha256 is False
+    gen = parse_generate_args(argv)
+    assert gen.values["verify_sha256"] is True and gen.tokens[-1] == "--verify-sha256"
+    assert "--verify-sha256" in gen.entrypoint()
