@@ -1,4 +1,5 @@
-"""Real test fixtures: moto's S3 HTTP server on loopback and a real local Ray cluster."""
+"""Real test fixtures: moto's S3 HTTP server on loopback, a real local Ray cluster, and the tiny diffusers
+pipelines and prompt corpora shared by every test module (built once per session)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import uuid
 
 import pytest
+from fixtures import generate_args, make_tiny_pipeline, write_prompt_file
 
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing-key-id",
@@ -60,3 +62,54 @@ def ray_cluster():
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """kind (sd3 | sd15 | sdxl) -> the folder of a tiny random-weight pipeline, built once per session.
+    Tests must not modify it (copy it first)."""
+    built: dict[str, str] = {}
+
+    def get(kind: str) -> str:
+        if kind not in built:
+            built[kind] = make_tiny_pipeline(kind, tmp_path_factory.mktemp("tiny-models") / f"tiny-{kind}")
+        return built[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def sd3_dir(tiny_pipeline_dir):
+    return tiny_pipeline_dir("sd3")
+
+
+@pytest.fixture(scope="session")
+def sd15_dir(tiny_pipeline_dir):
+    return tiny_pipeline_dir("sd15")
+
+
+@pytest.fixture(scope="session")
+def sdxl_dir(tiny_pipeline_dir):
+    return tiny_pipeline_dir("sdxl")
+
+
+@pytest.fixture(scope="session")
+def prompt_corpus(tmp_path_factory, tiny_pipeline_dir, ray_cluster):
+    """(kind="sd3", **generate flags) -> a finalized tiny prompt corpus (``fixtures.PROMPT_CORPUS_FLAGS``
+    overridden by the flags), generated through `trajflow generate` once per distinct set of flags.
+    Tests must not modify it (copy it first)."""
+    from trajflow.cli import main
+
+    made: dict[tuple, str] = {}
+
+    def get(kind: str = "sd3", **flags) -> str:
+        key = (kind, tuple(sorted(flags.items())))
+        if key not in made:
+            root = tmp_path_factory.mktemp(f"{kind}-prompt-corpus")
+            prompts = write_prompt_file(root / "prompts.jsonl")
+            out = str(root / "corpus")
+            assert main(generate_args(tiny_pipeline_dir(kind), prompts, out, **flags)) == 0
+            made[key] = out
+        return made[key]
+
+    return get

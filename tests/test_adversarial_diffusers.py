@@ -9,20 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import PROMPTS
 from safetensors.torch import load_file
 
 from flowcore.adversarial import discriminator_hinge_loss
 from models.diffusers.sd3 import DiffusersFlowTeacher
-from models.tiny import make_tiny_sd3_pipeline
 from trainer.students.sd3 import build_sd3_student
 from trainer.students.sd3_discriminator import SD3TrajectoryDiscriminator
-
-PROMPTS = ["a red cat", "a blue dog on grass", "sunset 42", "two green birds"]
-
-
-@pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    return str(make_tiny_sd3_pipeline(tmp_path_factory.mktemp("tiny") / "sd3"))
 
 
 def _batch(teacher, B=2, seed=1):
@@ -85,17 +78,8 @@ def test_discriminator_loss_decreases_on_fixed_real_and_fake(sd3_dir):
 
 
 @pytest.fixture(scope="module")
-def corpus(sd3_dir, tmp_path_factory, ray_cluster):
-    from trajflow.cli import main
-
-    root = tmp_path_factory.mktemp("sd3advcorpus")
-    prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt_id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
-    out = str(root / "corpus")
-    assert main(["generate", "--teacher", f"diffusers:{sd3_dir}", "--prompts", str(prompts), "--resolution", "16",
-                 "--num-trajectories", "8", "--shard-size", "4", "--batch-size", "4", "--num-steps", "8",
-                 "--stages", "4", "--shift", "3.0", "--guidance", "2.0", "--out", out, "--no-progress"]) == 0
-    return out
+def corpus(prompt_corpus):
+    return prompt_corpus("sd3", stages=4, shift=3.0)  # the same corpus as the end-to-end and OTA tests
 
 
 def _train(corpus, out, max_steps, *extra):

@@ -15,18 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import write_prompt_file
 
 from models.diffusers.conditions import PromptCondition
 from models.diffusers.sd3 import DiffusersFlowTeacher
-from models.tiny import make_tiny_sd3_pipeline
 
 BIN = Path(sys.executable).parent
-PROMPTS = ["a red cat", "a blue dog on grass", "sunset 42", "two green birds"]
-
-
-@pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    return str(make_tiny_sd3_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd3"))
 
 
 def test_fingerprint_ignores_kernel_noise_in_the_encoder_made_null_condition(sd3_dir):
@@ -74,7 +68,7 @@ def _corpus(sd3_dir: str, out: str, prompts: Path) -> str:
 @pytest.mark.slow
 def test_two_process_lora_training_of_an_sd3_student(sd3_dir, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt_id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
+    write_prompt_file(prompts)
     corpus = _corpus(sd3_dir, str(tmp_path / "corpus"), prompts)
     log, run = tmp_path / "consumed", str(tmp_path / "run")
     # 2 ranks x 4 = 8 samples per step: 2 steps are one epoch of the 16 trajectories

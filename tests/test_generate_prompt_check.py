@@ -3,11 +3,11 @@ with the reason, before any shard is solved or written."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
 import pytest
+from fixtures import write_prompt_file
 
 from pipeline.worker import GenerationWorker
 from trajflow.cli import main
@@ -24,9 +24,7 @@ def no_tokenizer_sd15(tmp_path_factory):
 
 
 def _prompts(tmp_path):
-    p = tmp_path / "prompts.jsonl"
-    p.write_text("".join(json.dumps({"prompt_id": i, "prompt": t}) + "\n" for i, t in enumerate(["a cat", "a dog"])))
-    return str(p)
+    return str(write_prompt_file(tmp_path / "prompts.jsonl", ["a cat", "a dog"]))
 
 
 def test_worker_refuses_at_start_up(no_tokenizer_sd15, tmp_path):

@@ -11,35 +11,16 @@ import sys
 
 import pytest
 import torch
+from fixtures import PROMPTS
 
 from flowcore.rollout import LocalRollout, teacher_rollout
-from trajflow.cli import main
 
-PROMPTS = ["a red cat", "a blue dog on grass", "sunset 42", "two green birds"]
 STEPS, SHIFT, GUIDANCE = 4, 3.0, 2.0
 
 
-def _corpus(teacher_dir: str, root, n: int = 8) -> str:
-    prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt_id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
-    out = str(root / "corpus")
-    assert main(["generate", "--teacher", f"diffusers:{teacher_dir}", "--prompts", str(prompts), "--resolution", "16",
-                 "--num-trajectories", str(n), "--shard-size", "4", "--batch-size", "4", "--num-steps", "8",
-                 "--stages", str(STEPS), "--shift", str(SHIFT), "--guidance", str(GUIDANCE), "--out", out,
-                 "--no-progress"]) == 0
-    return out
-
-
 @pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    from models.tiny import make_tiny_sd3_pipeline
-
-    return make_tiny_sd3_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd3")
-
-
-@pytest.fixture(scope="module")
-def sd3_corpus(sd3_dir, tmp_path_factory, ray_cluster):
-    return _corpus(sd3_dir, tmp_path_factory.mktemp("sd3ota"))
+def sd3_corpus(prompt_corpus):
+    return prompt_corpus("sd3", stages=STEPS, shift=SHIFT, guidance=GUIDANCE)  # shared with the e2e/adversarial tests
 
 
 def _cfg(data, out, **kw):
@@ -65,9 +46,8 @@ def _train(cfg, rollout):
 
 def _corpus_teacher(corpus: str):
     """The corpus's teacher as the trainer rebuilds it (its text encoders, the corpus's resolution)."""
-    from trainer.teacher import teacher_from_card
-
     from trainer.data import open_corpus
+    from trainer.teacher import teacher_from_card
 
     return teacher_from_card(open_corpus(corpus).card)
 
@@ -181,11 +161,8 @@ def test_cli_train_sd3_with_an_embedded_ray_serve_pool(sd3_corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_sd15_unet_student_with_fresh_ota(tmp_path, ray_cluster):
-    from models.tiny import make_tiny_sd15_pipeline
-
-    sd15 = make_tiny_sd15_pipeline(tmp_path / "tiny-sd15")
-    corpus = _corpus(sd15, tmp_path, n=4)
+def test_sd15_unet_student_with_fresh_ota(tmp_path, prompt_corpus):
+    corpus = prompt_corpus("sd15", num_trajectories=4, stages=STEPS, shift=SHIFT, guidance=GUIDANCE)
     client = LocalRollout(_corpus_teacher(corpus))
     try:
         t, last = _train(_cfg(corpus, tmp_path / "run", max_steps=4), client)

@@ -6,12 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_trainer import make_corpus
-from trainer.teacher import teacher_from_card
 
 from flowcore.rollout import LocalRollout
 from models.gmm import GMMTeacher, load_preset
 from trainer.config import TrainConfig
 from trainer.loop import Trainer
+from trainer.teacher import teacher_from_card
 
 
 @pytest.fixture(scope="module")

@@ -414,3 +414,20 @@ def test_verify_sha256_is_a_flag_for_generate_and_submit():
     gen = parse_generate_args(argv)
     assert gen.values["verify_sha256"] is True and gen.tokens[-1] == "--verify-sha256"
     assert "--verify-sha256" in gen.entrypoint()
+
+
+def test_resume_check_drops_the_records_and_the_stale_manifest_of_lost_shards(ray_cluster, tmp_path):
+    """Before anything is regenerated, the records of a lost shard and the manifest naming it are gone:
+    a resume that dies right after its check leaves a corpus that is honestly not finalized."""
+    out = tmp_path / "c"
+    run_generation(GenerateConfig(**SMALL, out=str(out)))
+    (out / "shards/shard-000006.tar").unlink()
+    cfg = GenerateConfig(**SMALL, out=str(out))
+    lost: dict[str, str] = {}
+    kept = prepare_corpus(ObjectStore(str(out)), _card(cfg), lost=lost)
+    assert sorted(kept) == [f"shard-{n:06d}" for n in range(8) if n != 6]
+    assert list(lost) == ["shard-000006"] and "missing" in lost["shard-000006"]
+    assert not (out / "commits/shard-000006.json").exists() and not (out / "manifest.parquet").exists()
+    assert audit_corpus(str(out)).exit_status == 1  # not_finalized, until the re-run completes
+    assert run_generation(cfg).committed_now == 1
+    assert audit_corpus(str(out), deep=True).exit_status == 0

@@ -13,32 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import PROMPTS
 
 from trajflow.cli import main
 
-PROMPTS = ["a red cat", "a blue dog on grass", "sunset 42", "two green birds"]
 STEPS = 4
 SHIFT = 3.0
 
 
 @pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("models") / "tiny-sd3")
-    assert main(["make-tiny-sd3", folder]) == 0
-    return folder
-
-
-@pytest.fixture(scope="module")
-def corpus(sd3_dir, tmp_path_factory, ray_cluster):
-    root = tmp_path_factory.mktemp("sd3corpus")
-    prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt_id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
-    out = str(root / "corpus")
-    rc = main(["generate", "--teacher", f"diffusers:{sd3_dir}", "--prompts", str(prompts), "--resolution", "16",
-               "--num-trajectories", "8", "--shard-size", "4", "--batch-size", "4", "--num-steps", "8",
-               "--stages", str(STEPS), "--shift", str(SHIFT), "--guidance", "2.0", "--out", out, "--no-progress"])
-    assert rc == 0
-    return out
+def corpus(prompt_corpus):
+    return prompt_corpus("sd3", stages=STEPS, shift=SHIFT)  # shared with the OTA and adversarial tests
 
 
 def _student_velocity_fn(sd3_dir, ema_file, lora_rank):

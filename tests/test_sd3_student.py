@@ -7,14 +7,8 @@ import pytest
 import torch
 
 from models.diffusers.sd3 import DiffusersFlowTeacher
-from models.tiny import make_tiny_sd3_pipeline
 from trainer.students.diffusers import PromptEmbeddingCache
 from trainer.students.sd3 import build_sd3_student
-
-
-@pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    return make_tiny_sd3_pipeline(tmp_path_factory.mktemp("tiny") / "sd3")
 
 
 def _student(sd3_dir, **kw):

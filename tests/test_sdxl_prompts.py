@@ -5,30 +5,21 @@ pipeline's own sampling loop as the reference, and `trajflow generate --prompts`
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
 import pytest
 import torch
+from fixtures import PROMPTS, write_prompt_file
 
 from flowcore.solvers import solve_teacher
 from models.diffusers.conditions import UNetCondition
 from models.diffusers.unet import DiffusersUNetTeacher
 from models.registry import build_teacher
-from trajflow.cli import main
 
-PROMPTS = ["a red cat", "a blue dog on grass", "sunset 42", "two green birds"]
 # the stock pipeline (float32) vs trajflow's Euler in rectified-flow sigma (float32): the same
 # arithmetic up to rounding, as in tests/test_diffusers_unet.py (1e-5 of the latent's magnitude)
 RTOL_OF_MAX = 1e-5
-
-
-@pytest.fixture(scope="module")
-def sdxl_dir(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("models") / "tiny-sdxl")
-    assert main(["make-tiny-sdxl", folder]) == 0
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +41,7 @@ def stock_time_ids(pipe, size, dtype=torch.float32):
                                   text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
 
 
-def test_tiny_pipeline_is_a_stock_sdxl_pipeline(pipe, sdxl_dir):
+def test_tiny_sdxl_pipeline_has_sdxl_base_scheduler_and_zero_negatives(pipe, sdxl_dir):
     assert sorted(d for d in os.listdir(sdxl_dir) if os.path.isdir(os.path.join(sdxl_dir, d))) == [
         "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae"]
     assert pipe.config.force_zeros_for_empty_prompt is True and pipe.vae_scale_factor == 2
@@ -142,7 +133,7 @@ def test_guided_solve_reproduces_the_stock_sdxl_pipeline(pipe, teacher, schedule
     assert (x_wrong / teacher.x_scale(grid[-1]) - ref).abs().max().item() > 100 * tol
 
 
-def test_text_encoder_weights_are_in_the_fingerprint(sdxl_dir, teacher):
+def test_sdxl_fingerprint_covers_resolution_and_the_null_condition_policy(sdxl_dir, teacher):
     b = build_teacher(f"diffusers:{sdxl_dir}", resolution=16)
     assert b.fingerprint() == teacher.fingerprint()
     with torch.no_grad():
@@ -172,7 +163,7 @@ def test_missing_text_encoder_2_is_named(sdxl_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="no text_encoder_2/"):
         DiffusersUNetTeacher.from_pretrained(partial, text_encoders=True)
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt_id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
+    write_prompt_file(prompts)
     cfg = dict(teacher=f"diffusers:{partial}", out=str(tmp_path / "c"), num_trajectories=4, shard_size=4,
                batch_size=4, num_steps=4, stages=(2,), guidance=2.0, prompts=str(prompts), resolution=16)
     with pytest.raises(ValueError, match=r"cannot encode them: .*no text_encoder_2/"):
@@ -183,25 +174,3 @@ def test_missing_text_encoder_2_is_named(sdxl_dir, tmp_path):
         DiffusersUNetTeacher(t.unet, t.schedule, prompt_encoder=sd15_like)
 
 
-@pytest.mark.slow
-def test_generate_from_prompts_then_audit_replay_is_clean(sdxl_dir, tmp_path, ray_cluster, capsys):
-    from storage_schemas import DatasetCard
-
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt_id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
-    out = str(tmp_path / "corpus")
-    rc = main(["generate", "--teacher", f"diffusers:{sdxl_dir}", "--prompts", str(prompts), "--resolution", "16",
-               "--num-trajectories", "8", "--shard-size", "4", "--batch-size", "4", "--num-steps", "8",
-               "--stages", "4", "--guidance", "7.5", "--out", out, "--no-progress"])
-    assert rc == 0
-    card = DatasetCard.from_json(open(os.path.join(out, "dataset.json")).read())
-    assert card.conditioning.kind == "prompt" and list(card.sample_shape) == [4, 8, 8]
-    assert card.teacher.kind == "diffusers_unet" and card.teacher.config["source"]["text_encoders"] is True
-    assert card.teacher.config["text_encoders"]["time_ids"]["target_size"] == [16, 16]
-    assert card.teacher.fingerprint == build_teacher(f"diffusers:{sdxl_dir}", resolution=16).fingerprint()
-    capsys.readouterr()
-    assert main(["audit", out, "--deep", "--replay", "2", "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    replay = report["stats"]["replay"]
-    assert report["ok"] and replay["replayed"] == 2 and replay["authentic"]
-    assert replay["max_deviation"] <= replay["tolerance"]

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fixtures import write_prompt_file
 
 from pipeline.submit import (
     SUBMISSION_PREFIX,
@@ -372,9 +373,7 @@ class TestSubmitToRayHead:
         from storage_schemas import DatasetCard
 
         sd3 = make_tiny_sd3_pipeline(tmp_path / "tiny-sd3")
-        prompts = tmp_path / "prompts.jsonl"
-        prompts.write_text("".join(json.dumps({"prompt_id": i, "prompt": p}) + "\n"
-                                   for i, p in enumerate(["a red cat", "two green birds"])))
+        prompts = write_prompt_file(tmp_path / "prompts.jsonl", ["a red cat", "two green birds"])
         out = tmp_path / "sd3-corpus"
         r = _submit(ray_head, "--wait", "--", "--teacher", f"diffusers:{sd3}", "--prompts", str(prompts),
                     "--resolution", "16", "--guidance", "2.0", "--teacher-dtype", "float32", "--dtype", "float32",

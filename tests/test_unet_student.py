@@ -18,6 +18,7 @@ import os
 
 import pytest
 import torch
+from fixtures import PROMPTS
 
 from flowcore.schedules import few_step_sigmas
 from flowcore.solvers import solve_teacher
@@ -27,17 +28,9 @@ from models.diffusers.unet import DiffusersUNetTeacher
 from models.tiny import random_unet_condition, tiny_unet
 from trajflow.cli import main
 
-PROMPTS = ["a red cat", "a blue dog on grass", "sunset 42", "two green birds"]
 STEPS = 4
 SHIFT = 3.0
 GUIDANCE = 4.0
-
-
-@pytest.fixture(scope="module")
-def sd15_dir(tmp_path_factory):
-    from models.tiny import make_tiny_sd15_pipeline
-
-    return make_tiny_sd15_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd15")
 
 
 @pytest.fixture(scope="module")
@@ -130,16 +123,8 @@ def test_full_unet_student_gradient_checkpointing_gives_the_same_gradients():
 
 # ---------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
-def corpus(sd15_dir, tmp_path_factory, ray_cluster):
-    root = tmp_path_factory.mktemp("unetcorpus")
-    prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt_id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
-    out = str(root / "corpus")
-    assert main(["generate", "--teacher", f"diffusers:{sd15_dir}", "--prompts", str(prompts), "--resolution", "16",
-                 "--num-trajectories", "8", "--shard-size", "4", "--batch-size", "4", "--num-steps", "8",
-                 "--stages", str(STEPS), "--shift", str(SHIFT), "--guidance", str(GUIDANCE), "--out", out,
-                 "--no-progress"]) == 0
-    return out
+def corpus(prompt_corpus):
+    return prompt_corpus("sd15", stages=STEPS, shift=SHIFT, guidance=GUIDANCE)
 
 
 def _window_start_error(unet, conversion, corpus, pipe) -> float:
@@ -271,21 +256,13 @@ def test_unet_student_refuses_ota_and_adversarial_flags(corpus, tmp_path, capsys
 
 
 @pytest.mark.slow
-def test_sdxl_lora_unet_student_to_stock_sdxl_pipeline(tmp_path, ray_cluster, capsys):
+def test_sdxl_lora_unet_student_to_stock_sdxl_pipeline(tmp_path, sdxl_dir, prompt_corpus, capsys):
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
-    from models.tiny import make_tiny_sdxl_pipeline
     from trainer.students.unet import build_unet_student
 
-    sdxl_dir = make_tiny_sdxl_pipeline(tmp_path / "tiny-sdxl")
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt_id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
-    corpus = str(tmp_path / "corpus")
-    assert main(["generate", "--teacher", f"diffusers:{sdxl_dir}", "--prompts", str(prompts), "--resolution", "16",
-                 "--num-trajectories", "4", "--shard-size", "4", "--batch-size", "4", "--num-steps", "4",
-                 "--stages", str(STEPS), "--shift", str(SHIFT), "--guidance", str(GUIDANCE), "--out", corpus,
-                 "--no-progress"]) == 0
+    corpus = prompt_corpus("sdxl", num_trajectories=4, num_steps=4, stages=STEPS, shift=SHIFT, guidance=GUIDANCE)
     run = str(tmp_path / "run")
     assert main(["train", "--data", corpus, "--out", run, "--stages", str(STEPS), "--batch-size", "4", "--max-steps",
                  "3", "--lora-rank", "4", "--lr", "1e-2", "--ema-decay", "0", "--num-workers", "0",

@@ -278,9 +278,8 @@ def _compare_ring2d(out: Path, corpus: str, rollout_teacher, progress: bool) -> 
     result["targets"] = check_targets(result)
     runs = {m: Path(result["training"][m]["run_dir"]) for m in methods}
     students = {m: load_flow_net(r / "student" / "student.safetensors")[0] for m, r in runs.items()}
-    from trainer.teacher import teacher_from_card
-
     from trainer.data import open_corpus
+    from trainer.teacher import teacher_from_card
 
     teacher = teacher_from_card(open_corpus(corpus).card)
     _plot_samples(out, students, teacher, shift)

@@ -29,9 +29,8 @@ def load_student(url: str, storage_options=None):
 
 
 def run_eval(args) -> int:
-    from trainer.teacher import teacher_from_card
-
     from evaluation.gmm import evaluate_gmm
+    from trainer.teacher import teacher_from_card
 
     try:
         net, extra = load_student(args.student, args.storage_options)

@@ -197,7 +197,7 @@ def write_student_meta(folder: str, student: DiffusersStudentNet, card, *, fmt: 
 
 
 class DiffusersStudent:
-    """What the SD3 and UNet ``Student``\ s share: the teacher's own network as the student (no second copy in
+    """What the SD3 and UNet students share: the teacher's own network as the student (no second copy in
     memory; the teacher object is dropped after build), its frozen text encoders behind a
     ``PromptEmbeddingCache``, EMA over the trainable weights only (LoRA adapters, or the whole network).
     Subclasses set ``kind``/``capabilities`` and define ``_network`` (and ``_discriminator``) and ``export``.

@@ -1,0 +1,44 @@
+"""Shared test helpers (imported by conftest.py and the test modules): the tiny prompt set, one prompt-file
+writer, the tiny pipeline builders by kind, and the arguments of a tiny prompt corpus."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+#: the prompts of every tiny prompt corpus
+PROMPTS = ["a red cat", "a blue dog on grass", "sunset 42", "two green birds"]
+
+#: tiny pipeline kind -> (make-tiny CLI subcommand, stock diffusers pipeline class name)
+TINY_KINDS = {"sd3": "StableDiffusion3Pipeline", "sd15": "StableDiffusionPipeline",
+              "sdxl": "StableDiffusionXLPipeline"}
+
+#: data-determining flags of the tiny prompt corpora (8 trajectories in 2 shards, 16 px, 8 solver steps)
+PROMPT_CORPUS_FLAGS = {"resolution": 16, "num_trajectories": 8, "shard_size": 4, "batch_size": 4, "num_steps": 8,
+                       "stages": "4", "guidance": 2.0}
+
+
+def write_prompt_file(path: str | Path, prompts=PROMPTS) -> Path:
+    """A prompts.jsonl file (one {"prompt_id", "prompt"} object per line) at ``path``."""
+    path = Path(path)
+    path.write_text("".join(json.dumps({"prompt_id": i, "prompt": p}) + "\n" for i, p in enumerate(prompts)))
+    return path
+
+
+def make_tiny_pipeline(kind: str, folder: str | Path) -> str:
+    """A tiny random-weight pipeline folder of ``kind`` (sd3, sd15, sdxl), built through the CLI command users run."""
+    from trajflow.cli import main
+
+    assert kind in TINY_KINDS, kind
+    assert main([f"make-tiny-{kind}", str(folder)]) == 0
+    return str(folder)
+
+
+def generate_args(teacher_dir: str, prompts: str | Path, out: str, **flags) -> list[str]:
+    """`trajflow generate` arguments of a tiny prompt corpus (``PROMPT_CORPUS_FLAGS`` overridden by ``flags``)."""
+    args = ["generate", "--teacher", f"diffusers:{teacher_dir}", "--prompts", str(prompts), "--out", out,
+            "--no-progress"]
+    for k, v in {**PROMPT_CORPUS_FLAGS, **flags}.items():
+        if v is not None:
+            args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
