@@ -251,6 +251,8 @@ def prepare_corpus(store: ObjectStore, card: DatasetCard, *, verify_sha256: bool
         if commit.card_fingerprint == fp and name == f"{commit.shard_id}.json":
             committed[commit.shard_id] = commit
     bad = verify_commits(store, committed, sha256=verify_sha256)
+    if bad:  # an earlier manifest names them too: until they are regenerated, the corpus is not final
+        store.remove(MANIFEST)
     drop_commits(store, bad)
     for sid in bad:
         del committed[sid]
@@ -274,6 +276,7 @@ def finalize(store: ObjectStore, card: DatasetCard, commits: dict[str, ShardComm
     """
     bad = verify_commits(store, commits, sha256=verify_sha256)
     if bad:
+        store.remove(MANIFEST)  # (one from an earlier finalize would name them)
         drop_commits(store, bad)
         raise ShardsLost(store.url, bad)
     if ensure_card(store, card):
