@@ -23,14 +23,16 @@ from models.flownet import FlowNetTeacher, load_flow_net
 from models.gmm import PRESETS, GMMSpec, GMMTeacher, load_preset
 from models.spec import TeacherSpec, diffusers_subfolder, is_unet_folder, parse_teacher_spec
 
-__all__ = ["build_teacher", "teacher_from_config", "teacher_from_card", "local_target", "TeacherMismatch",
-           "DIFFUSERS_KINDS", "Fetch"]
+__all__ = ["build_teacher", "teacher_from_config", "teacher_from_card", "teacher_spec_for_card", "local_target", "TeacherMismatch",
+           "DIFFUSERS_KINDS", "Fetch", "CheckLocation"]
 
 #: card ``teacher.kind`` values of diffusers teachers (SD3-class transformer; SD1.5/SD2/SDXL UNet)
 DIFFUSERS_KINDS = ("diffusers", "diffusers_unet")
 
 #: ``fetch(url) -> local path``: how a caller with object-storage access brings a remote file here
 Fetch = Callable[[str], str]
+#: ``check_location(location)``: raises (a ValueError) when a location a card names must not be fetched or opened
+CheckLocation = Callable[[str], object]
 
 
 class TeacherMismatch(ValueError):
@@ -64,6 +66,12 @@ def build_teacher(spec: str | TeacherSpec, device: str | torch.device = "cpu", d
     pipeline folder with its CLIP text encoder when it has text_encoder/ and tokenizer/ (SDXL: both CLIP
     encoders, when it also has text_encoder_2/ and tokenizer_2/; time ids at this resolution)."""
     s = parse_teacher_spec(spec) if isinstance(spec, str) else spec
+    if s.kind == "digits":  # the digits testbed: a cached flow net fitted to scikit-learn's 8x8 digits
+        if resolution is not None or sample_shape is not None:
+            raise ValueError("resolution / sample_shape apply to diffusers teachers only; the digits testbed is 1x8x8")
+        from models.digits import digits_teacher
+
+        return digits_teacher(s, device=device, dtype=dtype)
     if s.kind == "diffusers" and "://" in s.target and not s.target.startswith("file://"):
         raise ValueError("diffusers teachers load from a local folder (or a hub on your cluster); copy the model "
                          f"next to the workers and pass diffusers:/local/path, got {str(s)!r}")
@@ -105,14 +113,24 @@ def build_teacher(spec: str | TeacherSpec, device: str | torch.device = "cpu", d
 
 
 def teacher_from_config(kind: str, config: Mapping[str, Any], run: Mapping[str, Any] | None = None, *,
-                        fetch: Fetch | None = None, device: str | torch.device | None = None):
+                        fetch: Fetch | None = None, device: str | torch.device | None = None,
+                        check_location: CheckLocation | None = None):
     """The teacher a corpus card describes: ``kind``/``config`` are ``card.teacher.kind``/``.config``, ``run``
     is ``card.run``.
 
     gmm: the exact GMM from ``config["spec"]``; flownet: the weights at ``run["teacher_spec"]`` (remote ones
     through ``fetch``); diffusers / diffusers_unet: the pipeline folder at ``config["source"]["path"]`` on
     this machine (text encoders and initial weights load from there). Raises ValueError with what is
-    missing; the caller checks the fingerprint (``teacher_from_card`` does)."""
+    missing; the caller checks the fingerprint (``teacher_from_card`` does).
+
+    ``check_location(location)``: the caller's fetch policy, called with every location the card names
+    before it is fetched or opened (it raises to refuse; the trainer and the audit refuse what is not under
+    the corpus root or an allowed prefix)."""
+    def allowed(location: str) -> str:
+        if check_location is not None:
+            check_location(location)
+        return location
+
     run = run or {}
     if kind in DIFFUSERS_KINDS:
         if kind == "diffusers":
@@ -121,6 +139,8 @@ def teacher_from_config(kind: str, config: Mapping[str, Any], run: Mapping[str, 
             from models.diffusers.unet import DiffusersUNetTeacher as teacher_cls
         source = config.get("source") or {}
         path = str(source.get("path") or "") if isinstance(source, Mapping) else ""
+        if path:
+            allowed(path)
         if not path or not os.path.isdir(path):
             raise ValueError(f"the corpus's diffusers teacher folder {path!r} is not on this machine: it is loaded "
                              "(text encoders, initial weights) from the path recorded in the card's "
@@ -134,22 +154,51 @@ def teacher_from_config(kind: str, config: Mapping[str, Any], run: Mapping[str, 
         return GMMTeacher(GMMSpec.from_json_dict(dict(spec)), device=device or "cpu")
     if kind == "flownet":
         spec = str(run.get("teacher_spec", ""))
+        testbed = config.get("testbed")
+        if isinstance(testbed, Mapping) and str(testbed.get("spec", "")).startswith("digits:"):
+            from models.digits import digits_teacher  # fitted deterministically, or loaded from the cache
+
+            return digits_teacher(str(testbed["spec"]), device=device or "cpu")
         if not spec.startswith("flownet:"):
             raise ValueError("the card does not record where the flow-net teacher's weights are (run.teacher_spec)")
-        path = local_target(spec[len("flownet:"):], fetch, what="the flow-net teacher's weights")
+        path = local_target(allowed(spec[len("flownet:"):]), fetch, what="the flow-net teacher's weights")
         net, _ = load_flow_net(path, device=device or "cpu")
         return FlowNetTeacher(net)
     raise ValueError(f"no teacher of kind {kind!r} is known (known: gmm, flownet, {', '.join(DIFFUSERS_KINDS)})")
 
 
-def teacher_from_card(card, *, fetch: Fetch | None = None, device: str | torch.device | None = None):
+def teacher_from_card(card, *, fetch: Fetch | None = None, device: str | torch.device | None = None,
+                      check_location: CheckLocation | None = None):
     """``teacher_from_config`` for a ``storage_schemas.DatasetCard`` (duck-typed: ``.teacher.kind``,
     ``.teacher.config``, ``.teacher.fingerprint``, ``.run``), checked against the card's fingerprint
     (``TeacherMismatch`` when it differs)."""
-    teacher = teacher_from_config(card.teacher.kind, card.teacher.config, card.run, fetch=fetch, device=device)
+    teacher = teacher_from_config(card.teacher.kind, card.teacher.config, card.run, fetch=fetch, device=device,
+                                  check_location=check_location)
     if teacher.fingerprint() != card.teacher.fingerprint:
         where = (card.teacher.config.get("source") or {}).get("path") if card.teacher.kind in DIFFUSERS_KINDS \
             else card.run.get("teacher_spec", card.teacher.kind)
         raise TeacherMismatch(f"the teacher at {where} is not the corpus's teacher (fingerprint differs: other "
                               "weights, dtype or text encoders)")
     return teacher
+
+
+def teacher_spec_for_card(card, tmpdir: str, *, check_location: CheckLocation | None = None) -> str:
+    """A SPEC that rebuilds the card's teacher through ``build_teacher`` (for processes configured by a SPEC,
+    such as the teacher pool's replicas): a GMM's spec is written to ``tmpdir/gmm-spec.json``; other kinds
+    use the recorded ``run.teacher_spec``."""
+    if card.teacher.kind == "gmm":
+        spec = card.teacher.config.get("spec")
+        if not isinstance(spec, Mapping):
+            raise ValueError("the card's GMM teacher has no spec (teacher.config.spec)")
+        path = os.path.join(tmpdir, "gmm-spec.json")
+        with open(path, "w") as f:
+            json.dump(spec, f)
+        return f"gmm:{path}"
+    spec = str(card.run.get("teacher_spec", ""))
+    if not spec:
+        raise ValueError("the corpus's card does not record its teacher SPEC (run.teacher_spec)")
+    if check_location is not None:  # the caller's fetch policy sees every location the card names
+        parsed = parse_teacher_spec(spec)
+        if parsed.kind in ("flownet", "diffusers"):
+            check_location(parsed.target)
+    return spec

@@ -22,6 +22,7 @@ def write_prompt_file(path: str | Path, prompts=PROMPTS) -> Path:
     """A prompts.jsonl file (one {"prompt_id", "prompt"} object per line) at ``path``."""
     path = Path(path)
     path.write_text("".join(json.dumps({"prompt_id": i, "prompt": p}) + "\n" for i, p in enumerate(prompts)))
+    allow_location(path)  # corpus cards name their prompt file (OTA and eval read it)
     return path
 
 
@@ -31,7 +32,19 @@ def make_tiny_pipeline(kind: str, folder: str | Path) -> str:
 
     assert kind in TINY_KINDS, kind
     assert main([f"make-tiny-{kind}", str(folder)]) == 0
+    allow_location(folder)
     return str(folder)
+
+
+def allow_location(prefix: str | Path) -> None:
+    """Name ``prefix`` as a trusted teacher location for this test session (``TRAJFLOW_ALLOW_TEACHER_LOCATIONS``,
+    inherited by subprocesses), as a user does with ``--allow-teacher-location``: corpus cards of the tiny
+    pipelines name their folder, which lies outside every corpus root."""
+    import os
+
+    from storage_schemas.locations import ALLOW_ENV
+
+    os.environ[ALLOW_ENV] = " ".join(dict.fromkeys([*os.environ.get(ALLOW_ENV, "").split(), str(prefix)]))
 
 
 def generate_args(teacher_dir: str, prompts: str | Path, out: str, **flags) -> list[str]:

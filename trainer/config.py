@@ -59,6 +59,9 @@ class TrainConfig:
     #: samples per rank per step (corpus + online); None: by the corpus's teacher (DEFAULT_BATCH_SIZE:
     #: 128 for flow nets, 4 for diffusers students), set by ``resolve_defaults``
     batch_size: int | None = None
+    #: micro-batches of ``batch_size`` per optimizer step (gradients summed, each loss / K): the global
+    #: batch is batch_size x K x world size, independent of what fits in memory
+    gradient_accumulation_steps: int = 1
     #: AdamW learning rate, warmup steps, weight decay, gradient clipping norm
     lr: float = 2e-4
     warmup_steps: int = 50
@@ -100,8 +103,11 @@ class TrainConfig:
     shuffle_buffer: int = 4096
     #: local shard cache directory (default ~/.cache/trajflow/shards)
     cache_dir: str | None = None
-    #: fsspec storage options for data and out
+    #: fsspec storage options for data and out (never written to checkpoints, logs or exports)
     storage_options: dict[str, Any] = field(default_factory=dict)
+    #: locations outside the corpus root that the card may name for its teacher (URL or path prefixes;
+    #: --allow-teacher-location); anything else the card names outside the root is refused
+    allow_teacher_locations: tuple[str, ...] = ()
     #: local directory for per-rank consumed-sample logs (JSONL), for audits of the data order
     consumed_log: str | None = None
     #: resume from the latest checkpoint under out (default on)
@@ -111,6 +117,8 @@ class TrainConfig:
 
     def __post_init__(self):
         self.stages = tuple(int(s) for s in self.stages)
+        allow = self.allow_teacher_locations
+        self.allow_teacher_locations = (str(allow),) if isinstance(allow, str) else tuple(str(a) for a in allow)
         if not self.stages or any(s < 1 for s in self.stages):
             raise ValueError(f"stages must be positive window counts like 8,4,2, got {self.stages}")
         for finer, coarser in zip(self.stages, self.stages[1:]):
@@ -138,7 +146,7 @@ class TrainConfig:
             self.adv_step_probs = tuple(float(p) for p in self.adv_step_probs)
             if any(not p >= 0 for p in self.adv_step_probs) or sum(self.adv_step_probs) <= 0:
                 raise ValueError("adv-step-probs must be >= 0 with a positive sum")
-        for name in ("batch_size", "checkpoint_every", "log_every", "shuffle_buffer"):
+        for name in ("batch_size", "gradient_accumulation_steps", "checkpoint_every", "log_every", "shuffle_buffer"):
             v = getattr(self, name)
             if v is None and name == "batch_size":
                 continue

@@ -22,6 +22,7 @@ behind ``trainer.students.base.Student``; this module has no branch on the famil
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -42,6 +43,7 @@ from flowcore.adversarial import (
 )
 from flowcore.losses import aligned_v_loss
 from flowcore.windows import sample_windows, stage_boundary_indices
+from storage_schemas.locations import LocationPolicy
 from trainer.checkpoint import CheckpointStore
 from trainer.config import TrainConfig
 from trainer.data import CorpusStream, StreamConfig, make_dataloader, open_corpus
@@ -52,7 +54,8 @@ from trainer.students.base import Condition, cat_conditions, condition_to, selec
 
 #: TrainConfig fields that do not change what a checkpoint holds (ignored when explaining a mismatch)
 _RUN_ONLY_KEYS = {"data", "out", "max_steps", "steps_per_stage", "resume", "progress", "cache_dir", "storage_options",
-                  "consumed_log", "log_every", "checkpoint_every", "num_workers", "ota_timeout", "ota_prefetch"}
+                  "consumed_log", "log_every", "checkpoint_every", "num_workers", "ota_timeout", "ota_prefetch",
+                  "allow_teacher_locations"}
 
 
 def _masked_loss(v: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -165,7 +168,9 @@ class Trainer:
         if cfg.ota_ratio > 0:
             prompts = None
             if self.card.conditioning.kind == "prompt":  # online requests draw from the corpus's prompt file
-                prompts = load_card_prompts(self.card, cfg.storage_options)
+                policy = LocationPolicy(cfg.data, cfg.allow_teacher_locations)  # a card-named file: root or allowed
+                prompts = load_card_prompts(self.card, cfg.storage_options,
+                                            check_location=lambda loc: policy.check(loc, "the prompt file"))
             self.ota = OTAMixer(self.rollout_teacher, self.card, mode=cfg.ota_mode, samples_per_step=cfg.ota_samples,
                                 seed=cfg.seed, rank=self.rank, window_points=cfg.window_points,
                                 prefetch=cfg.ota_prefetch, timeout_s=cfg.ota_timeout,
@@ -255,20 +260,59 @@ class Trainer:
                      self.student.online_condition(ob))
         return part, dict(self.ota.stats)
 
-    def train_step(self, batch: dict[str, Any] | None) -> dict[str, float]:
-        """One optimizer step on a corpus batch (None when training online only) plus online windows and,
-        with a discriminator, the adversarial part: one forward, one backward."""
+    def train_step(self, batches: list[dict[str, Any] | None] | dict[str, Any] | None) -> dict[str, float]:
+        """One optimizer step over ``cfg.gradient_accumulation_steps`` micro-batches (a corpus batch each, or
+        None when training online only), each with its online windows and, with a discriminator, its
+        adversarial part: one forward and one backward per micro-batch, gradients summed (each loss / K),
+        then one clip / step / EMA. One window generator per optimizer step, seeded by (seed, step, rank) and
+        consumed by the micro-batches in order, so K micro-batches of b draw the windows one batch of K x b
+        would (with window_points start)."""
+        if batches is None or isinstance(batches, dict):
+            batches = [batches]
         cfg, acc, student = self.cfg, self.accelerator, self.student
-        device = acc.device
         g = torch.Generator().manual_seed(_seed_of(cfg.seed, self.step, self.rank))
         stage = self.stage_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        K = len(batches)
+        totals: dict[str, float] = {}
+        counts = {"valid": 0, "online_in_step": 0}
+        stats: dict[str, float] = {}
+        for i, batch in enumerate(batches):
+            last_micro = i == K - 1
+            # DDP all-reduces on the last micro-batch only (no_sync), as accelerate's accumulate() does
+            with contextlib.nullcontext() if last_micro or self.world == 1 else acc.no_sync(self.model):
+                micro = self._micro_step(batch, stage, g, 1.0 / K, stats, sync_disc=last_micro)
+            for k in ("loss", "reflow_loss"):
+                totals[k] = totals.get(k, 0.0) + micro[k] / K
+            for k in counts:
+                counts[k] += micro[k]
+        grad_norm = acc.clip_grad_norm_(self.trainable, cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.disc is not None and "adv_d_loss" in stats:
+            acc.clip_grad_norm_([p for p in self.disc.parameters() if p.requires_grad], cfg.grad_clip)
+            self.disc_optimizer.step()
+            self.disc_optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(student.trainable_state_dict())
+        return {**totals, "grad_norm": float(grad_norm), "stage": stage, "lr": self.lr_at(self.step), **counts,
+                **student.step_metrics(), **stats}
+
+    def _micro_step(self, batch: dict[str, Any] | None, stage: int, g: torch.Generator, scale: float,
+                    stats: dict[str, float], sync_disc: bool) -> dict[str, float]:
+        """Forward and backward of one micro-batch (its corpus windows, online windows, adversarial part);
+        the losses are multiplied by ``scale`` before backward. ``stats`` gathers the ota_*/adv_* metrics."""
+        cfg, acc, student = self.cfg, self.accelerator, self.student
+        device = acc.device
         parts: list[_Part] = []
         valid = torch.ones(0, dtype=torch.bool)
         if batch is not None:
             valid = batch["valid"].bool()
             wb = sample_windows(batch["states"], batch["sigmas"][0], stage, cfg.window_points, generator=g)
             parts.append(_Part(wb.x_BX, wb.sigma_B, wb.v_target_BX, valid, student.corpus_condition(batch)))
-        online, stats = self._online_part(stage, g, wait=batch is None)
+        online, ota_stats = self._online_part(stage, g, wait=batch is None)
+        stats.update(ota_stats)
         if online is not None:
             parts.append(online)
         if not parts:
@@ -283,9 +327,7 @@ class Trainer:
             adv = self._adversarial_inputs(batch, parts[0].cond, stage, g)
             x, sigma = torch.cat([x, adv.start_BX]), torch.cat([sigma, adv.sigma_from_B])
             cond = cat_conditions([cond, adv.cond])
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.step)
-        with acc.autocast():  # one forward for every part keeps DDP to one pass per step
+        with acc.autocast():  # one forward for every part keeps DDP to one pass per micro-batch
             v_all = self.model(x.to(device), sigma.to(device), *condition_to(cond, device))
         target = torch.cat([p.target_BX for p in parts]).to(device)
         mask = torch.cat([p.valid_B for p in parts]).to(device)
@@ -293,18 +335,12 @@ class Trainer:
         if adv is not None:
             fake, g_loss = self._generator_part(adv, v_all[n_reflow:].float(), stats)
             loss = loss + g_loss
-        acc.backward(loss)
-        grad_norm = acc.clip_grad_norm_(self.trainable, cfg.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        acc.backward(loss * scale if scale != 1.0 else loss)
         if adv is not None:
-            self._discriminator_step(adv, fake.detach(), stats)
-        if self.ema is not None:
-            self.ema.update(student.trainable_state_dict())
+            self._discriminator_backward(adv, fake.detach(), stats, scale, sync=sync_disc)
         self.skipped_samples += int((~valid).sum())
-        return {"loss": float(loss.detach()), "reflow_loss": float(reflow.detach()), "grad_norm": float(grad_norm),
-                "stage": stage, "lr": self.lr_at(self.step), "valid": int(valid.sum()), "online_in_step": n_online,
-                **student.step_metrics(), **stats}
+        return {"loss": float(loss.detach()), "reflow_loss": float(reflow.detach()), "valid": int(valid.sum()),
+                "online_in_step": n_online}
 
     # -- adversarial distillation on trajectory states ----------------------------------------------
     def _adversarial_inputs(self, batch, cond: Condition, stage: int, g: torch.Generator) -> _Adversarial:
@@ -351,33 +387,33 @@ class Trainer:
         stats["adv_fm_loss"] = float(g_fm.detach())
         return fake, cfg.adv_weight * g_adv + cfg.fm_weight * g_fm
 
-    def _discriminator_step(self, adv: _Adversarial, fake, stats) -> None:
+    def _discriminator_backward(self, adv: _Adversarial, fake, stats, scale: float, sync: bool) -> None:
+        """The discriminator's hinge loss on real vs fake states, backward (times ``scale``); its optimizer
+        steps in ``train_step`` after the last micro-batch."""
         acc = self.accelerator
         device = acc.device
         n = fake.shape[0]
         sig = adv.sigma_to_B.to(device)
         dcond = tuple(None if c is None else torch.cat([c, c]).to(device) for c in adv.disc_cond)
-        with acc.autocast():
-            logits, _ = self.disc(torch.cat([adv.real_BX.to(device), fake]), torch.cat([sig, sig]), *dcond)
-        logits = logits.float()
-        d_loss = discriminator_hinge_loss(logits[:n], logits[n:])
-        acc.backward(d_loss)
-        acc.clip_grad_norm_([p for p in self.disc.parameters() if p.requires_grad], self.cfg.grad_clip)
-        self.disc_optimizer.step()
-        self.disc_optimizer.zero_grad(set_to_none=True)
+        with contextlib.nullcontext() if sync or self.world == 1 else acc.no_sync(self.disc):
+            with acc.autocast():
+                logits, _ = self.disc(torch.cat([adv.real_BX.to(device), fake]), torch.cat([sig, sig]), *dcond)
+            logits = logits.float()
+            d_loss = discriminator_hinge_loss(logits[:n], logits[n:])
+            acc.backward(d_loss * scale if scale != 1.0 else d_loss)
         stats["adv_d_loss"] = float(d_loss.detach())
         stats["adv_d_real"] = float(logits[:n].detach().mean())
         stats["adv_d_fake"] = float(logits[n:].detach().mean())
 
     # -- the loop --------------------------------------------------------------------------------
     def _corpus_batches(self):
-        """This rank's corpus batches, epoch after epoch (a new epoch starts when the stream's is used up)."""
-        while True:
-            if self.stream.remaining_steps == 0:
-                self.stream.set_epoch(self.stream.epoch + 1)
-            for batch in make_dataloader(self.stream, num_workers=self.cfg.num_workers):
-                self._log_consumed(batch)
-                yield batch
+        """This rank's corpus batches, epoch after epoch, from one loader: its workers start once and
+        roll into the next epoch themselves; begin_step moves the stream to the next epoch when one is
+        used up and checks each batch against the cursor."""
+        for batch in make_dataloader(self.stream, num_workers=self.cfg.num_workers, epochs=None):
+            self.stream.begin_step(batch)
+            self._log_consumed(batch)
+            yield batch
 
     def _log_consumed(self, batch) -> None:
         if self._consumed is not None:
@@ -402,12 +438,14 @@ class Trainer:
         self._batches = None if self.online_only else self._corpus_batches()  # ota-ratio 1: no corpus batches
         try:
             while self.step < self.total_steps:
-                batch = None if self._batches is None else next(self._batches)
-                last = self.train_step(batch)
-                corpus_samples = 0
-                if batch is not None:
-                    self.stream.advance()
-                    corpus_samples = self.stream.global_batch
+                batches, corpus_samples = [], 0
+                for _ in range(cfg.gradient_accumulation_steps):
+                    batch = None if self._batches is None else next(self._batches)
+                    if batch is not None:  # the cursor moves as a batch is taken: a checkpoint after the
+                        self.stream.advance()  # step sits on an optimizer-step boundary
+                        corpus_samples += self.stream.global_batch
+                    batches.append(batch)
+                last = self.train_step(batches)
                 self.step += 1
                 # online samples that really arrived (per rank, times the world size)
                 self._after_step(last, bar, corpus_samples + last.get("online_in_step", 0) * self.world)

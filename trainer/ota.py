@@ -51,7 +51,8 @@ def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big") & (2**63 - 1)
 
 
-def load_card_prompts(card: DatasetCard, storage_options: dict[str, Any] | None = None) -> list[str]:
+def load_card_prompts(card: DatasetCard, storage_options: dict[str, Any] | None = None, *,
+                      check_location=None) -> list[str]:
     """The prompt texts of a prompt-conditioned corpus: its prompt file (card ``run.prompts``), sha256-checked."""
     rec = card.run.get("prompts") or {}
     url = rec.get("url") if isinstance(rec, dict) else None
@@ -62,6 +63,8 @@ def load_card_prompts(card: DatasetCard, storage_options: dict[str, Any] | None 
 
     from storage_schemas.retry import with_retries
 
+    if check_location is not None:  # the card is input: its prompt file is read only where the caller allows
+        check_location(str(url))
     try:
         fs, path = url_to_fs(url, **(storage_options or {}))
         data = with_retries(lambda: fs.cat_file(path), what=f"reading prompt file {url}")

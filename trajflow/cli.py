@@ -29,6 +29,12 @@ standard AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) or --storage
 """
 
 
+#: help of --allow-teacher-location (train, eval)
+ALLOW_TEACHER_HELP = ("a URL or path prefix the corpus card (or student file) may name for the teacher's weights or "
+                      "pipeline folder; repeatable. Anything it names outside the corpus root and the allowed "
+                      "prefixes is refused, never fetched or opened")
+
+
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     """The generate flags (also parsed by `trajflow submit` before it sends them to the cluster)."""
     g = p.add_argument_group("what to generate (these determine the corpus bytes)")
@@ -114,8 +120,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             "teacher_fit_steps", "student_arch", "student_width", "student_depth", "mixed_precision", "on_corrupt",
             "num_workers", "shuffle_buffer", "cache_dir", "storage_options", "consumed_log", "ota_ratio", "ota_mode",
             "ota_prefetch", "ota_timeout", "adv_weight", "fm_weight", "adv_step_probs", "disc_lr", "disc_blocks",
-            "lora_rank", "lora_alpha", "gradient_checkpointing", "prompt_cache_size")
+            "lora_rank", "lora_alpha", "gradient_checkpointing", "prompt_cache_size", "gradient_accumulation_steps")
     values = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    values["allow_teacher_locations"] = tuple(args.allow_teacher_locations or ())
     try:
         cfg = TrainConfig(**values, resume=not args.no_resume, progress=not args.no_progress)
     except (ValueError, TypeError) as e:
@@ -248,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training points at window starts, on whole segments, or half each (default start)")
     p.add_argument("--batch-size", type=int, help="samples per rank per step (default: 128 for flow-net students, 4 for "
                    "diffusers students)")
+    p.add_argument("--gradient-accumulation-steps", type=int, metavar="K",
+                   help="micro-batches of --batch-size per optimizer step: global batch = batch x K x processes, "
+                        "memory of one micro-batch (default 1)")
     p.add_argument("--lr", type=float)
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--grad-clip", type=float)
@@ -268,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shuffle-buffer", type=int)
     p.add_argument("--cache-dir", help="local shard cache (default ~/.cache/trajflow/shards)")
     p.add_argument("--storage-options", type=json_object_arg)
+    p.add_argument("--allow-teacher-location", action="append", dest="allow_teacher_locations", metavar="PREFIX",
+                   help=ALLOW_TEACHER_HELP)
     p.add_argument("--consumed-log", help="local dir for per-rank consumed-sample logs (JSONL)")
     g = p.add_argument_group("online trajectory alignment (a live teacher pool: `trajflow pool --help`)")
     g.add_argument("--ota-ratio", type=float, help="share of each batch from online teacher rollouts (default 0)")
@@ -347,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=2000)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--storage-options", type=json_object_arg)
+    p.add_argument("--allow-teacher-location", action="append", dest="allow_teacher_locations", metavar="PREFIX",
+                   help=ALLOW_TEACHER_HELP.replace("corpus root", "student's folder"))
     g = p.add_argument_group("SD3 / UNet students (exported by training on a diffusers corpus): scores from LOCAL weights")
     g.add_argument("--clip", help="CLIPModel + CLIPProcessor folder: CLIP score and FD-CLIP to the teacher's images")
     g.add_argument("--pickscore", help="PickScore_v1 folder (a CLIPModel + processor): preference score")
@@ -396,11 +410,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UsageError as e:
-        print(f"trajflow {args.command}: error: {e}", file=sys.stderr)
+        print(f"trajflow {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; committed work is kept, re-run the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - every failure is one line (`-v` shows the traceback)
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"trajflow {args.command}: error: {one_line(e)}", file=sys.stderr)
+        return FAILURE_EXIT.get(args.command, 1)
+
+
+#: exit code of an unexpected failure by command (audit: 2 = the corpus could not be audited); else 1
+FAILURE_EXIT = {"audit": 2}
+#: exception types whose message alone is not self-explanatory (their type name is shown too)
+_BARE_TYPES = (KeyError, IndexError, TypeError, AttributeError, AssertionError, NameError, RecursionError,
+               ZeroDivisionError, NotImplementedError)
+
+
+def one_line(exc: BaseException, limit: int = 2000) -> str:
+    """``exc`` as one line: whitespace (newlines of nested tracebacks included) collapsed, at most ``limit``
+    characters; the type name is prepended where the message alone says little (KeyError('spec') -> "KeyError:
+    'spec'")."""
+    msg = " ".join(str(exc).split())
+    if not msg or isinstance(exc, _BARE_TYPES):
+        msg = f"{type(exc).__name__}: {msg}".rstrip(": ") + " (run `trajflow -v ...` for the traceback)"
+    return msg if len(msg) <= limit else msg[:limit - 1] + "…"
 
 
 if __name__ == "__main__":

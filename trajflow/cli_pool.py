@@ -102,20 +102,6 @@ def cmd_pool(args: argparse.Namespace) -> int:
     return 0
 
 
-def teacher_spec_for_pool(card, tmpdir: str) -> str:
-    """A SPEC that rebuilds the corpus's teacher on pool replicas (a GMM spec is written to a JSON file)."""
-    kind = card.teacher.kind
-    if kind == "gmm":
-        path = os.path.join(tmpdir, "gmm-spec.json")
-        with open(path, "w") as f:
-            json.dump(card.teacher.config["spec"], f)
-        return f"gmm:{path}"
-    spec = str(card.run.get("teacher_spec", ""))
-    if not spec:
-        raise ValueError("the corpus's card does not record its teacher SPEC (run.teacher_spec)")
-    return spec
-
-
 @contextlib.contextmanager
 def rollout_teacher_for(cfg, address: str | None, pool_name: str | None, replicas: int) -> Iterator[object]:
     """The RolloutTeacher of a training run: None without OTA; the named pool on ``address``; or, with no
@@ -145,8 +131,13 @@ def rollout_teacher_for(cfg, address: str | None, pool_name: str | None, replica
                          "and pass --address")
     import ray
 
+    from models.registry import teacher_spec_for_card
+
     with tempfile.TemporaryDirectory() as tmp:
-        spec = teacher_spec_for_pool(card, tmp)
+        from storage_schemas.locations import LocationPolicy
+
+        policy = LocationPolicy(cfg.data, cfg.allow_teacher_locations)  # the pool loads what the card names
+        spec = teacher_spec_for_card(card, tmp, check_location=lambda loc: policy.check(loc, "the teacher"))
         started = not ray.is_initialized()
         if started:
             ray.init(namespace=pool.NAMESPACE, include_dashboard=False, log_to_driver=False, logging_level="ERROR")

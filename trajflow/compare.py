@@ -100,7 +100,7 @@ def train_method(name: str, corpus: str, run_dir: Path, profile: Profile, *, rol
         from trainer.teacher import teacher_from_card
 
         net, _ = load_flow_net(run_dir / "student" / "student.safetensors")
-        return net, teacher_from_card(open_corpus(corpus).card), {**json.loads(done.read_text())["summary"],
+        return net, teacher_from_card(open_corpus(corpus).card, root=corpus), {**json.loads(done.read_text())["summary"],
                                                                   "run_dir": str(run_dir)}
     if cfg.ota_ratio > 0 and rollout_teacher is None:
         raise ValueError(f"method {name} needs a rollout teacher (pool client or LocalRollout)")

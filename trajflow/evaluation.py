@@ -12,8 +12,8 @@ from models.gmm import GMMTeacher
 from storage_schemas import DatasetCard
 
 
-def load_student(url: str, storage_options=None):
-    """(net, extra) from a run URL, its student/ dir, or the .safetensors itself."""
+def student_file(url: str, storage_options=None) -> tuple[object, str, str]:
+    """(fs, path of the student .safetensors, URL of its folder) for a run URL, its student/ dir, or the file."""
     from fsspec.core import url_to_fs
 
     fs, path = url_to_fs(url, **(storage_options or {}))
@@ -21,11 +21,19 @@ def load_student(url: str, storage_options=None):
                                                                f"{path.rstrip('/')}/student.safetensors"]
     for c in candidates:
         if fs.exists(c):
-            with tempfile.TemporaryDirectory() as tmp:
-                local = os.path.join(tmp, "student.safetensors")
-                fs.get_file(c, local)
-                return load_flow_net(local)
+            folder = c.rsplit("/", 1)[0] if "/" in c else "."
+            protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+            return fs, c, (folder if "file" in protocols or "local" in protocols else fs.unstrip_protocol(folder))
     raise FileNotFoundError(f"no exported student at {url} (looked for {', '.join(candidates)})")
+
+
+def load_student(url: str, storage_options=None):
+    """(net, extra) from a run URL, its student/ dir, or the .safetensors itself."""
+    fs, path, _ = student_file(url, storage_options)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "student.safetensors")
+        fs.get_file(path, local)
+        return load_flow_net(local)
 
 
 def run_eval(args) -> int:
@@ -34,11 +42,17 @@ def run_eval(args) -> int:
 
     try:
         net, extra = load_student(args.student, args.storage_options)
+        _, _, folder = student_file(args.student, args.storage_options)
+        if not isinstance(extra, dict) or not isinstance(extra.get("card"), dict):
+            raise ValueError(f"the student file at {args.student} does not record its corpus card (metadata 'card')")
+        card = DatasetCard.from_json(json.dumps(extra["card"]))
     except (FileNotFoundError, ValueError) as e:
         print(f"trajflow eval: error: {e}", file=sys.stderr)
         return 1
-    card = DatasetCard.from_json(json.dumps(extra["card"]))
-    teacher = teacher_from_card(card, args.storage_options)
+    # the student file is input: what its card names is opened only under the student's folder or an allowed prefix
+    teacher = teacher_from_card(card, args.storage_options, root=folder,
+                                allow=getattr(args, "allow_teacher_locations", None) or (),
+                                root_what="the student's folder", source="the student file's card")
     if not isinstance(teacher, GMMTeacher):
         print("trajflow eval: exact metrics need a GMM teacher corpus; other teachers come with issue 7",
               file=sys.stderr)

@@ -21,6 +21,12 @@ def _prompts(args, meta) -> list[str]:
     url = args.prompts or ((meta.get("card") or {}).get("run", {}).get("prompts") or {}).get("url")
     if not url:
         raise ValueError("no prompts: pass --prompts FILE (.jsonl/.parquet with prompt_id, prompt)")
+    if not args.prompts:  # named by the student file: opened only under its folder or an allowed prefix
+        from trajflow.sample import student_location_policy
+
+        policy = student_location_policy(meta["_student_dir"], getattr(args, "allow_teacher_locations", None) or ())
+        policy.hint = "pass --prompts FILE if you trust it"
+        policy.check(str(url), "the prompt file")
     pairs, _ = load_prompts(url, args.storage_options)
     return [pairs[i % len(pairs)][1] for i in range(args.num_images)]
 
@@ -80,7 +86,9 @@ def sd3_report(args) -> dict[str, Any]:
     inception = InceptionFID(fid_path, device) if fid_path else None
     real_feats = inception.image_features(_open_images(_reference_files(fid_ref))) if fid_ref else None
     student_dir = local_student_dir(args.student, args.storage_options)
-    pipe, meta = load_student_pipeline(student_dir, args.base, device)
+    allow = getattr(args, "allow_teacher_locations", None) or ()
+    pipe, meta = load_student_pipeline(student_dir, args.base, device, allow=allow)
+    meta = {**meta, "_student_dir": student_dir}
     prompts = _prompts(args, meta)
     res = int(meta["resolution"])
     extra = {"max_sequence_length": int(meta["max_sequence_length"])} if meta.get("max_sequence_length") else {}

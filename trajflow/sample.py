@@ -50,11 +50,23 @@ _STUDENT_PARTS = {
 }
 
 
+def student_location_policy(student_dir: str, allow=()):
+    """What a student file may name (base pipeline, prompt file): only under its own folder or an allowed prefix."""
+    from storage_schemas.locations import LocationPolicy
+
+    return LocationPolicy(student_dir, allow, root_what="the student's folder",
+                          source=f"the student file ({STUDENT_META})")
+
+
 def load_student_pipeline(student_dir: str, base: str | None = None, device: str | None = None,
-                          torch_dtype=None):
+                          torch_dtype=None, allow=()):
     """(the stock pipeline of the student's kind with the student and flowcore's scheduler, the student's
     metadata): StableDiffusion3Pipeline (kind "sd3", also students exported before kinds existed),
-    StableDiffusionPipeline or StableDiffusionXLPipeline (kind "unet", by ``pipeline_class``)."""
+    StableDiffusionPipeline or StableDiffusionXLPipeline (kind "unet", by ``pipeline_class``).
+
+    ``base`` (the user's --base) is opened as given; the base pipeline the student file records is opened
+    only under the student's folder or an ``allow`` prefix (``--allow-teacher-location``,
+    ``TRAJFLOW_ALLOW_TEACHER_LOCATIONS``), else a one-line refusal."""
     import diffusers
     import torch
 
@@ -69,7 +81,10 @@ def load_student_pipeline(student_dir: str, base: str | None = None, device: str
     pipeline_class = meta.get("pipeline_class") or "StableDiffusion3Pipeline"
     if pipeline_class not in ("StableDiffusion3Pipeline", "StableDiffusionPipeline", "StableDiffusionXLPipeline"):
         raise ValueError(f"unsupported pipeline class {pipeline_class!r} in {STUDENT_META}")
-    base = base or meta.get("base_pipeline")
+    if not base and meta.get("base_pipeline"):
+        policy = student_location_policy(student_dir, allow)
+        policy.hint = "pass --base /path/to/the/base/pipeline if you trust it"
+        base = policy.check(str(meta["base_pipeline"]), "the base pipeline")
     if not base or not os.path.isdir(base):
         raise FileNotFoundError(f"the student's base pipeline {base!r} is not a local folder; pass --base "
                                 "/path/to/the/teacher/pipeline (the folder the corpus was generated from)")

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..card import DatasetCard
+from ..locations import LocationPolicy, LocationRefused
 from ..record import TORCH_DTYPES
 from ._shards import ReplaySample
 from .problems import Problem
@@ -56,8 +57,12 @@ def _from_spec(spec: str, device: str, card: DatasetCard | None = None):
     return build_teacher(TeacherSpec(s.kind, target, s.variant), device=device, **kwargs)
 
 
-def rebuild_teacher(card: DatasetCard, override: str | None, device: str) -> tuple[Any, list[str]]:
+def rebuild_teacher(card: DatasetCard, override: str | None, device: str,
+                    root: str | None = None) -> tuple[Any, list[str]]:
     """The first candidate teacher whose fingerprint equals the card's.
+
+    What the card names is opened only under the corpus ``root`` (``storage_schemas.locations``); a
+    ``--replay-teacher`` override is the user's own and is opened as given.
 
     Returns (teacher, []) on a match, (teacher, [fingerprints]) when every buildable candidate has
     another fingerprint (a teacher_mismatch), and raises ReplayUnavailable when none can be built.
@@ -69,8 +74,13 @@ def rebuild_teacher(card: DatasetCard, override: str | None, device: str) -> tup
         def from_card():
             from models.registry import teacher_from_config
 
+            policy = LocationPolicy(root, hint="to replay, copy it under the corpus root or pass --replay-teacher "
+                                               "KIND:/local/path")
             try:
-                return teacher_from_config(card.teacher.kind, card.teacher.config, card.run, device=device)
+                return teacher_from_config(card.teacher.kind, card.teacher.config, card.run, device=device,
+                                           check_location=lambda loc: policy.check(loc, "the teacher"))
+            except LocationRefused as exc:
+                raise ReplayUnavailable(str(exc)) from None
             except ValueError as exc:
                 raise ReplayUnavailable(f"{exc}; pass --replay-teacher KIND:/local/path") from None
 
@@ -116,8 +126,9 @@ def _condition(teacher: Any, card: DatasetCard, batch: list[ReplaySample], devic
 
 
 def replay(card: DatasetCard, samples: list[ReplaySample], *, override: str | None = None,
-           device: str | None = None) -> tuple[list[Problem], dict[str, Any], list[str]]:
-    """Re-solve ``samples``; returns (problems, stats["replay"], notes)."""
+           device: str | None = None, root: str | None = None) -> tuple[list[Problem], dict[str, Any], list[str]]:
+    """Re-solve ``samples``; returns (problems, stats["replay"], notes). ``root``: the corpus root (what the card
+    names outside it is not opened)."""
     from flowcore.solvers import seeded_noise, solve_teacher
 
     device = device or default_device()
@@ -127,7 +138,7 @@ def replay(card: DatasetCard, samples: list[ReplaySample], *, override: str | No
     if not samples:
         return [], stats, []
     try:
-        teacher, mismatched = rebuild_teacher(card, override, device)
+        teacher, mismatched = rebuild_teacher(card, override, device, root)
     except ReplayUnavailable as exc:
         stats["reason"] = str(exc)
         return [], stats, [f"replay unavailable: {exc}"]

@@ -167,7 +167,8 @@ def audit_corpus(
             if len(samples) < chosen:
                 report.notes.append(f"{chosen - len(samples)} of the {chosen} samples chosen for replay could not be "
                                     "decoded (see the problems) and were not replayed")
-            found, replay_stats, notes = run_replay(card, samples, override=replay_teacher, device=replay_device)
+            found, replay_stats, notes = run_replay(card, samples, override=replay_teacher, device=replay_device,
+                                                    root=url)
             problems.extend(found)
             report.notes.extend(notes)
 

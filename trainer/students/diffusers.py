@@ -234,7 +234,8 @@ class DiffusersStudent:
 
     @classmethod
     def build(cls, card, cfg, *, device, main_process_first=None, progress: bool = False) -> DiffusersStudent:
-        teacher = teacher_from_card(card, cfg.storage_options, device=device)
+        teacher = teacher_from_card(card, cfg.storage_options, device=device, root=cfg.data,
+                                    allow=cfg.allow_teacher_locations)
         gc = cfg.gradient_checkpointing
         if gc is None:  # memory-aware default: activations dominate at 1024 px on a GPU; CPU runs are tiny
             gc = torch.device(device).type == "cuda"

@@ -121,7 +121,7 @@ class FlowNetStudent:
 
     @classmethod
     def build(cls, card: DatasetCard, cfg, *, device, main_process_first, progress: bool) -> FlowNetStudent:
-        teacher = teacher_from_card(card, cfg.storage_options)
+        teacher = teacher_from_card(card, cfg.storage_options, root=cfg.data, allow=cfg.allow_teacher_locations)
         net_cfg = student_net_config(card, cfg.student_arch, cfg.student_width, cfg.student_depth)
         with main_process_first():  # rank 0 fits (and caches) the GMM teacher's net first
             network = init_flow_net_student(card, net_cfg, cfg.init, teacher, cfg.teacher_fit_steps, seed=cfg.seed,
