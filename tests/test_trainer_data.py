@@ -97,6 +97,9 @@ def build_corpus(url: str, num: int = 103, shard_size: int = 8, *, finalize: boo
 
 
 def cfg_for(url: str, tmp_path, **kw) -> StreamConfig:
+    """The tests of this file check the global order (every W-th position to a rank): the
+    partitioned default is tested in tests/test_partitioned_stream.py."""
+    kw.setdefault("order", "global")
     kw.setdefault("batch_size", 2)
     kw.setdefault("shuffle_buffer", 16)
     kw.setdefault("cache_dir", str(tmp_path / "cache"))

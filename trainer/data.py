@@ -1,17 +1,22 @@
-"""The trainer's streaming dataset: a finalized corpus on object storage, in a global sample order that
-does not depend on the world size, with O(1) exact and elastic resume.
+"""The trainer's streaming dataset: a finalized corpus on object storage, in a sample order that is a
+pure function of its inputs, with O(1) exact and elastic resume.
 
 Vocabulary (see ``docs/training_data.md`` for the full story):
 
 - **position**: an integer in ``[0, N)``, N = the number of samples the manifest lists. An epoch
   consumes positions in increasing order; a training step consumes ``world * batch_size``
-  consecutive positions, position ``p`` going to rank ``(p - cursor) % world``.
-- **global order**: which sample sits at each position in an epoch, a pure function of
-  ``(seed, epoch, manifest)`` (:class:`EpochOrder`): the shards are permuted, their samples
-  concatenated into a stream, and the stream is shuffled in blocks of ``shuffle_buffer`` positions.
+  consecutive positions, cut into one chunk of ``batch_size`` per rank.
+- **order**: which sample sits at each position in an epoch. ``"partitioned"`` (default,
+  :class:`PartitionedOrder`): a pure function of ``(seed, epoch, manifest, shuffle_buffer,
+  partitions)``; the epoch's shard permutation is cut into ``partitions`` parts, a step's positions
+  are dealt to ranks by part, so each rank (and node) reads about ``1/world`` of the shards.
+  ``"global"`` (:class:`EpochOrder`): a function of ``(seed, epoch, manifest, shuffle_buffer)``;
+  position ``p`` goes to rank ``(p - cursor) % world`` and every rank reads every shard.
 - **cursor**: how many positions of the current epoch all ranks together have consumed. The
-  resume state is ``(corpus fingerprint, seed, epoch, cursor)`` (:class:`StreamState`), so a run
-  resumes exactly, on any number of ranks and DataLoader workers.
+  resume state is ``(corpus fingerprint, seed, epoch, cursor, order, partitions)``
+  (:class:`StreamState`), so a run resumes exactly, on any number of ranks and DataLoader workers.
+- A loader made with ``make_dataloader(stream, epochs=None)`` keeps its workers for every epoch:
+  each rolls into the next epoch itself (:meth:`CorpusStream.iter_worker`).
 
 The module imports neither Ray nor ``pipeline``; storage is reached through fsspec only
 (:mod:`trainer.shard_cache`), data is decoded by :mod:`storage_schemas`; no pickle.
@@ -57,6 +62,7 @@ __all__ = [
     "CorpusStream",
     "CorruptShardError",
     "EpochOrder",
+    "PartitionedOrder",
     "SampleLocator",
     "ShardFetchError",
     "StreamConfig",
@@ -64,6 +70,7 @@ __all__ = [
     "StreamStateMismatch",
     "corpus_fingerprint",
     "make_dataloader",
+    "manifest_problems",
     "open_corpus",
     "rank_positions",
     "usable_end",
@@ -72,7 +79,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ON_CORRUPT = ("error", "skip")
-STATE_VERSION = 1
+ORDERS = ("partitioned", "global")
+STATE_VERSION = 2
+"""Version 2 adds ``order`` and ``partitions``; a version-1 state is read as ``order="global"``."""
 ORDER_VERSION = "trajflow-order-v1"
 """Names the order algorithm; part of every generator seed, so a new algorithm gets new seeds."""
 
@@ -124,6 +133,16 @@ class StreamConfig:
     epoch are dropped (and counted in ``CorpusStream.dropped_per_epoch``)."""
     fetch_attempts: int = 6
     """Tries per shard download for transient storage errors (jittered exponential backoff)."""
+    order: str = "partitioned"
+    """``"partitioned"`` (default): the shards are split into ``partitions`` contiguous parts of the
+    epoch's shard permutation and each rank reads about its share of them (:class:`PartitionedOrder`).
+    ``"global"``: one order independent of everything but the seed; every rank reads every shard of
+    each shuffle block (:class:`EpochOrder`). Part of the resume state (checked)."""
+    partitions: int | None = None
+    """Canonical partitions of the partitioned order (like mosaicml/streaming's canonical nodes): the
+    order is a pure function of (seed, epoch, manifest, shuffle_buffer, partitions) and does not
+    depend on the world size. None: the saved state's value on resume, else the world size of the
+    stream. Reads stay local when the world size divides it or is a multiple of it."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or not self.url.strip("/"):
@@ -136,6 +155,10 @@ class StreamConfig:
         _check_int("cache_max_bytes", self.cache_max_bytes, minimum=1)
         _check_int("prefetch_shards", self.prefetch_shards, minimum=0)
         _check_int("fetch_attempts", self.fetch_attempts, minimum=1)
+        if self.order not in ORDERS:
+            raise ValueError(f"StreamConfig.order must be one of {ORDERS}, found {self.order!r}")
+        if self.partitions is not None:
+            _check_int("partitions", self.partitions, minimum=1)
         if self.cache_dir is not None and not isinstance(self.cache_dir, str):
             raise ValueError(f"StreamConfig.cache_dir must be a path or None, found {self.cache_dir!r}")
         if not isinstance(self.verify_sha256, bool):
@@ -249,6 +272,42 @@ def open_corpus(url: str, storage_options: dict[str, Any] | None = None, *, atte
     return Corpus(url=url, card=card, shards=tuple(shards), fingerprint=corpus_fingerprint(card, shards))
 
 
+def manifest_problems(corpus: Corpus) -> dict[int, str]:
+    """Manifest rows whose claimed sample indices cannot be right, by row: a second row with a shard
+    id already listed, a row whose ``first_index..last_index`` or ``num_samples`` is not what the
+    card's plan gives its shard number (shard k holds ``[k*shard_size, min((k+1)*shard_size, N))``),
+    or a row whose range overlaps an earlier row's. Such a shard (e.g. a byte copy of another shard,
+    committed under another id with the same indices) would train its samples twice an epoch; its
+    record keys agree with its row, so only this check finds it."""
+    card = corpus.card
+    shard_size, planned = card.shard_size, card.num_trajectories
+    problems: dict[int, str] = {}
+    seen_ids: dict[str, int] = {}
+    claimed: list[tuple[int, int, str]] = []
+    for row, commit in enumerate(corpus.shards):
+        sid = commit.shard_id
+        if sid in seen_ids:
+            problems[row] = f"the manifest lists shard {sid!r} twice (rows {seen_ids[sid]} and {row})"
+            continue
+        seen_ids[sid] = row
+        number = shard_number(sid)
+        first, last = number * shard_size, min((number + 1) * shard_size, planned) - 1
+        if commit.num_samples != commit.last_index - commit.first_index + 1:
+            problems[row] = (f"its manifest row claims {commit.num_samples} samples for indices "
+                             f"{commit.first_index}..{commit.last_index}")
+        elif (commit.first_index, commit.last_index) != (first, last):
+            problems[row] = (f"its manifest row claims indices {commit.first_index}..{commit.last_index}, but the "
+                             f"card's plan (shard_size {shard_size}, {planned} trajectories) gives shard {number} "
+                             f"indices {first}..{last}: a copy of another shard's samples is not trained twice")
+        else:
+            claimed.append((commit.first_index, commit.last_index, sid))
+    claimed.sort()
+    for (a0, a1, aid), (b0, b1, bid) in itertools.pairwise(claimed):
+        if b0 <= a1:  # cannot happen once every row matches the plan; kept as a guard
+            problems[seen_ids[bid]] = f"its indices {b0}..{b1} overlap shard {aid!r}'s {a0}..{a1}"
+    return problems
+
+
 # --- the global order ----------------------------------------------------------------------------
 
 
@@ -289,6 +348,7 @@ class EpochOrder:
     """
 
     _CACHED_BLOCKS = 4
+    kind = "global"
 
     def __init__(self, shard_sizes: Sequence[int], *, seed: int, epoch: int, shuffle_buffer: int) -> None:
         if not shard_sizes or any(s < 1 for s in shard_sizes):
@@ -349,10 +409,145 @@ class EpochOrder:
             self._max_span = max(len(self.block_slots(b)) for b in range(self.num_blocks))
         return self._max_span
 
+    def block_key(self, position: int) -> int:
+        return position // self.block_size
+
+    def step_positions(self, start: int, global_batch: int, batch_size: int, rank: int) -> list[int]:
+        """Rank ``rank``'s positions of the step ``[start, start + global_batch)``: every W-th from
+        ``start + rank`` (W = ``global_batch // batch_size``)."""
+        return list(range(start + rank, start + global_batch, global_batch // batch_size))
+
     def digest(self) -> str:
         """A short hash of the shard permutation and block 0's permutation: detects an RNG that
         changed between the run that saved a state and the one that loads it (e.g. a torch upgrade)."""
         data = json.dumps([self.shard_order, self.block_perm(0)], separators=(",", ":"))
+        return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+
+class PartitionedOrder:
+    """The partitioned sample order of one epoch: a pure function of (seed, epoch, shard sizes,
+    shuffle_buffer, partitions) that lets each rank read about ``1 / world`` of the shards.
+
+    1. The shards are permuted by a generator seeded from (seed, epoch) (as in :class:`EpochOrder`),
+       and their samples, in that order, form a stream of N items.
+    2. The stream is cut into ``P = partitions`` contiguous parts: part q holds stream items
+       ``[q*N//P, (q+1)*N//P)`` (lengths differ by at most one; a shard may straddle two parts).
+    3. Each part is shuffled in blocks of ``B = ceil(shuffle_buffer / P)`` items, each permuted by a
+       generator seeded from (seed, epoch, P, part, block). A global batch then mixes as many shards
+       as the global order's blocks of ``shuffle_buffer`` do, and a worker holds as many samples.
+    4. Positions interleave the parts: position ``g < P*L`` (``L = N // P``) holds item ``g // P`` of
+       part ``g % P``; the last ``N % P`` positions hold the last items of the longer parts.
+
+    A step's positions are dealt to ranks sorted by (part, position) and cut into ``batch_size``
+    chunks (:meth:`step_positions`): rank r of W reads parts ``r*P/W ..`` only, when W divides P or P
+    divides W and P divides ``W * batch_size``.
+    """
+
+    kind = "partitioned"
+
+    def __init__(self, shard_sizes: Sequence[int], *, seed: int, epoch: int, shuffle_buffer: int,
+                 partitions: int) -> None:
+        if not shard_sizes or any(s < 1 for s in shard_sizes):
+            raise ValueError("PartitionedOrder needs at least one shard, each with at least one sample")
+        if partitions < 1:
+            raise ValueError(f"partitions must be >= 1, found {partitions}")
+        self.seed, self.epoch, self.partitions = seed, epoch, partitions
+        self.shard_sizes = tuple(shard_sizes)
+        self.shard_order = _randperm(len(shard_sizes), seed, epoch, "shards")
+        starts = [0]
+        for j in self.shard_order:
+            starts.append(starts[-1] + shard_sizes[j])
+        self.slot_starts = starts
+        self.num_positions = n = starts[-1]
+        p = partitions
+        self.part_starts = [q * n // p for q in range(p + 1)]
+        """Stream item where each part starts; ``part_starts[-1] == N``."""
+        self.block_size = max(1, -(-shuffle_buffer // p))
+        self.rounds = n // p  # L: positions [0, P*L) are whole rounds over all parts
+        self.long_parts = [q for q in range(p) if self.part_starts[q + 1] - self.part_starts[q] > self.rounds]
+        self.slot_of_shard = [0] * len(shard_sizes)
+        for j, shard in enumerate(self.shard_order):
+            self.slot_of_shard[shard] = j
+        self._blocks: OrderedDict[tuple[int, int], list[int]] = OrderedDict()
+        self._cached_blocks = max(4, 2 * p)
+
+    def part_length(self, part: int) -> int:
+        return self.part_starts[part + 1] - self.part_starts[part]
+
+    def round_and_part(self, position: int) -> tuple[int, int]:
+        """``(item inside its part, part)`` of a position."""
+        if not 0 <= position < self.num_positions:
+            raise IndexError(f"position {position} out of range [0, {self.num_positions})")
+        full = self.partitions * self.rounds
+        if position < full:
+            return divmod(position, self.partitions)
+        return self.rounds, self.long_parts[position - full]
+
+    def part_of(self, position: int) -> int:
+        return self.round_and_part(position)[1]
+
+    def block_key(self, position: int) -> int:
+        """The shuffle block (inside every part) a position falls in; nondecreasing in the position."""
+        return self.round_and_part(position)[0] // self.block_size
+
+    def block_perm(self, part: int, block: int) -> list[int]:
+        key = (part, block)
+        perm = self._blocks.get(key)
+        if perm is None:
+            length = min(self.block_size, self.part_length(part) - block * self.block_size)
+            if length < 1:
+                raise IndexError(f"block {block} of part {part} is empty")
+            perm = _randperm(length, self.seed, self.epoch, "part", self.partitions, part, block)
+            self._blocks[key] = perm
+            while len(self._blocks) > self._cached_blocks:
+                self._blocks.popitem(last=False)
+        else:
+            self._blocks.move_to_end(key)
+        return perm
+
+    def stream_item(self, position: int) -> int:
+        k, q = self.round_and_part(position)
+        block, offset = divmod(k, self.block_size)
+        return self.part_starts[q] + block * self.block_size + self.block_perm(q, block)[offset]
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """``(manifest shard row, offset inside the shard)`` of the sample at ``position``."""
+        item = self.stream_item(position)
+        slot = bisect.bisect_right(self.slot_starts, item) - 1
+        return self.shard_order[slot], item - self.slot_starts[slot]
+
+    def slot_of_item(self, item: int) -> int:
+        return bisect.bisect_right(self.slot_starts, item) - 1
+
+    def part_last_slot(self, part: int) -> int:
+        return self.slot_of_item(self.part_starts[part + 1] - 1)
+
+    def step_positions(self, start: int, global_batch: int, batch_size: int, rank: int) -> list[int]:
+        """Rank ``rank``'s positions of the step ``[start, start + global_batch)``: the step's
+        positions sorted by (part, position), chunk ``rank`` of ``batch_size``."""
+        end = start + global_batch
+        lo, hi = rank * batch_size, (rank + 1) * batch_size
+        p = self.partitions
+        if end <= p * self.rounds:  # whole rounds only: part q's positions are start.. with g % P == q
+            out: list[int] = []
+            before = 0
+            for q in range(p):
+                g0 = start + (q - start) % p
+                count = 0 if g0 >= end else (end - 1 - g0) // p + 1
+                a, b = max(lo, before), min(hi, before + count)
+                if a < b:
+                    out.extend(range(g0 + (a - before) * p, g0 + (b - before) * p, p))
+                before += count
+                if before >= hi:
+                    break
+            return out
+        ordered = sorted(range(start, end), key=lambda g: (self.part_of(g), g))
+        return ordered[lo:hi]
+
+    def digest(self) -> str:
+        """A short hash of the shard permutation, the partitions and part 0's first block permutation."""
+        first = self.block_perm(0, 0) if self.part_length(0) > 0 else []
+        data = json.dumps(["partitioned", self.partitions, self.shard_order, first], separators=(",", ":"))
         return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 
@@ -383,7 +578,9 @@ class StreamState:
     """Everything needed to resume exactly: O(1) in size, JSON-able, valid for any world size.
 
     ``cursor`` counts the global positions of ``epoch`` consumed by all ranks together (ranks move
-    in lockstep). ``order_digest`` (optional) fingerprints the epoch's order to catch an RNG change.
+    in lockstep). ``order`` and ``partitions`` name the order algorithm and its canonical partitions
+    (0 for the global order). ``order_digest`` (optional) fingerprints the epoch's order to catch an
+    RNG change.
     """
 
     corpus_fingerprint: str
@@ -391,10 +588,13 @@ class StreamState:
     epoch: int
     cursor: int
     order_digest: str = ""
+    order: str = "global"
+    partitions: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "corpus_fingerprint": self.corpus_fingerprint, "seed": self.seed,
-                "epoch": self.epoch, "cursor": self.cursor, "order_digest": self.order_digest}
+                "epoch": self.epoch, "cursor": self.cursor, "order_digest": self.order_digest,
+                "order": self.order, "partitions": self.partitions}
 
     @classmethod
     def from_dict(cls, obj: Any) -> StreamState:
@@ -402,11 +602,15 @@ class StreamState:
             return obj
         if not isinstance(obj, dict):
             raise StreamStateMismatch(f"a stream state must be a dict, found {type(obj).__name__}")
-        if obj.get("version") != STATE_VERSION:
+        version = obj.get("version")
+        if version not in (1, STATE_VERSION) or isinstance(version, bool):
             raise StreamStateMismatch(
-                f"stream state version {obj.get('version')!r} is not supported (this trajflow reads {STATE_VERSION})"
+                f"stream state version {version!r} is not supported (this trajflow reads 1 and {STATE_VERSION})"
             )
-        for name, kind in (("corpus_fingerprint", str), ("seed", int), ("epoch", int), ("cursor", int)):
+        fields = [("corpus_fingerprint", str), ("seed", int), ("epoch", int), ("cursor", int)]
+        if version == STATE_VERSION:
+            fields += [("order", str), ("partitions", int)]
+        for name, kind in fields:
             value = obj.get(name)
             if isinstance(value, bool) or not isinstance(value, kind):
                 raise StreamStateMismatch(f"stream state field {name!r} must be {kind.__name__}, found {value!r}")
@@ -415,10 +619,18 @@ class StreamState:
         digest = obj.get("order_digest", "")
         if not isinstance(digest, str):
             raise StreamStateMismatch(f"stream state field 'order_digest' must be str, found {digest!r}")
-        unknown = set(obj) - {"version", "corpus_fingerprint", "seed", "epoch", "cursor", "order_digest"}
+        known = {"version", "corpus_fingerprint", "seed", "epoch", "cursor", "order_digest"}
+        if version == STATE_VERSION:
+            known |= {"order", "partitions"}
+        unknown = set(obj) - known
         if unknown:
             raise StreamStateMismatch(f"stream state has unknown field(s) {sorted(unknown)}")
-        return cls(obj["corpus_fingerprint"], obj["seed"], obj["epoch"], obj["cursor"], digest)
+        order, partitions = obj.get("order", "global"), obj.get("partitions", 0)
+        if order not in ORDERS:
+            raise StreamStateMismatch(f"stream state field 'order' must be one of {ORDERS}, found {order!r}")
+        if (order == "partitioned") != (partitions >= 1) or partitions < 0:
+            raise StreamStateMismatch(f"stream state has order {order!r} with partitions {partitions}")
+        return cls(obj["corpus_fingerprint"], obj["seed"], obj["epoch"], obj["cursor"], digest, order, partitions)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -453,7 +665,7 @@ class _ShardReader:
     its decoding work at its own samples.
     """
 
-    def __init__(self, cfg: StreamConfig, corpus: Corpus) -> None:
+    def __init__(self, cfg: StreamConfig, corpus: Corpus, bad_rows: dict[int, str] | None = None) -> None:
         self.pid = os.getpid()
         self.corpus = corpus
         self.cache = ShardCache(corpus.url, cfg.storage_options, cache_dir=cfg.cache_dir,
@@ -462,7 +674,8 @@ class _ShardReader:
         self._needed: dict[int, set[int]] = {}
         self._parsed: dict[int, dict[int, tuple[SampleRecord, tuple[torch.Tensor, ...]] | CorpusFormatError]] = {}
         self._index: OrderedDict[int, list[tuple[str, MemberSpans]]] = OrderedDict()
-        self._bad: dict[int, CorruptShardError] = {}
+        self._bad: dict[int, CorruptShardError] = {
+            row: CorruptShardError(corpus.shards[row].shard_id, reason) for row, reason in (bad_rows or {}).items()}
         self._cache_checked: set[int] = set()
         self.shards_indexed = 0
         """How many times this reader checked a shard's whole structure (for tests and stats)."""
@@ -635,13 +848,21 @@ class CorpusStream(IterableDataset):
         self._shard_sizes = [c.num_samples for c in self.corpus.shards]
         self._shard_numbers = [shard_number(c.shard_id) for c in self.corpus.shards]
         self._num_positions = sum(self._shard_sizes)
+        self._bad_rows = manifest_problems(self.corpus)
+        if self._bad_rows and cfg.on_corrupt == "error":
+            row = min(self._bad_rows)
+            raise CorruptShardError(self.corpus.shards[row].shard_id, self._bad_rows[row])
+        for row in sorted(self._bad_rows):
+            log.warning("skipping corrupt data (on_corrupt='skip'): corrupt shard %r: %s",
+                        self.corpus.shards[row].shard_id, self._bad_rows[row])
+        self._partitions = 0 if cfg.order == "global" else (cfg.partitions or world_size)
         self._epoch = 0
         self._cursor = 0
-        self._order: EpochOrder | None = None
+        self._order: EpochOrder | PartitionedOrder | None = None
         self._reader: _ShardReader | None = None
         self.skipped_samples = 0
         """Placeholder samples this process yielded (``on_corrupt="skip"``; not counted in workers)."""
-        self._corrupt_shards: set[str] = set()
+        self._corrupt_shards: set[str] = {self.corpus.shards[row].shard_id for row in self._bad_rows}
         if state is not None:
             self.load_state_dict(state)
 
@@ -692,21 +913,52 @@ class CorpusStream(IterableDataset):
         """Shards in which this process found corruption (``on_corrupt="skip"``)."""
         return sorted(self._corrupt_shards)
 
-    def rank_positions(self, epoch: int, cursor: int, rank: int, world: int) -> range:
-        """Positions ``rank`` of ``world`` consumes in ``epoch`` from ``cursor`` (a pure function).
+    @property
+    def order(self) -> str:
+        """``"partitioned"`` or ``"global"`` (:attr:`StreamConfig.order`)."""
+        return self.cfg.order
 
-        Positions do not depend on the epoch (only the samples at them do, see :meth:`global_order`).
+    @property
+    def partitions(self) -> int:
+        """The canonical partitions of the partitioned order (0 for the global order)."""
+        return self._partitions
+
+    def _make_order(self, epoch: int, partitions: int | None = None) -> EpochOrder | PartitionedOrder:
+        partitions = self._partitions if partitions is None else partitions
+        if self.cfg.order == "global":
+            return EpochOrder(self._shard_sizes, seed=self.cfg.seed, epoch=epoch, shuffle_buffer=self.cfg.shuffle_buffer)
+        return PartitionedOrder(self._shard_sizes, seed=self.cfg.seed, epoch=epoch,
+                                shuffle_buffer=self.cfg.shuffle_buffer, partitions=partitions)
+
+    def step_positions(self, epoch: int, cursor: int, step: int, rank: int | None = None,
+                       world: int | None = None) -> list[int]:
+        """Positions ``rank`` of ``world`` (default: this stream's) consumes at ``step`` steps after
+        ``cursor`` in ``epoch``: its chunk of ``[cursor + step*W*b, cursor + (step+1)*W*b)`` (a pure function)."""
+        rank = self.rank if rank is None else rank
+        world = self.world_size if world is None else world
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} out of range for world_size {world}")
+        g = world * self.cfg.batch_size
+        return self.global_order(epoch).step_positions(cursor + step * g, g, self.cfg.batch_size, rank)
+
+    def rank_positions(self, epoch: int, cursor: int, rank: int, world: int) -> Sequence[int]:
+        """Positions ``rank`` of ``world`` consumes in ``epoch`` from ``cursor`` (a pure function), step by step.
+
+        For the global order this is a ``range`` (every W-th position from ``cursor + rank``); for the
+        partitioned order, the rank's chunks of each step (see :meth:`PartitionedOrder.step_positions`).
         """
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, found {epoch}")
-        return rank_positions(self.num_positions, self.cfg.batch_size, cursor, rank, world)
+        if self.cfg.order == "global":
+            return rank_positions(self.num_positions, self.cfg.batch_size, cursor, rank, world)
+        steps = (usable_end(self.num_positions, world * self.cfg.batch_size, cursor) - cursor) // (world * self.cfg.batch_size)
+        return [p for s in range(steps) for p in self.step_positions(epoch, cursor, s, rank, world)]
 
-    def global_order(self, epoch: int | None = None) -> EpochOrder:
-        """The epoch's :class:`EpochOrder` (default: the current epoch)."""
+    def global_order(self, epoch: int | None = None) -> EpochOrder | PartitionedOrder:
+        """The epoch's order (default: the current epoch): :class:`PartitionedOrder` or :class:`EpochOrder`."""
         epoch = self._epoch if epoch is None else epoch
         if self._order is None or self._order.epoch != epoch:
-            self._order = EpochOrder(self._shard_sizes, seed=self.cfg.seed, epoch=epoch,
-                                     shuffle_buffer=self.cfg.shuffle_buffer)
+            self._order = self._make_order(epoch)
         return self._order
 
     def locate(self, position: int, epoch: int | None = None) -> SampleLocator:
@@ -735,10 +987,30 @@ class CorpusStream(IterableDataset):
         if epoch != self._epoch:
             self._epoch, self._cursor = epoch, 0
 
+    def begin_step(self, batch: dict[str, Any] | None = None) -> None:
+        """Call with each batch of a loader that serves several epochs (``make_dataloader(...,
+        epochs=None)``), before using it: starts the next epoch when the current one is used up
+        (as ``set_epoch(epoch + 1)``) and checks that the batch is the step the cursor names (its
+        ``epoch`` and this rank's ``position`` chunk), so a loader that went out of step with the
+        cursor fails loudly instead of training on other samples."""
+        if self.remaining_steps == 0:
+            self.set_epoch(self._epoch + 1)
+        if batch is None or "epoch" not in batch or not self.batched:
+            return
+        epochs = batch["epoch"].reshape(-1).tolist()
+        positions = batch["position"].reshape(-1).tolist()
+        expected = self.step_positions(self._epoch, self._cursor, 0)
+        if any(e != self._epoch for e in epochs) or positions != expected:
+            raise RuntimeError(
+                f"the loader is out of step with the stream: it gave epoch {epochs[0]} positions {positions[:4]}…, the "
+                f"cursor is at epoch {self._epoch} position {self._cursor} (expected {expected[:4]}…). Create the loader "
+                "after loading a state or jumping with set_epoch, and call advance() once per step"
+            )
+
     @property
     def state(self) -> StreamState:
         return StreamState(self.corpus.fingerprint, self.cfg.seed, self._epoch, self._cursor,
-                           self.global_order().digest())
+                           self.global_order().digest(), self.cfg.order, self._partitions)
 
     def state_dict(self) -> dict[str, Any]:
         """The resume state as a JSON-able dict (identical on every rank)."""
@@ -768,8 +1040,19 @@ class CorpusStream(IterableDataset):
             raise StreamStateMismatch(
                 f"the saved cursor {state.cursor} is past the corpus' {self.num_positions} positions"
             )
-        order = EpochOrder(self._shard_sizes, seed=state.seed, epoch=state.epoch,
-                           shuffle_buffer=self.cfg.shuffle_buffer)
+        if state.order != self.cfg.order:
+            raise StreamStateMismatch(
+                f"the saved stream state uses the {state.order} sample order, this StreamConfig the {self.cfg.order} "
+                f"one: resume with StreamConfig(order={state.order!r}) (the order decides which sample sits at "
+                "each position)"
+            )
+        if self.cfg.partitions is not None and state.partitions != self.cfg.partitions:
+            raise StreamStateMismatch(
+                f"the saved stream state was made with {state.partitions} partitions, this StreamConfig asks for "
+                f"{self.cfg.partitions}: resume with partitions={state.partitions} (or None, which takes the "
+                "state's); the partitioned order depends on it"
+            )
+        order = self._make_order(state.epoch, state.partitions)
         if state.order_digest and state.order_digest != order.digest():
             raise StreamStateMismatch(
                 f"the sample order of epoch {state.epoch} differs from the one the state was saved with (order "
@@ -777,6 +1060,7 @@ class CorpusStream(IterableDataset):
                 f"generator of this torch ({torch.__version__}) differs from the saving run's"
             )
         self._epoch, self._cursor, self._order = state.epoch, state.cursor, order
+        self._partitions = state.partitions
 
     # -- statistics --------------------------------------------------------------------------------
     def cache_stats(self) -> dict[str, int]:
@@ -796,48 +1080,103 @@ class CorpusStream(IterableDataset):
 
     # -- iteration ---------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        # snapshot now: advance() / set_epoch() on this object do not affect a running iterator
-        positions = rank_positions(self.num_positions, self.cfg.batch_size, self._cursor, self.rank,
-                                   self.world_size)
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        order = self.global_order()
-        if not self.batched:  # this worker's positions: every num_workers-th of the rank's
-            return self._iter_positions(order, positions[worker::num_workers])
-        b = self.cfg.batch_size  # this worker's steps: every num_workers-th step of the rank's
-        steps = range(worker, len(positions) // b, num_workers)
-        mine = itertools.chain.from_iterable(positions[s * b:(s + 1) * b] for s in steps)
-        return self._batches(self._iter_positions(order, mine))
+        return self.iter_worker(worker, num_workers, epochs=1)
+
+    def iter_worker(self, worker: int = 0, num_workers: int = 1, *, epochs: int | None = 1) -> Iterator[dict[str, Any]]:
+        """What DataLoader worker ``worker`` of ``num_workers`` yields for this rank: the rest of the
+        current epoch from the cursor, then (``epochs`` > 1, or None: endlessly) the following epochs
+        from cursor 0. The rank's steps (``batched``) or samples are dealt round-robin to the workers
+        across the epoch boundaries, so an in-order DataLoader sees one sequence for any worker count.
+
+        The epoch and cursor are read now: ``advance()`` / ``set_epoch()`` do not affect a running
+        iterator, which rolls into the next epoch by itself (the order is a pure function of the epoch).
+        """
+        if not 0 <= worker < num_workers:
+            raise ValueError(f"worker {worker} out of range for {num_workers} workers")
+        if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+            raise ValueError(f"epochs must be an int >= 1 or None (endless), found {epochs!r}")
+        return self._iter_epochs(worker, num_workers, self._epoch, self._cursor, epochs)
+
+    def _iter_epochs(self, worker: int, num_workers: int, epoch: int, cursor: int,
+                     epochs: int | None) -> Iterator[dict[str, Any]]:
+        b, g = self.cfg.batch_size, self.global_batch
+        done = 0  # this rank's units (steps when batched, else samples) in the epochs before
+        e = epoch
+        while epochs is None or e < epoch + epochs:
+            steps = (usable_end(self.num_positions, g, cursor) - cursor) // g
+            if steps == 0 and cursor == 0 and epochs is None:
+                raise ValueError(f"corpus {self.corpus.url} holds {self.num_positions} samples, fewer than one "
+                                 f"global batch ({self.world_size} x {b}): no epoch has a step")
+            order = self._make_order(e)
+
+            def tagged(step_ids: Iterable[int], order=order, cursor=cursor) -> Iterator[tuple[int, int]]:
+                for s in step_ids:
+                    start = cursor + s * g
+                    positions = order.step_positions(start, g, b, self.rank)
+                    if order.kind == "global":
+                        yield from ((p, p // order.block_size) for p in positions)
+                    else:  # one key per step: a step's chunk is sorted by part, not by position
+                        key = order.block_key(start)
+                        yield from ((p, key) for p in positions)
+
+            first = (worker - done) % num_workers
+            if self.batched:
+                yield from self._batches(self._iter_positions(order, tagged(range(first, steps, num_workers)), e))
+                done += steps
+            else:
+                mine = itertools.islice(tagged(range(steps)), first, None, num_workers)
+                yield from self._iter_positions(order, mine, e)
+                done += steps * b
+            e, cursor = e + 1, 0
 
     def _batches(self, items: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         while batch := list(itertools.islice(items, self.cfg.batch_size)):
             yield default_collate(batch)
 
-    def _iter_positions(self, order: EpochOrder, positions: Iterable[int]) -> Iterator[dict[str, Any]]:
+    def _iter_positions(self, order: EpochOrder | PartitionedOrder, tagged: Iterable[tuple[int, int]],
+                        epoch: int) -> Iterator[dict[str, Any]]:
         if self._reader is None or self._reader.pid != os.getpid():
-            self._reader = _ShardReader(self.cfg, self.corpus)  # one per process: never across a fork
+            self._reader = _ShardReader(self.cfg, self.corpus, self._bad_rows)  # one per process: never across a fork
         reader = self._reader
-        for block, in_block in itertools.groupby(positions, key=lambda p: p // order.block_size):
-            block_positions = list(in_block)
+        epoch_t = torch.tensor(epoch, dtype=torch.long)
+        for _, in_block in itertools.groupby(tagged, key=lambda pk: pk[1]):
+            block_positions = [p for p, _ in in_block]
             located = [order.locate(p) for p in block_positions]
             reader.begin_block(located)
-            self._prefetch(reader, order, block)
+            self._prefetch(reader, order, block_positions, located)
             # the block's position and shard scalars, made at once (0-dim views)
             position_t = torch.tensor(block_positions, dtype=torch.long).unbind()
             shard_t = torch.tensor([self._shard_numbers[i] for i, _ in located], dtype=torch.long).unbind()
             valid_t = torch.ones(len(block_positions), dtype=torch.bool).unbind()
             for j, (p, (shard_index, offset)) in enumerate(zip(block_positions, located)):
-                yield self._item(reader, p, shard_index, offset, (position_t[j], shard_t[j], valid_t[j]))
+                yield self._item(reader, p, shard_index, offset, (position_t[j], shard_t[j], valid_t[j]), epoch_t)
 
-    def _prefetch(self, reader: _ShardReader, order: EpochOrder, block: int) -> None:
-        if self.cfg.prefetch_shards == 0:
+    def _prefetch(self, reader: _ShardReader, order: EpochOrder | PartitionedOrder, positions: Sequence[int],
+                  located: Sequence[tuple[int, int]]) -> None:
+        """Fetch in the background the shards of this block, then the next ``prefetch_shards`` of the
+        stream (global order) or of each part this block reads (partitioned order)."""
+        if self.cfg.prefetch_shards == 0 or not positions:
             return
-        slots = order.block_slots(block)
-        end = min(len(order.shard_order), slots.stop + self.cfg.prefetch_shards)
-        reader.prefetch([order.shard_order[j] for j in range(slots.start, end)])
+        extra = self.cfg.prefetch_shards
+        if order.kind == "global":
+            slots = order.block_slots(positions[0] // order.block_size)
+            end = min(len(order.shard_order), slots.stop + extra)
+            reader.prefetch([order.shard_order[j] for j in range(slots.start, end)])
+            return
+        wanted = list(dict.fromkeys(shard for shard, _ in located))
+        last_slot: dict[int, int] = {}
+        for p, (shard, _) in zip(positions, located):
+            part, slot = order.part_of(p), order.slot_of_shard[shard]
+            last_slot[part] = max(slot, last_slot.get(part, -1))
+        for part, slot in sorted(last_slot.items()):
+            stop = min(order.part_last_slot(part), slot + extra)
+            wanted.extend(order.shard_order[j] for j in range(slot + 1, stop + 1))
+        reader.prefetch(list(dict.fromkeys(wanted)))
 
     def _item(self, reader: _ShardReader, position: int, shard_index: int, offset: int,
-              block_scalars: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+              block_scalars: tuple[torch.Tensor, torch.Tensor, torch.Tensor], epoch_t: torch.Tensor) -> dict[str, Any]:
         commit = self.corpus.shards[shard_index]
         try:
             record, (class_id, guidance, index, seed) = reader.sample(shard_index, offset)
@@ -848,7 +1187,7 @@ class CorpusStream(IterableDataset):
                 self._corrupt_shards.add(commit.shard_id)
                 log.warning("skipping corrupt data (on_corrupt='skip'): %s", exc)
             self.skipped_samples += 1
-            return self._placeholder(commit, offset, position)
+            return self._placeholder(commit, offset, position, epoch_t)
         position_t, shard_t, valid_t = block_scalars
         states, sigmas = record.states, record.sigmas
         item: dict[str, Any] = {
@@ -861,6 +1200,7 @@ class CorpusStream(IterableDataset):
             "position": position_t,
             "shard": shard_t,
             "valid": valid_t,
+            "epoch": epoch_t,
         }
         if self.card.conditioning.kind == "prompt":
             meta = record.meta
@@ -868,7 +1208,7 @@ class CorpusStream(IterableDataset):
             item["prompt_id"] = "" if meta.get("prompt_id") is None else str(meta["prompt_id"])
         return item
 
-    def _placeholder(self, commit: ShardCommit, offset: int, position: int) -> dict[str, Any]:
+    def _placeholder(self, commit: ShardCommit, offset: int, position: int, epoch_t: torch.Tensor) -> dict[str, Any]:
         card = self.card
         item: dict[str, Any] = {
             "states": torch.zeros(card.states_shape, dtype=torch.float32),
@@ -880,6 +1220,7 @@ class CorpusStream(IterableDataset):
             "position": torch.tensor(position, dtype=torch.long),
             "shard": torch.tensor(shard_number(commit.shard_id), dtype=torch.long),
             "valid": torch.tensor(False),
+            "epoch": epoch_t,
         }
         if card.conditioning.kind == "prompt":
             item["prompt"] = ""
@@ -892,11 +1233,12 @@ def worker_context():
     driver (``trajflow train`` with an embedded teacher pool, a notebook, the test session), else
     the platform default (``fork`` on Linux).
 
-    Workers start every epoch. ``fork`` copies the whole training process into each one, including
-    Ray's gRPC channels and the background threads that use them (a Serve handle's long-poll, task
-    event reporting); a fork taken while one of them is mid-call can leave the parent's connection
-    to the cluster hung for good (seen: a later ``ray.cluster_resources()`` never returned). A
-    spawned worker starts a fresh interpreter instead (about 2 s per epoch)."""
+    ``fork`` copies the whole training process into each worker, including Ray's gRPC channels and
+    the background threads that use them (a Serve handle's long-poll, task event reporting); a fork
+    taken while one of them is mid-call can leave the parent's connection to the cluster hung for
+    good (seen: a later ``ray.cluster_resources()`` never returned). A spawned worker starts a fresh
+    interpreter instead (about 2 s per worker, paid once per loader: a loader made with
+    ``epochs=None`` keeps its workers for the whole run)."""
     ray = sys.modules.get("ray")
     if ray is not None and getattr(ray, "is_initialized", lambda: False)():
         import multiprocessing
@@ -905,23 +1247,42 @@ def worker_context():
     return None
 
 
+class _Epochs(IterableDataset):
+    """What a loader's workers iterate: ``stream.iter_worker(worker, num_workers, epochs=epochs)``."""
+
+    def __init__(self, stream: CorpusStream, epochs: int | None) -> None:
+        super().__init__()
+        self.stream, self.epochs = stream, epochs
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        return self.stream.iter_worker(worker, num_workers, epochs=self.epochs)
+
+
 def make_dataloader(stream: CorpusStream, *, num_workers: int = 0, pin_memory: bool = False,
                     prefetch_factor: int | None = None, multiprocessing_context: Any = None,
-                    timeout: float = 0) -> DataLoader:
+                    timeout: float = 0, epochs: int | None = 1, worker_init_fn: Any = None) -> DataLoader:
     """The DataLoader for a :class:`CorpusStream`: ``batch_size=None`` (the stream decides what an item
     is: a sample, or a whole step's batch when ``stream.batched``), in order, no sampler.
 
-    Every ``iter(loader)`` starts its workers from the stream's cursor and epoch at that moment, so
-    create a new iterator after :meth:`CorpusStream.set_epoch` or loading a state. Workers are never
-    persistent: a persistent worker would keep its stale copy of the cursor. Do not pass the loader
-    to ``accelerator.prepare``: the stream already shards by rank.
+    ``iter(loader)`` starts its workers from the stream's cursor and epoch at that moment. With
+    ``epochs=1`` (default) it yields the rest of the current epoch; with ``epochs=None`` it goes on
+    into the following epochs for as long as it is read, with the same workers (started once, by
+    fork or spawn: :func:`worker_context`), each rolling into the next epoch itself. With such a
+    loader, call :meth:`CorpusStream.begin_step` with each batch (it moves the stream to the next
+    epoch when one is used up and checks the batch against the cursor) and :meth:`~CorpusStream.advance`
+    after each step. Create a new iterator after loading a state or a ``set_epoch`` that jumps.
+    Do not pass the loader to ``accelerator.prepare``: the stream already shards by rank.
     """
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
         kwargs["prefetch_factor"] = prefetch_factor if prefetch_factor is not None else 2
-        kwargs["persistent_workers"] = False
+        kwargs["persistent_workers"] = False  # one iterator serves every epoch (epochs=None) instead
         context = multiprocessing_context or worker_context()
         if context is not None:
             kwargs["multiprocessing_context"] = context
-    return DataLoader(stream, batch_size=None, shuffle=False, num_workers=num_workers,
+        if worker_init_fn is not None:
+            kwargs["worker_init_fn"] = worker_init_fn
+    return DataLoader(_Epochs(stream, epochs), batch_size=None, shuffle=False, num_workers=num_workers,
                       pin_memory=pin_memory, timeout=timeout, **kwargs)
