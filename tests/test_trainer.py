@@ -153,3 +153,42 @@ def test_bad_flags_exit_2(tmp_path):
     assert r.returncode == 2 and "divide" in r.stderr
     r = run([TRAJFLOW, "train", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"), "--no-progress"])
     assert r.returncode == 1 and "nothing" in r.stderr
+
+
+def _train_in_process(data, out, **kw):
+    from trainer.config import TrainConfig
+    from trainer.loop import Trainer
+
+    cfg = TrainConfig(data=data, out=str(out), stages=(4,), init="scratch", student_width=64, student_depth=2,
+                      progress=False, log_every=1, num_workers=0, checkpoint_every=2, **kw)
+    t = Trainer(cfg).build()
+    try:
+        t.train()
+        t.export_student()
+    finally:
+        t.close()
+    return load_file(str(out / "student" / "student.safetensors"))
+
+
+def test_gradient_accumulation_matches_the_larger_batch_and_resumes_on_a_step_boundary(tmp_path):
+    """K=2 micro-batches of 32 = one batch of 64: the same samples per optimizer step, the same windows,
+    the same weights (float tolerance); a run stopped after step 2 and resumed equals an uninterrupted one."""
+    import torch
+
+    data = make_corpus(str(tmp_path / "corpus"), 512, 64, stages=(8, 4))
+    big = _train_in_process(data, tmp_path / "big", batch_size=64, max_steps=4, consumed_log=str(tmp_path / "lb"))
+    acc = _train_in_process(data, tmp_path / "acc", batch_size=32, gradient_accumulation_steps=2, max_steps=4,
+                            consumed_log=str(tmp_path / "la"))
+    steps_big = {r["step"]: r["indices"] for r in read_consumed(tmp_path / "lb")}
+    steps_acc: dict[int, list[int]] = {}
+    for r in read_consumed(tmp_path / "la"):
+        steps_acc.setdefault(r["step"], []).extend(r["indices"])
+    assert steps_big == steps_acc and len(steps_acc) == 4 and all(len(v) == 64 for v in steps_acc.values())
+    assert big.keys() == acc.keys()
+    for k in big:
+        torch.testing.assert_close(acc[k], big[k], rtol=1e-4, atol=1e-5)
+    # stopped after its step-2 checkpoint, then resumed to step 4: the same weights as the uninterrupted run
+    _train_in_process(data, tmp_path / "resumed", batch_size=32, gradient_accumulation_steps=2, max_steps=2)
+    resumed = _train_in_process(data, tmp_path / "resumed", batch_size=32, gradient_accumulation_steps=2,
+                                max_steps=4)
+    assert all(torch.equal(resumed[k], acc[k]) for k in acc)

@@ -1284,5 +1284,8 @@ def make_dataloader(stream: CorpusStream, *, num_workers: int = 0, pin_memory: b
             kwargs["multiprocessing_context"] = context
         if worker_init_fn is not None:
             kwargs["worker_init_fn"] = worker_init_fn
+    # the loader's base seed comes from its own generator, not from the global RNG: creating a loader
+    # (once per run, or again after a resume) must not move the RNG state that checkpoints save and restore
+    kwargs["generator"] = torch.Generator().manual_seed(0)
     return DataLoader(_Epochs(stream, epochs), batch_size=None, shuffle=False, num_workers=num_workers,
                       pin_memory=pin_memory, timeout=timeout, **kwargs)
