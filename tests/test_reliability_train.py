@@ -258,3 +258,54 @@ def test_audit_replay_opens_nothing_the_card_names_outside_the_root(tmp_path, mo
     corpus2 = make_corpus(str(root), teacher=f"flownet:{inside}")
     report = audit_corpus(corpus2, replay=2, progress=False)
     assert report.stats["replay"]["available"] is True and report.stats["replay"]["authentic"] is True
+
+
+# -- B: no secret at rest ----------------------------------------------------------------------------
+def test_no_secret_at_rest_canary_over_every_file_a_run_writes(s3_bucket, s3_env, tmp_path):
+    """Storage options with a canary secret (and canary environment credentials): train, resume and export on
+    moto; the canary appears in no object under the bucket and no file under the working directory."""
+    import boto3
+
+    canary, env_canary = "CANARY-SECRET-7f3a9c", "CANARY-ENV-SECRET-b41d"
+    data = make_corpus(f"s3://{s3_bucket}/c")
+    opts = json.dumps({"key": s3_env["AWS_ACCESS_KEY_ID"], "secret": canary,
+                       "client_kwargs": {"endpoint_url": s3_env["AWS_ENDPOINT_URL"]}})
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**clean_env(tmp_path), **s3_env, "AWS_SECRET_ACCESS_KEY": env_canary}
+    out = f"s3://{s3_bucket}/runs/r1"
+    for steps in ("2", "4"):  # the second run resumes: it takes the storage options again from the flag
+        r = subprocess.run([TRAJFLOW, *train_args(data, out, "--max-steps", steps, "--checkpoint-every", "2",
+                                                  "--storage-options", opts, "--cache-dir", str(work / "cache"),
+                                                  "--consumed-log", str(work / "consumed"))],
+                           capture_output=True, text=True, timeout=600, env=env, cwd=work)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert canary not in r.stdout + r.stderr and env_canary not in r.stdout + r.stderr
+    assert "resumed from" in r.stdout
+    s3 = boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"])
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="runs/")["Contents"]]
+    assert any(k.endswith("state.json") for k in keys) and any(k.endswith("student.safetensors") for k in keys)
+    for k in keys:
+        body = s3.get_object(Bucket=s3_bucket, Key=k)["Body"].read()
+        assert canary.encode() not in body and env_canary.encode() not in body, k
+    written = [p for p in work.rglob("*") if p.is_file()]
+    assert any("logs" in p.parts for p in written)  # TensorBoard + metrics.jsonl under ./runs/<hash>/logs
+    for p in written:
+        blob = p.read_bytes()
+        assert canary.encode() not in blob and env_canary.encode() not in blob, p
+    state = json.loads(s3.get_object(Bucket=s3_bucket, Key=[k for k in keys if k.endswith("state.json")][0])
+                       ["Body"].read())
+    assert "storage_options" not in state["train_config"]
+
+
+def test_resume_mismatch_explanation_still_names_the_settings(tmp_path):
+    data = make_corpus(str(tmp_path / "c"))
+    out = str(tmp_path / "run")
+    opts = json.dumps({"secret": "CANARY-SECRET-2"})
+    r = run_clean(train_args(data, out, "--max-steps", "2", "--storage-options", opts), tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert b"CANARY-SECRET-2" not in b"".join(p.read_bytes() for p in Path(out).rglob("*") if p.is_file())
+    r = run_clean([*train_args(data, out, "--max-steps", "4"), "--student-width", "48"], tmp_path)
+    assert r.returncode == 1
+    lines = error_lines(r.stderr)
+    assert len(lines) == 1 and "student_width" in lines[0] and "does not fit" in lines[0], r.stderr

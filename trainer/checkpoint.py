@@ -17,6 +17,40 @@ from storage_schemas.retry import with_retries
 
 LATEST = "checkpoints/latest.json"
 
+#: config keys never written at rest (checkpoints, logs, exports): storage options carry credentials
+SECRET_KEYS = frozenset({"storage_options"})
+#: key names that look like credentials, at any depth (compared lower-case, as substrings)
+_CREDENTIAL_WORDS = ("secret", "password", "passwd", "token", "credential", "api_key", "apikey", "access_key",
+                     "private_key", "session_key", "auth")
+
+
+def redact_url(url: str) -> str:
+    """``url`` without credentials: ``scheme://user:pass@host/p`` -> ``scheme://***@host/p``; query strings
+    (signed URLs carry their signature there) -> ``?***``."""
+    if not isinstance(url, str) or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    host, sep, path = rest.partition("/")
+    if "@" in host:
+        host = "***@" + host.rsplit("@", 1)[1]
+    out = f"{scheme}://{host}{sep}{path}"
+    return out.split("?", 1)[0] + "?***" if "?" in out else out
+
+
+def public_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A run config safe to keep at rest (state.json, TensorBoard hparams, student files): no storage options,
+    no credential-like keys at any depth, URLs without user info or query strings. Resume takes the
+    secrets again from the flags and the environment."""
+    def clean(v):
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()
+                    if not any(w in str(k).lower() for w in _CREDENTIAL_WORDS)}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return redact_url(v) if isinstance(v, str) else v
+
+    return {k: clean(v) for k, v in config.items() if k not in SECRET_KEYS}
+
 
 def _retry(fn, what: str, attempts: int = 5):
     return with_retries(fn, what=what, attempts=attempts, max_delay=4.0, error=OSError)

@@ -44,7 +44,7 @@ from flowcore.adversarial import (
 from flowcore.losses import aligned_v_loss
 from flowcore.windows import sample_windows, stage_boundary_indices
 from storage_schemas.locations import LocationPolicy
-from trainer.checkpoint import CheckpointStore
+from trainer.checkpoint import CheckpointStore, public_config, redact_url
 from trainer.config import TrainConfig
 from trainer.data import CorpusStream, StreamConfig, make_dataloader, open_corpus
 from trainer.ema import EMA
@@ -180,7 +180,7 @@ class Trainer:
         if cfg.resume:
             self._resume()
         if acc.is_main_process and log_with:
-            acc.init_trackers("trajflow", config={k: v for k, v in cfg.to_dict().items()
+            acc.init_trackers("trajflow", config={k: v for k, v in public_config(cfg.to_dict()).items()
                                                   if isinstance(v, (int, float, str, bool))})
         if acc.is_main_process:  # one JSON line per logged step, next to the TensorBoard logs (plots, tests)
             Path(log_dir, "logs").mkdir(parents=True, exist_ok=True)
@@ -207,10 +207,10 @@ class Trainer:
             self.optimizer.load_state_dict(ck["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:  # another student than this run's
             before = ck["state"].get("train_config", {})
-            now = self.cfg.to_dict()
+            now = public_config(self.cfg.to_dict())  # as saved: without storage options and credentials
             diff = sorted(k for k in now if k in before and before[k] != now[k] and k not in _RUN_ONLY_KEYS)
             raise ValueError(f"the checkpoint under {self.cfg.out} ({latest['path']}) does not fit this run's student "
-                             f"(settings that differ: {', '.join(diff) or 'none recorded'}; {str(e)[:160]}); "
+                             f"(settings that differ: {', '.join(diff) or 'none recorded'}; {' '.join(str(e).split())[:160]}); "
                              "use a new --out, or --no-resume") from None
         if self.disc is not None:
             if "disc" not in ck["extra"]:
@@ -224,7 +224,7 @@ class Trainer:
         self.skipped_samples = int(st.get("skipped_samples", 0))
         self.stream.load_state_dict(st["data"])  # any world size: the cursor is global
         if self.accelerator.is_main_process:
-            print(f"resumed from {self.cfg.out}/{latest['path']} at step {self.step} "
+            print(f"resumed from {redact_url(self.cfg.out)}/{latest['path']} at step {self.step} "
                   f"(epoch {self.stream.epoch}, cursor {self.stream.cursor})")
 
     # -- schedules -------------------------------------------------------------------------------
@@ -489,7 +489,8 @@ class Trainer:
                            ema=None if self.ema is None else self.ema.state_dict(),
                            optimizer=self.optimizer.state_dict(),
                            state={"data": self.stream.state_dict(), "skipped_samples": self.skipped_samples,
-                                  "stage": self.stage_at(max(0, self.step - 1)), "train_config": self.cfg.to_dict()},
+                                  "stage": self.stage_at(max(0, self.step - 1)),
+                                  "train_config": public_config(self.cfg.to_dict())},  # no secrets at rest
                            net_config=self.student.net_config(),
                            extra={} if self.disc is None else {"disc": acc.unwrap_model(self.disc).state_dict()},
                            extra_optimizers={} if self.disc is None else {"disc": self.disc_optimizer.state_dict()})
@@ -501,7 +502,7 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return None
         weights = self.ema.state_dict() if self.ema is not None else self.student.trainable_state_dict()
-        run = {"data": self.cfg.data, "steps": self.step, "stages": list(self.cfg.stages), "alpha": self.cfg.alpha,
+        run = {"data": redact_url(self.cfg.data), "steps": self.step, "stages": list(self.cfg.stages), "alpha": self.cfg.alpha,
                "window_points": self.cfg.window_points, "ema": self.ema is not None}
         with tempfile.TemporaryDirectory() as tmp:
             for rel in self.student.export(weights, tmp, run):

@@ -36,3 +36,18 @@ def float_list(text: str) -> tuple[float, ...]:
         return tuple(float(p) for p in text.split(",") if p.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+#: exception types whose message alone is not self-explanatory (their type name is shown too)
+_BARE_TYPES = (KeyError, IndexError, TypeError, AttributeError, AssertionError, NameError, RecursionError,
+               ZeroDivisionError, NotImplementedError)
+
+
+def one_line(exc: BaseException, limit: int = 2000) -> str:
+    """``exc`` as one line: whitespace (newlines of nested tracebacks included) collapsed, at most ``limit``
+    characters; the type name is prepended where the message alone says little (KeyError('spec') -> "KeyError:
+    'spec'")."""
+    msg = " ".join(str(exc).split())
+    if not msg or isinstance(exc, _BARE_TYPES):
+        msg = f"{type(exc).__name__}: {msg}".rstrip(": ") + " (run `trajflow -v ...` for the traceback)"
+    return msg if len(msg) <= limit else msg[:limit - 1] + "…"

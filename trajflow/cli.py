@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from trajflow import __version__
-from trajflow.args import UsageError, float_list, int_list, json_object_arg
+from trajflow.args import UsageError, float_list, int_list, json_object_arg, one_line
 
 EPILOG = """\
 examples:
@@ -100,7 +100,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         summary = run_generation(cfg)
     except (GenerationFailed, StorageError) as e:
-        print(f"trajflow generate: error: {e}", file=sys.stderr)
+        print(f"trajflow generate: error: {one_line(e)}", file=sys.stderr)
         return 1
     print(summary.line())
     return 0
@@ -145,7 +145,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             finally:
                 trainer.close()
     except (CorruptShardError, CorpusNotFinalizedError, FileNotFoundError, PoolError, ValueError) as e:
-        print(f"trajflow train: error: {e}", file=sys.stderr)
+        print(f"trajflow train: error: {one_line(e)}", file=sys.stderr)
         return 1
     if exported:
         ota = ""
@@ -426,19 +426,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 #: exit code of an unexpected failure by command (audit: 2 = the corpus could not be audited); else 1
 FAILURE_EXIT = {"audit": 2}
-#: exception types whose message alone is not self-explanatory (their type name is shown too)
-_BARE_TYPES = (KeyError, IndexError, TypeError, AttributeError, AssertionError, NameError, RecursionError,
-               ZeroDivisionError, NotImplementedError)
-
-
-def one_line(exc: BaseException, limit: int = 2000) -> str:
-    """``exc`` as one line: whitespace (newlines of nested tracebacks included) collapsed, at most ``limit``
-    characters; the type name is prepended where the message alone says little (KeyError('spec') -> "KeyError:
-    'spec'")."""
-    msg = " ".join(str(exc).split())
-    if not msg or isinstance(exc, _BARE_TYPES):
-        msg = f"{type(exc).__name__}: {msg}".rstrip(": ") + " (run `trajflow -v ...` for the traceback)"
-    return msg if len(msg) <= limit else msg[:limit - 1] + "…"
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from trajflow.args import json_object_arg
+from trajflow.args import json_object_arg, one_line
 
 DESCRIPTION = """\
 Verify a corpus against its dataset card, manifest and commit records, and report every defect
@@ -101,7 +101,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
             replay_device=args.replay_device,
         )
     except ValueError as e:
-        print(f"trajflow audit: error: {e}", file=sys.stderr)
+        print(f"trajflow audit: error: {one_line(e)}", file=sys.stderr)
         return 2
     reconfigure = getattr(sys.stdout, "reconfigure", None)
     if reconfigure is not None:  # member names from a corpus may not fit the terminal's encoding

@@ -10,6 +10,7 @@ import tempfile
 from models.flownet import load_flow_net
 from models.gmm import GMMTeacher
 from storage_schemas import DatasetCard
+from trajflow.args import one_line
 
 
 def student_file(url: str, storage_options=None) -> tuple[object, str, str]:
@@ -47,7 +48,7 @@ def run_eval(args) -> int:
             raise ValueError(f"the student file at {args.student} does not record its corpus card (metadata 'card')")
         card = DatasetCard.from_json(json.dumps(extra["card"]))
     except (FileNotFoundError, ValueError) as e:
-        print(f"trajflow eval: error: {e}", file=sys.stderr)
+        print(f"trajflow eval: error: {one_line(e)}", file=sys.stderr)
         return 1
     # the student file is input: what its card names is opened only under the student's folder or an allowed prefix
     teacher = teacher_from_card(card, args.storage_options, root=folder,

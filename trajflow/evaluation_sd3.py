@@ -14,6 +14,8 @@ import json
 import sys
 from typing import Any
 
+from trajflow.args import one_line
+
 
 def _prompts(args, meta) -> list[str]:
     from pipeline.prompts import load_prompts
@@ -147,7 +149,7 @@ def run_eval_sd3(args) -> int:
     try:
         report = sd3_report(args)
     except (MetricWeightsMissing, FileNotFoundError, ValueError) as e:
-        print(f"trajflow eval: error: {e}", file=sys.stderr)
+        print(f"trajflow eval: error: {one_line(e)}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(report, indent=2))

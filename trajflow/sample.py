@@ -18,6 +18,7 @@ import sys
 from typing import Any
 
 from trainer.students.diffusers import STUDENT_META
+from trajflow.args import one_line
 
 
 def local_student_dir(url: str, storage_options: dict[str, Any] | None = None) -> str:
@@ -115,7 +116,7 @@ def run_sample(args) -> int:
         dtype = None if args.dtype is None else getattr(torch, args.dtype)
         pipe, meta = load_student_pipeline(student, args.base, args.device, dtype)
     except (FileNotFoundError, ValueError, OSError) as e:
-        print(f"trajflow sample: error: {e}", file=sys.stderr)
+        print(f"trajflow sample: error: {one_line(e)}", file=sys.stderr)
         return 1
     trained = meta.get("num_inference_steps")
     if trained and args.steps != trained:
