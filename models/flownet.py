@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as st_save
 from torch import nn
 
 from flowcore.guidance import cfg_velocity
@@ -201,11 +201,25 @@ def fit_flow_net(
     return losses
 
 
+def canonical_safetensors(data: bytes) -> bytes:
+    """``data`` (a safetensors file) with its JSON header re-serialised with sorted keys: safetensors writes the
+    ``__metadata__`` map in hash order, which differs between processes, so identical tensors and metadata
+    gave different bytes. The tensor bytes and their offsets are unchanged; the header is space-padded to
+    8 bytes as safetensors writes it."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
+
+
 def save_flow_net(net: FlowNet, path: str | Path, extra: dict[str, Any] | None = None) -> None:
-    """Weights + config (JSON in the safetensors metadata) in one file."""
-    meta = {_META_KEY: json.dumps(asdict(net.cfg)), "trajflow_extra": json.dumps(extra or {})}
+    """Weights + config (JSON in the safetensors metadata) in one file; byte-reproducible (the same tensors and
+    metadata give the same bytes in every process: sorted JSON, canonical header)."""
+    meta = {_META_KEY: json.dumps(asdict(net.cfg), sort_keys=True),
+            "trajflow_extra": json.dumps(extra or {}, sort_keys=True)}
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    save_file(state, str(path), metadata=meta)
+    Path(path).write_bytes(canonical_safetensors(st_save(state, metadata=meta)))
 
 
 def load_flow_net(path: str | Path, device: str | torch.device = "cpu") -> tuple[FlowNet, dict[str, Any]]:

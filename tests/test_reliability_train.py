@@ -309,3 +309,132 @@ def test_resume_mismatch_explanation_still_names_the_settings(tmp_path):
     assert r.returncode == 1
     lines = error_lines(r.stderr)
     assert len(lines) == 1 and "student_width" in lines[0] and "does not fit" in lines[0], r.stderr
+
+
+# -- C: one-line errors, writable --out, resume fallback, reproducible student files ---------------------
+@pytest.fixture
+def gmm_corpus(tmp_path):
+    return make_corpus(str(tmp_path / "gmm"))
+
+
+def _drop_gmm_spec(corpus: str) -> list[str]:
+    card = json.loads((Path(corpus) / "dataset.json").read_text())
+    del card["teacher"]["config"]["spec"]
+    (Path(corpus) / "dataset.json").write_text(json.dumps(card))
+    return []
+
+
+def _truncate_a_shard(corpus: str) -> list[str]:
+    shard = sorted((Path(corpus) / "shards").glob("*.tar"))[0]
+    shard.write_bytes(shard.read_bytes()[:5000])
+    return ["--num-workers", "1"]  # the default worker: its error used to carry the worker's traceback
+
+
+@pytest.mark.parametrize("craft", [_drop_gmm_spec, _truncate_a_shard])
+def test_train_failures_are_one_line(gmm_corpus, tmp_path, craft):
+    extra = craft(gmm_corpus)
+    args = train_args(gmm_corpus, str(tmp_path / "run"), "--max-steps", "2", "--cache-dir", str(tmp_path / "sc"))
+    if "--num-workers" in extra:
+        args.remove("--num-workers"), args.remove("0")
+    r = run_clean([*args, *extra], tmp_path)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    lines = error_lines(r.stderr)
+    assert len(lines) == 1 and lines[0].startswith("trajflow train: error: "), r.stderr
+    assert "Traceback" not in r.stderr
+    r = run_clean(["-v", *args, *extra], tmp_path)  # -v shows the traceback
+    assert r.returncode == 1 and "Traceback (most recent call last)" in r.stderr
+
+
+def test_train_on_a_bad_s3_endpoint_is_one_line(gmm_corpus, tmp_path):
+    """ShardFetchError-class failures: the corpus URL points at an endpoint that does not answer."""
+    env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y",
+           "AWS_MAX_ATTEMPTS": "1"}
+    r = run_clean(train_args("s3://nobucket/c", str(tmp_path / "run"), "--max-steps", "1"), tmp_path, **env)
+    assert r.returncode == 1
+    lines = error_lines(r.stderr)
+    assert len(lines) == 1 and lines[0].startswith("trajflow train: error: "), r.stderr
+    opts = json.dumps({"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}})  # a bad storage option
+    r = run_clean(train_args("s3://nobucket/c", str(tmp_path / "run"), "--max-steps", "1", "--storage-options", opts),
+                  tmp_path, **env)
+    assert r.returncode == 1
+    lines = error_lines(r.stderr)
+    assert len(lines) == 1 and lines[0].startswith("trajflow train: error: "), r.stderr
+
+
+@pytest.mark.parametrize("forge", ["garbage", "config", "no_gmm_spec"])
+def test_eval_of_a_forged_student_file_is_one_line(gmm_corpus, tmp_path, forge):
+    folder = tmp_path / "s"
+    folder.mkdir()
+    f = folder / "student.safetensors"
+    if forge == "garbage":
+        f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    else:
+        from safetensors.torch import save_file
+
+        card = json.loads((Path(gmm_corpus) / "dataset.json").read_text())
+        latent10_flow_net(f)
+        if forge == "config":  # a config the network class does not take
+            save_file({"w": torch.zeros(1)}, str(f), metadata={"trajflow_flownet_config": json.dumps({"bogus": 1})})
+        else:  # a GMM card without its mixture (the registry's ValueError)
+            del card["teacher"]["config"]["spec"]
+            from safetensors import safe_open
+
+            with safe_open(str(f), "pt") as sf:
+                meta, tensors = sf.metadata(), {k: sf.get_tensor(k) for k in sf.keys()}
+            save_file(tensors, str(f), metadata={**meta, "trajflow_extra": json.dumps({"card": card, "shift": 1.0})})
+    r = run_clean(["eval", "--student", str(folder), "--num-samples", "16"], tmp_path)
+    assert r.returncode == 1, r.stdout
+    lines = error_lines(r.stderr)
+    assert len(lines) == 1 and lines[0].startswith("trajflow eval: error: "), r.stderr
+    if forge == "no_gmm_spec":
+        assert "no spec" in lines[0]
+
+
+def test_unwritable_out_fails_before_training(gmm_corpus, s3_env, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    r = subprocess.run([TRAJFLOW, *train_args(gmm_corpus, "s3://missing-bucket-7c1e/run", "--max-steps", "50")],
+                       capture_output=True, text=True, timeout=600, cwd=work, env={**clean_env(tmp_path), **s3_env})
+    assert r.returncode == 1
+    lines = error_lines(r.stderr)
+    assert len(lines) == 1 and "not writable" in lines[0] and "missing-bucket-7c1e" in lines[0], r.stderr
+    assert not (work / "runs").exists()  # no tracker / metrics files: training never started
+
+
+def test_resume_falls_back_to_the_newest_complete_checkpoint(gmm_corpus, tmp_path):
+    out = tmp_path / "run"
+    args = train_args(gmm_corpus, str(out), "--checkpoint-every", "1")
+    r = run_clean([*args, "--max-steps", "3"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = out / "checkpoints"
+    (ck / "latest.json").write_text('{"step": 3, "pa')  # torn / corrupt
+    (ck / "step-00000003" / "state.json").unlink()  # and the newest checkpoint is incomplete
+    r = run_clean([*args, "--max-steps", "4"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "step-00000002 at step 2" in r.stdout
+    assert "unusable" in r.stderr
+    (ck / "latest.json").write_text(json.dumps({"step": 1, "path": "../../../etc"}))  # a forged path is not followed
+    r = run_clean([*args, "--max-steps", "5"], tmp_path)
+    assert r.returncode == 0 and "step-00000004 at step 4" in r.stdout, r.stdout + r.stderr[-2000:]
+
+
+def test_student_files_are_byte_reproducible(tmp_path):
+    code = ("import sys, torch; from models.flownet import FlowNet, FlowNetConfig, save_flow_net; "
+            "torch.manual_seed(0); net = FlowNet(FlowNetConfig('mlp', (10,), num_classes=10, width=16, depth=1)); "
+            "save_flow_net(net, sys.argv[1], extra={'card': {'b': 1, 'a': [1, 2], 'c': {'y': 1, 'x': 2}}, "
+            "'shift': 1.0, 'run': {'steps': 4, 'data': '/c'}})")
+    blobs = []
+    for i in range(3):  # separate processes: safetensors' metadata map order used to vary by process
+        f = tmp_path / f"s{i}.safetensors"
+        subprocess.run([sys.executable, "-c", code, str(f)], check=True, env={**os.environ, "PYTHONHASHSEED": str(i)})
+        blobs.append(f.read_bytes())
+    assert blobs[0] == blobs[1] == blobs[2]
+
+
+def test_trained_students_are_byte_identical(gmm_corpus, tmp_path):
+    blobs = []
+    for name in ("a", "b"):
+        r = run_clean(train_args(gmm_corpus, str(tmp_path / name), "--max-steps", "2"), tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        blobs.append((tmp_path / name / "student" / "student.safetensors").read_bytes())
+    assert blobs[0] == blobs[1]

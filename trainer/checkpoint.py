@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import re
 from typing import Any
 
 import torch
@@ -16,6 +18,9 @@ from safetensors.torch import save as st_save
 from storage_schemas.retry import with_retries
 
 LATEST = "checkpoints/latest.json"
+#: a checkpoint's folder under out
+_STEP_DIR = re.compile(r"checkpoints/step-[0-9]{8}")
+log = logging.getLogger(__name__)
 
 #: config keys never written at rest (checkpoints, logs, exports): storage options carry credentials
 SECRET_KEYS = frozenset({"storage_options"})
@@ -73,6 +78,20 @@ class CheckpointStore:
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         _retry(lambda: self.fs.pipe_file(path, data), f"writing {self.out}/{rel}")
 
+    def check_writable(self) -> None:
+        """Write and delete a probe object under ``checkpoints/`` so that an unwritable ``--out`` (missing bucket,
+        no permission, read-only disk) fails before training starts, not at the first checkpoint."""
+        import uuid
+
+        rel = f"checkpoints/.write-probe-{uuid.uuid4().hex}"
+        try:
+            self.write(rel, b"")
+            self.fs.rm_file(self._path(rel))
+        except Exception as e:  # noqa: BLE001 - any failure to write is the same answer
+            detail = " ".join(str(e).split()) or type(e).__name__
+            raise ValueError(f"the run's --out {redact_url(self.out)} is not writable ({detail}); fix the location or "
+                             "its permissions before training") from None
+
     def read(self, rel: str) -> bytes:
         return _retry(lambda: self.fs.cat_file(self._path(rel)), f"reading {self.out}/{rel}")
 
@@ -110,13 +129,44 @@ class CheckpointStore:
         self.write(LATEST, json.dumps({"step": step, "path": rel}).encode())  # the commit point
         return f"{self.out}/{rel}"
 
-    def latest(self) -> dict[str, Any] | None:
-        if not self.exists(LATEST):
-            return None
+    def _complete(self, rel: str) -> bool:
+        """Whether ``rel`` holds a complete checkpoint: its state.json (written after every other file) parses."""
         try:
-            return json.loads(self.read(LATEST))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{self.out}/{LATEST} is not valid JSON: {e}") from None
+            return isinstance(json.loads(self.read(f"{rel}/state.json")), dict)
+        except (OSError, ValueError):
+            return False
+
+    def latest(self) -> dict[str, Any] | None:
+        """``{"step", "path"}`` of the checkpoint to resume from: the one ``latest.json`` names when it is readable
+        and names a complete checkpoint; else (missing, unreadable, corrupt or dangling) the newest complete
+        ``checkpoints/step-*`` (a warning says so); None when there is none."""
+        reason = None
+        if self.exists(LATEST):
+            try:
+                doc = json.loads(self.read(LATEST))
+                rel, step = doc["path"], int(doc["step"])
+                if not (isinstance(rel, str) and _STEP_DIR.fullmatch(rel)):
+                    raise ValueError(f"it names {rel!r}, not checkpoints/step-NNNNNNNN")
+                if self._complete(rel):
+                    return {"step": step, "path": rel}
+                reason = f"it names {rel}, which is incomplete"
+            except (OSError, ValueError, TypeError, KeyError) as e:
+                reason = " ".join(str(e).split()) or type(e).__name__
+        found = self._newest_complete()
+        if reason is not None:
+            log.warning("%s/%s is unusable (%s); resuming from %s", self.out, LATEST, reason,
+                        found["path"] if found else "nothing (no complete checkpoint)")
+        return found
+
+    def _newest_complete(self) -> dict[str, Any] | None:
+        try:
+            names = [str(n).rstrip("/").rsplit("/", 1)[-1] for n in self.fs.ls(self._path("checkpoints"), detail=False)]
+        except (FileNotFoundError, OSError):
+            return None
+        for name in sorted((n for n in names if _STEP_DIR.fullmatch(f"checkpoints/{n}")), reverse=True):
+            if self._complete(f"checkpoints/{name}"):
+                return {"step": int(name.split("-", 1)[1]), "path": f"checkpoints/{name}"}
+        return None
 
     def load(self, rel: str) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -122,6 +122,7 @@ class Trainer:
         self.cfg = cfg = self.cfg.resolved(card.teacher.kind, cuda=cuda,
                                            bf16_supported=cuda and torch.cuda.is_bf16_supported())
         student_cls = check_run(card, cfg)  # every refusal of this family, before anything is built
+        CheckpointStore(cfg.out, cfg.storage_options).check_writable()  # an unwritable --out fails before training
         # TensorBoard writes local files: next to the checkpoints for a local --out, else under ./runs/<hash>
         if "://" not in cfg.out or cfg.out.startswith("file://"):
             log_dir = cfg.out.removeprefix("file://")

@@ -100,6 +100,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         summary = run_generation(cfg)
     except (GenerationFailed, StorageError) as e:
+        if args.verbose:  # -v: the traceback too
+            import traceback
+
+            traceback.print_exc()
         print(f"trajflow generate: error: {one_line(e)}", file=sys.stderr)
         return 1
     print(summary.line())
@@ -145,6 +149,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             finally:
                 trainer.close()
     except (CorruptShardError, CorpusNotFinalizedError, FileNotFoundError, PoolError, ValueError) as e:
+        if args.verbose:  # -v: the traceback too
+            import traceback
+
+            traceback.print_exc()
         print(f"trajflow train: error: {one_line(e)}", file=sys.stderr)
         return 1
     if exported:
