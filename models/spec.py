@@ -3,6 +3,8 @@
     gmm:ring2d | gmm:latent10         built-in analytic GMM presets
     gmm:/path/spec.json               a GMM from a JSON spec (see models.gmm.GMMSpec)
     flownet:/path/net.safetensors     a small flow net saved by models.flownet.save_flow_net
+    digits:8x8[:fit=N]                the digits testbed: a flow net fitted to scikit-learn's 8x8 digits
+                                      (models.digits; fitted once, cached under $TRAJFLOW_CACHE)
     diffusers:/path/model[:subfolder] a diffusers pipeline from a local folder: the UNet adapter
                                       (models.diffusers.unet, SD1.5/SD2/SDXL) when the folder has
                                       unet/, the flow-matching transformer adapter
@@ -18,7 +20,7 @@ import json
 import os
 from dataclasses import dataclass
 
-KINDS = ("gmm", "flownet", "diffusers")
+KINDS = ("gmm", "flownet", "diffusers", "digits")
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,8 @@ class TeacherSpec:
 
 def parse_teacher_spec(spec: str) -> TeacherSpec:
     """Parse 'kind:target[:variant]' with errors that show the accepted forms."""
-    help_ = "expected gmm:ring2d, gmm:latent10, gmm:FILE.json, flownet:FILE.safetensors or diffusers:PATH[:subfolder]"
+    help_ = ("expected gmm:ring2d, gmm:latent10, gmm:FILE.json, flownet:FILE.safetensors, "
+             "diffusers:PATH[:subfolder] or digits:8x8[:fit=N]")
     if not isinstance(spec, str) or ":" not in spec:
         raise ValueError(f"bad teacher spec {spec!r}: {help_}")
     kind, rest = spec.split(":", 1)
@@ -49,6 +52,11 @@ def parse_teacher_spec(spec: str) -> TeacherSpec:
         head, sep, tail = rest.rpartition(":")
         if sep and tail and "/" not in tail and not head.endswith(("s3", "gs", "gcs", "file", "memory")):
             rest, variant = head, tail
+    if kind == "digits":  # 'digits:8x8' or 'digits:8x8:fit=400'
+        rest, _, variant = rest.partition(":")
+        if rest != "8x8":
+            raise ValueError(f"unknown digits testbed {rest!r} in {spec!r}: expected digits:8x8 or digits:8x8:fit=N")
+        variant = variant or None
     return TeacherSpec(kind, rest, variant)
 
 

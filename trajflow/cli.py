@@ -366,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int_list, default=(1, 2, 4), help="student step counts (default 1,2,4)")
     p.add_argument("--num-samples", type=int, default=2000)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--grid", metavar="PNG", help="digits testbed students: write a PNG grid of samples per sampler")
     p.add_argument("--storage-options", type=json_object_arg)
     p.add_argument("--allow-teacher-location", action="append", dest="allow_teacher_locations", metavar="PREFIX",
                    help=ALLOW_TEACHER_HELP.replace("corpus root", "student's folder"))

@@ -54,6 +54,10 @@ def run_eval(args) -> int:
     teacher = teacher_from_card(card, args.storage_options, root=folder,
                                 allow=getattr(args, "allow_teacher_locations", None) or (),
                                 root_what="the student's folder", source="the student file's card")
+    from models.digits import DigitsTeacher
+
+    if isinstance(teacher, DigitsTeacher):  # the digits testbed: classifier-feature metrics (evaluation.digits)
+        return run_digits_eval(args, net, extra, card, teacher)
     if not isinstance(teacher, GMMTeacher):
         print("trajflow eval: exact metrics need a GMM teacher corpus; other teachers come with issue 7",
               file=sys.stderr)
@@ -77,4 +81,41 @@ def run_eval(args) -> int:
     for k, v in report["student"].items():
         print(f"one-jump error per window, student {k}: {[round(x, 4) for x in v['one_jump_error_per_window']]} "
               f"(teacher Euler: {[round(x, 4) for x in v['teacher_one_jump_error_per_window']]})")
+    return 0
+
+
+def run_digits_eval(args, net, extra, card, teacher) -> int:
+    """`trajflow eval` of a digits-testbed student: coupling error against the teacher's 256-step endpoint,
+    Frechet distance in the evaluation classifier's feature space, class accuracy; the teacher at the same
+    step counts on both grids; ``--grid PNG`` writes a sample grid."""
+    from evaluation.digits import evaluate_digits, write_sample_grid
+
+    g = card.solver.guidance
+    guidance = float(g) if isinstance(g, (int, float)) else (g.min + g.max) / 2
+    report = evaluate_digits(net, teacher, shift=float(extra.get("shift", 1.0)), guidance=guidance,
+                             steps=tuple(args.steps), num_samples=args.num_samples)
+    samples = report.pop("grid_samples")
+    report["student_url"] = args.student
+    if getattr(args, "grid", None):
+        report["grid_png"] = write_sample_grid(list(samples.items()), args.grid,
+                                               title=f"digits testbed: {args.student}")
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    clf = report["classifier"]
+    print(f"digits testbed, {report['num_samples']} samples, guidance {guidance}; reference: {report['reference']}; "
+          f"classifier held-out accuracy {clf['held_out_accuracy']:.3f}")
+    rows = []
+    for n in args.steps:
+        rows.append((f"teacher {n} steps (diffusers default grid)", report["teacher"][f"{n}_steps_diffusers_default_grid"]))
+        rows.append((f"teacher {n} steps (corrected grid)", report["teacher"][f"{n}_steps"]))
+    rows.append(("teacher 32 steps", report["teacher"]["32_steps"]))
+    rows += [(f"student {k.replace('_', ' ')}", v) for k, v in report["student"].items()]
+    print(f"{'sampler':44s} {'coupling':>9s} {'FD':>9s} {'class acc':>9s}")
+    for name, q in rows:
+        print(f"{name:44s} {q['coupling_error']:9.4f} {q['frechet_distance']:9.2f} {q['class_accuracy']:9.3f}")
+    ref = report["reference_quality"]
+    print(f"{'reference (teacher 256 Heun)':44s} {'':>9s} {ref['frechet_distance']:9.2f} {ref['class_accuracy']:9.3f}")
+    if report.get("grid_png"):
+        print(f"sample grid: {report['grid_png']}")
     return 0

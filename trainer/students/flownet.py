@@ -109,7 +109,8 @@ class FlowNetStudent:
         self.card, self.network, self.net_cfg, self.teacher = card, network, net_cfg, teacher
         self._shadow: FlowNet | None = None  # the EMA's network, made by ema_tensors()
         self.real_sampler = None
-        if isinstance(teacher, GMMTeacher):  # perflow: noised real samples drawn from the exact mixture
+        # perflow: noised real samples, drawn from the exact mixture (GMM) or the real images (digits testbed)
+        if isinstance(teacher, GMMTeacher) or callable(getattr(teacher, "sample", None)):
             def real_sampler(n, g, cls, _t=teacher):
                 return _t.sample(n, g, cls)
 
