@@ -1,8 +1,13 @@
-"""Ablation on latent10 at equal student training samples (the quality harness with the ablation set).
+"""Ablation at equal student training samples (the quality harness with the ablation set), several seeds.
 
-    python benchmarks/ablation.py                       # perflow -> OTA windows -> +progressive -> +aligned-v
-                                                        # -> +online fresh / student -> +adversarial (trajflow)
-    python benchmarks/ablation.py --steps 800           # a smaller budget
+    python benchmarks/ablation.py                       # latent10: perflow -> OTA windows -> +progressive ->
+                                                        # +aligned-v -> +online fresh / student -> +adversarial
+    python benchmarks/ablation.py --teacher digits:8x8  # the same on the digits testbed
+    python benchmarks/ablation.py --steps 800 --seeds 5 # another budget / more seeds
+
+Each component's effect is the paired (same seed) difference "with - without" and its 95% t-interval over
+seeds (``effects`` in the JSON): it "helps" or "hurts" only where that interval excludes zero, and has
+"no measurable effect" otherwise.
 
 Teachers are reported at 1/2/4 steps on diffusers' default FlowMatchEuler grid and on
 ``few_step_sigmas``, and at 32 steps. Same flags as ``benchmarks/quality.py``; prints one JSON object.

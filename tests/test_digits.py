@@ -164,3 +164,69 @@ def test_spec_round_trip_generate_audit_replay_train_eval(cache, tmp_path):
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = _cli("eval", "--student", str(run), "--steps", "2,4", "--num-samples", "40", env=env)
     assert r.returncode == 0 and "classifier held-out accuracy" in r.stdout and "student 4 steps" in r.stdout
+
+
+# -- confidence intervals (trajflow.compare) on known data -------------------------------------------------------
+
+def test_t_interval_on_known_data():
+    from trajflow.compare import t_interval
+
+    t = t_interval([1.0, 2.0, 3.0])  # mean 2, sample std 1, t_{0.975, 2} = 4.302653
+    assert t["n"] == 3 and t["mean"] == pytest.approx(2.0) and t["std"] == pytest.approx(1.0)
+    assert t["half_width"] == pytest.approx(4.302653 / math.sqrt(3), rel=1e-5)
+    assert t["low"] == pytest.approx(2.0 - 4.302653 / math.sqrt(3), rel=1e-5)
+    t5 = t_interval([2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0])  # std 2.138090, t_{0.975, 7} = 2.364624
+    assert t5["half_width"] == pytest.approx(2.364624 * 2.138090 / math.sqrt(8), rel=1e-5)
+    assert t_interval([1.0, 1.0, 1.0])["half_width"] == 0.0
+    one = t_interval([0.5])
+    assert one["mean"] == 0.5 and one["low"] is None and one["high"] is None
+    with pytest.raises(ValueError):
+        t_interval([])
+
+
+def test_verdicts_need_an_interval_that_excludes_zero():
+    from trajflow.compare import t_interval, verdict
+
+    assert verdict(t_interval([-0.03, -0.02, -0.025]), lower_is_better=True) == "helps"
+    assert verdict(t_interval([-0.03, -0.02, -0.025]), lower_is_better=False) == "hurts"
+    assert verdict(t_interval([0.03, 0.02, 0.025]), lower_is_better=True) == "hurts"
+    assert verdict(t_interval([-0.03, 0.02, 0.001]), lower_is_better=True) == "no measurable effect"
+    assert verdict(t_interval([-0.01]), lower_is_better=True) == "no interval (one seed)"
+
+
+def test_aggregate_and_ablation_effects_on_constructed_rows():
+    """Rows of 3 seeds -> mean and t-interval per cell; paired effects per component with verdicts."""
+    from trajflow.compare import (
+        DIGITS_METRICS,
+        ablation_effects,
+        aggregate_seeds,
+        markdown_effects,
+        markdown_table,
+    )
+
+    base = {0: 0.50, 1: 0.40, 2: 0.45}
+    per_seed = {}
+    for s in (0, 1, 2):
+        per_seed[s] = [
+            {"method": "teacher (corrected grid)", "steps": 4, "coupling_error": 0.3, "frechet_distance": 10.0,
+             "class_accuracy": 1.0},
+            # +progressive: always 0.02 better than ota-windows on coupling (paired), FD noise around equal
+            {"method": "ota-windows", "steps": 4, "coupling_error": base[s], "frechet_distance": 10.0 + s,
+             "class_accuracy": 0.9},
+            {"method": "+progressive", "steps": 4, "coupling_error": base[s] - 0.02 - 0.001 * s,
+             "frechet_distance": 10.0 + (1, -1, 0.5)[s] + s, "class_accuracy": 0.9},
+        ]
+    rows = aggregate_seeds(per_seed, DIGITS_METRICS)
+    cell = next(r for r in rows if r["method"] == "ota-windows")
+    assert cell["seeds"] == 3 and cell["coupling_error"] == pytest.approx(0.45)
+    lo, hi = cell["ci"]["coupling_error"]
+    assert lo == pytest.approx(0.45 - 4.302653 * 0.05 / math.sqrt(3), rel=1e-5) and hi > 0.45
+    assert cell["values"]["coupling_error"] == [0.50, 0.40, 0.45]
+    result = {"metrics": DIGITS_METRICS, "per_seed_rows": per_seed, "steps": [4], "rows": rows, "testbed": "digits"}
+    effects = {(e["component"].split()[0], e["metric"]): e for e in ablation_effects(result)}
+    coupling = effects[("progressive", "coupling_error")]
+    assert coupling["mean_difference"] == pytest.approx(-0.021) and coupling["verdict"] == "helps"
+    assert effects[("progressive", "frechet_distance")]["verdict"] == "no measurable effect"
+    assert effects[("progressive", "class_accuracy")]["verdict"] == "no measurable effect"  # zero-width at zero
+    assert all(e["seeds"] == 3 for e in effects.values())
+    assert "±" in markdown_table(result) and "helps" in markdown_effects(list(effects.values()))

@@ -62,7 +62,10 @@ class Profile:
     ema_decay: float = 0.995
 
 
-PROFILES = {"latent10": Profile(), "ring2d": Profile(steps=800, lr=1e-3, student_width=128, teacher_fit_steps=2000)}
+PROFILES = {"latent10": Profile(), "ring2d": Profile(steps=800, lr=1e-3, student_width=128, teacher_fit_steps=2000),
+            # the digits testbed: the student is the teacher's architecture (MLP 256 x 3), started from its weights;
+            # a short budget so that a 3-seed quality run takes minutes on 2 CPU cores
+            "digits": Profile(steps=300, batch_size=128, lr=3e-4, warmup_steps=20, ema_decay=0.99)}
 
 
 def resolve_methods(spec: str) -> list[str]:
@@ -121,9 +124,54 @@ def train_method(name: str, corpus: str, run_dir: Path, profile: Profile, *, rol
     return net, teacher, summary
 
 
-def table_rows(report: dict[str, Any], method: str, kind: str) -> list[dict[str, Any]]:
-    """Flatten one evaluate_gmm report into rows {method, steps, coupling_error, swd, nll_per_dim, class_accuracy}."""
-    keys = ("coupling_error", "swd", "nll_per_dim", "class_accuracy")
+#: the metrics of each testbed's evaluation, and whether lower is better
+GMM_METRICS = {"coupling_error": True, "swd": True, "nll_per_dim": True, "class_accuracy": False}
+DIGITS_METRICS = {"coupling_error": True, "frechet_distance": True, "class_accuracy": False}
+#: one component added at a time: (component, method without it, method with it)
+ABLATION_STEPS = [
+    ("authentic OTA windows instead of PeRFlow-style noised real starts", "perflow", "ota-windows"),
+    ("progressive stages 8 -> 4", "ota-windows", "+progressive"),
+    ("aligned v-prediction (alpha 1)", "+progressive", "+aligned-v"),
+    ("online rollouts from fresh noise (25%)", "+aligned-v", "+online-fresh"),
+    ("online rollouts started at the student's own states (25%)", "+aligned-v", "+online-student"),
+    ("adversarial distillation on trajectory states", "+online-student", "trajflow"),
+]
+
+
+def t_interval(values, confidence: float = 0.95) -> dict[str, Any]:
+    """Mean and the two-sided Student-t interval of the mean over independent values (seeds).
+
+    Returns {"mean", "low", "high", "half_width", "n", "std"}; with one value the interval is undefined
+    (low = high = None)."""
+    import math
+
+    vals = [float(v) for v in values]
+    n = len(vals)
+    if n == 0:
+        raise ValueError("t_interval needs at least one value")
+    mean = sum(vals) / n
+    if n == 1:
+        return {"mean": mean, "low": None, "high": None, "half_width": None, "n": 1, "std": None}
+    from scipy import stats
+
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
+    return {"mean": mean, "low": mean - half, "high": mean + half, "half_width": half, "n": n, "std": std}
+
+
+def verdict(diff: dict[str, Any], lower_is_better: bool) -> str:
+    """'helps' / 'hurts' when the interval of (with - without) excludes zero, else 'no measurable effect'."""
+    if diff["low"] is None:
+        return "no interval (one seed)"
+    if diff["low"] > 0 or diff["high"] < 0:
+        better = (diff["high"] < 0) == lower_is_better
+        return "helps" if better else "hurts"
+    return "no measurable effect"
+
+
+def table_rows(report: dict[str, Any], method: str, kind: str, metrics=None) -> list[dict[str, Any]]:
+    """Flatten one evaluation report (evaluate_gmm / evaluate_digits) into rows {method, steps, <metrics>}."""
+    keys = tuple(metrics or GMM_METRICS)
     rows = []
     for k, q in report[kind].items():
         steps = int(k.split("_")[0])
@@ -134,52 +182,174 @@ def table_rows(report: dict[str, Any], method: str, kind: str) -> list[dict[str,
     return rows
 
 
-def compare(corpus: str, run_root: Path, methods: list[str], profile: Profile, *, shift: float, guidance: float,
-            rollout_teacher=None, num_samples: int = 2000, steps=(1, 2, 4), progress: bool = True,
-            log=print) -> dict[str, Any]:
-    """Train every method (reusing finished ones) and evaluate all of them and the teacher."""
-    from evaluation.gmm import evaluate_gmm
-
-    rows: list[dict[str, Any]] = []
-    summaries: dict[str, Any] = {}
-    reports: dict[str, Any] = {}
-    teacher = None
-    for i, name in enumerate(methods, 1):
-        log(f"  method {i}/{len(methods)}: {name}")
-        net, teacher, summaries[name] = train_method(name, corpus, run_root / name.lstrip("+"), profile,
-                                                     rollout_teacher=rollout_teacher, progress=progress)
-        rep = evaluate_gmm(net, teacher, shift=shift, guidance=guidance, steps=steps, num_samples=num_samples,
-                           teacher_steps=(*steps, 32), default_grid_steps=steps)
-        reports[name] = rep["student"]
-        if len(rows) == 0:
-            rows += table_rows(rep, "teacher", "teacher")
-            reports["teacher"] = rep["teacher"]
-        rows += table_rows(rep, name, "student")
-    return {"rows": rows, "training": summaries, "reports": reports, "profile": profile.__dict__,
-            "shift": shift, "guidance": guidance, "num_samples": num_samples}
-
-
-def check_targets(result: dict[str, Any]) -> dict[str, Any]:
-    """The quality targets: trajflow 4-step SWD within 1.05x of the teacher's 32-step SWD; better SWD than
-    PeRFlow and 2-rectified flow at 2 and 4 steps (where those methods were run)."""
-    by = {(r["method"], r["steps"]): r for r in result["rows"]}
-    out: dict[str, Any] = {}
-    t32 = by.get(("teacher (corrected grid)", 32))
-    tf4 = by.get(("trajflow", 4))
-    if t32 and tf4:
-        out["trajflow_4_swd_over_teacher_32_swd"] = tf4["swd"] / t32["swd"]
-        out["trajflow_4_swd_within_1.05x_teacher_32"] = tf4["swd"] <= 1.05 * t32["swd"]
-    for base in ("perflow", "2-rectified-flow"):
-        for n in (2, 4):
-            if ("trajflow", n) in by and (base, n) in by:
-                out[f"trajflow_beats_{base}_swd_at_{n}"] = by[("trajflow", n)]["swd"] < by[(base, n)]["swd"]
+def aggregate_seeds(per_seed: dict[int, list[dict[str, Any]]], metrics) -> list[dict[str, Any]]:
+    """Rows of several seeds -> one row per (method, steps): the mean, ``ci`` {metric: [low, high]}, ``values``."""
+    cells: dict[tuple[str, int], dict[str, list[float]]] = {}
+    for rows in per_seed.values():
+        for r in rows:
+            c = cells.setdefault((r["method"], r["steps"]), {m: [] for m in metrics})
+            for m in metrics:
+                if r.get(m) is not None:
+                    c[m].append(float(r[m]))
+    out = []
+    for (method, steps), c in cells.items():
+        row: dict[str, Any] = {"method": method, "steps": steps, "seeds": max(len(v) for v in c.values())}
+        row["ci"], row["values"] = {}, {}
+        for m, vals in c.items():
+            if not vals:
+                row[m] = None
+                continue
+            t = t_interval(vals)
+            row[m] = t["mean"]
+            row["ci"][m] = None if t["low"] is None else [t["low"], t["high"]]
+            row["values"][m] = vals
+        out.append(row)
     return out
 
 
+def ablation_effects(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """For each component of ``ABLATION_STEPS`` whose two methods were run: the paired (same seed) difference
+    with - without, its 95% t-interval over seeds and the verdict, per step count and metric."""
+    metrics = result["metrics"]
+    per = result["per_seed_rows"]
+    val: dict[tuple[str, int, int], dict[str, Any]] = {}
+    for seed, rows in per.items():
+        for r in rows:
+            val[(r["method"], r["steps"], int(seed))] = r
+    seeds = sorted(int(s) for s in per)
+    out = []
+    for component, base, with_ in ABLATION_STEPS:
+        for steps in result["steps"]:
+            if not all((m, steps, s) in val for m in (base, with_) for s in seeds):
+                continue
+            for m, lower in metrics.items():
+                diffs = [val[(with_, steps, s)][m] - val[(base, steps, s)][m] for s in seeds
+                         if val[(with_, steps, s)].get(m) is not None and val[(base, steps, s)].get(m) is not None]
+                if not diffs:
+                    continue
+                d = t_interval(diffs)
+                out.append({"component": component, "without": base, "with": with_, "steps": steps, "metric": m,
+                            "mean_difference": d["mean"], "ci": None if d["low"] is None else [d["low"], d["high"]],
+                            "seeds": d["n"], "lower_is_better": lower, "verdict": verdict(d, lower)})
+    return out
+
+
+def compare(corpus: str, run_root: Path, methods: list[str], profile: Profile, *, shift: float, guidance: float,
+            rollout_teacher=None, num_samples: int = 2000, steps=(1, 2, 4), progress: bool = True,
+            log=print, seeds=(0,)) -> dict[str, Any]:
+    """Train every method with every seed (reusing finished runs) on the same corpus and evaluate all of them
+    and the teacher (once: it does not depend on the seed).
+
+    ``rows`` are one per (method, steps): the mean over seeds, ``ci`` (95% t-interval per metric, None for one
+    seed) and ``values`` (per seed); ``per_seed_rows`` keeps every seed's rows. GMM teachers are evaluated by
+    ``evaluation.gmm.evaluate_gmm`` (exact metrics), the digits testbed by ``evaluation.digits.evaluate_digits``.
+    ``training``/``reports`` hold the first seed's summary/report per method (``training_by_seed``: all)."""
+    from trainer.data import open_corpus
+    from trainer.teacher import teacher_from_card
+
+    seeds = tuple(int(s) for s in seeds) or (0,)
+    teacher = teacher_from_card(open_corpus(corpus).card, root=corpus)
+    digits = callable(getattr(teacher, "decode", None))
+    metrics = DIGITS_METRICS if digits else GMM_METRICS
+    if digits:
+        from evaluation.digits import evaluate_digits as evaluate
+
+        extra = {"keep_samples": True}
+    else:
+        from evaluation.gmm import evaluate_gmm as evaluate
+
+        extra = {}
+    steps = tuple(int(s) for s in steps)
+    rep = evaluate(None, teacher, shift=shift, guidance=guidance, steps=steps, num_samples=num_samples,
+                   teacher_steps=(*steps, 32), default_grid_steps=steps, **extra)
+    teacher_rows = table_rows(rep, "teacher", "teacher", metrics)
+    grids: dict[str, Any] = dict(rep.pop("grid_samples", {}))
+    reports: dict[str, Any] = {"teacher": rep["teacher"]}
+    summaries: dict[str, Any] = {}
+    by_seed: dict[str, dict[int, Any]] = {}
+    per_seed: dict[int, list[dict[str, Any]]] = {s: list(teacher_rows) for s in seeds}
+    total = len(methods) * len(seeds)
+    for i, name in enumerate(methods):
+        for j, seed in enumerate(seeds):
+            log(f"  method {i * len(seeds) + j + 1}/{total}: {name} (seed {seed})")
+            run_dir = run_root / (name.lstrip("+") + (f"-seed{seed}" if seed else ""))
+            net, _, summary = train_method(name, corpus, run_dir, profile, rollout_teacher=rollout_teacher, seed=seed,
+                                           progress=progress)
+            by_seed.setdefault(name, {})[seed] = summary
+            r = evaluate(net, teacher, shift=shift, guidance=guidance, steps=steps, num_samples=num_samples,
+                         teacher_steps=(), default_grid_steps=(), **extra)
+            samples = r.pop("grid_samples", {})
+            if j == 0:
+                summaries[name], reports[name] = summary, r["student"]
+                grids.update({f"{name} {k.split()[-1]}": v for k, v in samples.items() if k.startswith("student ")})
+            per_seed[seed] += table_rows(r, name, "student", metrics)
+    out = {"rows": aggregate_seeds(per_seed, metrics), "per_seed_rows": per_seed, "seeds": list(seeds),
+           "metrics": metrics, "steps": list(steps), "training": summaries, "training_by_seed": by_seed,
+           "reports": reports, "profile": profile.__dict__, "shift": shift, "guidance": guidance,
+           "num_samples": num_samples, "testbed": "digits" if digits else "gmm"}
+    if digits:
+        out["classifier"] = rep["classifier"]
+        out["grid_samples"] = grids  # tensors: pop before printing JSON (write_sample_grid draws them)
+    return out
+
+
+def check_targets(result: dict[str, Any]) -> dict[str, Any]:
+    """The quality targets, on the means over seeds. GMM: trajflow 4-step SWD within 1.05x of the teacher's 32-step
+    SWD; better SWD than PeRFlow and 2-rectified flow at 2 and 4 steps. Digits: trajflow's 4 steps beat the
+    teacher's 4 steps (corrected grid) on coupling error and Frechet distance; better FD and coupling error than
+    the baselines at 2 and 4 steps (where those methods were run)."""
+    by = {(r["method"], r["steps"]): r for r in result["rows"]}
+    out: dict[str, Any] = {}
+    dist = "frechet_distance" if result.get("testbed") == "digits" else "swd"
+    short = "fd" if dist == "frechet_distance" else "swd"
+    t32 = by.get(("teacher (corrected grid)", 32))
+    tf4 = by.get(("trajflow", 4))
+    t4 = by.get(("teacher (corrected grid)", 4))
+    if dist == "swd" and t32 and tf4:
+        out["trajflow_4_swd_over_teacher_32_swd"] = tf4["swd"] / t32["swd"]
+        out["trajflow_4_swd_within_1.05x_teacher_32"] = tf4["swd"] <= 1.05 * t32["swd"]
+    if dist == "frechet_distance" and t4 and tf4:
+        for m in ("coupling_error", "frechet_distance"):
+            out[f"trajflow_4_beats_teacher_4_{m}"] = tf4[m] < t4[m]
+    for base in ("perflow", "2-rectified-flow"):
+        for n in (2, 4):
+            if ("trajflow", n) in by and (base, n) in by:
+                out[f"trajflow_beats_{base}_{short}_at_{n}"] = by[("trajflow", n)][dist] < by[(base, n)][dist]
+                if dist == "frechet_distance":
+                    out[f"trajflow_beats_{base}_coupling_at_{n}"] = (by[("trajflow", n)]["coupling_error"]
+                                                                     < by[(base, n)]["coupling_error"])
+    return out
+
+
+def _cell(r: dict[str, Any], m: str, fmt: str) -> str:
+    v = r.get(m)
+    if v is None:
+        return ""
+    ci = (r.get("ci") or {}).get(m)
+    if ci:
+        return f"{v:{fmt}} ± {(ci[1] - ci[0]) / 2:{fmt}}"
+    return f"{v:{fmt}}"
+
+
 def markdown_table(result: dict[str, Any]) -> str:
-    lines = ["| method | steps | coupling error | SWD | NLL/dim | class acc |", "|---|---|---|---|---|---|"]
+    """The rows as Markdown: mean ± half-width of the 95% interval where several seeds were run."""
+    if result.get("testbed") == "digits":
+        cols = [("coupling error", "coupling_error", ".4f"), ("FD", "frechet_distance", ".2f"),
+                ("class acc", "class_accuracy", ".3f")]
+    else:
+        cols = [("coupling error", "coupling_error", ".4f"), ("SWD", "swd", ".4f"), ("NLL/dim", "nll_per_dim", ".3f"),
+                ("class acc", "class_accuracy", ".3f")]
+    lines = ["| method | steps | " + " | ".join(c[0] for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
     for r in result["rows"]:
-        acc = "" if r.get("class_accuracy") is None else f"{r['class_accuracy']:.3f}"
-        lines.append(f"| {r['method']} | {r['steps']} | {r['coupling_error']:.4f} | {r['swd']:.4f} | "
-                     f"{r['nll_per_dim']:.3f} | {acc} |")
+        lines.append(f"| {r['method']} | {r['steps']} | " + " | ".join(_cell(r, m, f) for _, m, f in cols) + " |")
+    return "\n".join(lines)
+
+
+def markdown_effects(effects: list[dict[str, Any]]) -> str:
+    lines = ["| component | steps | metric | difference (with - without) | 95% interval | verdict |",
+             "|---|---|---|---|---|---|"]
+    for e in effects:
+        ci = "" if e["ci"] is None else f"[{e['ci'][0]:.4f}, {e['ci'][1]:.4f}]"
+        lines.append(f"| {e['component']} | {e['steps']} | {e['metric']} | {e['mean_difference']:+.4f} | {ci} | "
+                     f"{e['verdict']} |")
     return "\n".join(lines)
