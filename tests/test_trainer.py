@@ -192,3 +192,19 @@ def test_gradient_accumulation_matches_the_larger_batch_and_resumes_on_a_step_bo
     resumed = _train_in_process(data, tmp_path / "resumed", batch_size=32, gradient_accumulation_steps=2,
                                 max_steps=4)
     assert all(torch.equal(resumed[k], acc[k]) for k in acc)
+
+
+def test_a_checkpoint_from_before_partitioned_streaming_resumes_with_default_flags(tmp_path):
+    """A run saved with the global order and a version-1 stream state (trajflow before partitioned streaming)
+    resumes with no new flag: the order comes from the checkpoint, and the run equals an uninterrupted one."""
+    import torch
+
+    data = make_corpus(str(tmp_path / "corpus"), 256, 64, stages=(8, 4))
+    whole = _train_in_process(data, tmp_path / "whole", batch_size=32, max_steps=4, stream_order="global")
+    _train_in_process(data, tmp_path / "old", batch_size=32, max_steps=2, stream_order="global")
+    state_file = tmp_path / "old" / "checkpoints" / "step-00000002" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["data"] = {k: v for k, v in state["data"].items() if k not in ("order", "partitions")} | {"version": 1}
+    state_file.write_text(json.dumps(state))  # as the previous release wrote it
+    resumed = _train_in_process(data, tmp_path / "old", batch_size=32, max_steps=4)  # no --stream-order
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)

@@ -97,6 +97,12 @@ class TrainConfig:
     prompt_cache_size: int = 1024
     #: corrupt shard policy: error (stop, naming the shard) | skip (count and continue)
     on_corrupt: str = "error"
+    #: sample order: partitioned (each rank reads about its share of the shards) | global (every rank touches
+    #: every shard); None: partitioned for a new run, the checkpoint's order on resume
+    stream_order: str | None = None
+    #: canonical partitions of the partitioned order (None: the world size of a new run, the checkpoint's on
+    #: resume); keep it fixed to keep the exact order when the world size changes
+    stream_partitions: int | None = None
     #: DataLoader worker processes per rank (1: decoding overlaps the step)
     num_workers: int = 1
     #: shuffle buffer (samples)
@@ -171,6 +177,11 @@ class TrainConfig:
             raise ValueError("lora-alpha needs --lora-rank")
         if self.prompt_cache_size < 0:
             raise ValueError("prompt-cache-size must be >= 0")
+        if self.stream_order not in (None, "partitioned", "global"):
+            raise ValueError("stream-order must be partitioned or global")
+        if self.stream_partitions is not None and (not isinstance(self.stream_partitions, int)
+                                                   or self.stream_partitions < 1):
+            raise ValueError("stream-partitions must be >= 1")
         if self.on_corrupt not in ("error", "skip"):
             raise ValueError("on-corrupt must be error or skip")
         if self.num_workers < 0:

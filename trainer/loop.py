@@ -140,10 +140,12 @@ class Trainer:
         self.online_only = cfg.corpus_batch_size == 0  # ota-ratio 1: the corpus gives the card only
         if self.online_only and cfg.adv_weight > 0:
             raise ValueError("adversarial training judges against corpus states; use ota-ratio < 1 with adv-weight")
+        self.ckpt = CheckpointStore(cfg.out, cfg.storage_options)
+        order = cfg.stream_order or self._checkpoint_stream_order() or "partitioned"
         self.stream_cfg = StreamConfig(url=cfg.data, batch_size=max(1, cfg.corpus_batch_size),
                                        storage_options=cfg.storage_options, seed=cfg.seed,
                                        shuffle_buffer=cfg.shuffle_buffer, cache_dir=cfg.cache_dir,
-                                       on_corrupt=cfg.on_corrupt)
+                                       on_corrupt=cfg.on_corrupt, order=order, partitions=cfg.stream_partitions)
         self.stream = CorpusStream(self.stream_cfg, self.rank, self.world, batched=True)
         self.card = self.stream.card
         for stage in cfg.stages:
@@ -176,7 +178,6 @@ class Trainer:
                                 seed=cfg.seed, rank=self.rank, window_points=cfg.window_points,
                                 prefetch=cfg.ota_prefetch, timeout_s=cfg.ota_timeout,
                                 real_sampler=self.student.real_sampler, verbose=acc.is_main_process, prompts=prompts)
-        self.ckpt = CheckpointStore(cfg.out, cfg.storage_options)
         self.skipped_samples = 0
         if cfg.resume:
             self._resume()
@@ -190,6 +191,17 @@ class Trainer:
             Path(cfg.consumed_log).mkdir(parents=True, exist_ok=True)
             self._consumed = open(Path(cfg.consumed_log) / f"rank-{self.rank}.jsonl", "a")
         return self
+
+    def _checkpoint_stream_order(self) -> str | None:
+        """The sample order of the checkpoint this run resumes from (runs saved before partitioned streaming
+        used the global order: their state has version 1 and no "order"), None for a new run."""
+        if not self.cfg.resume:
+            return None
+        latest = self.ckpt.latest()
+        if latest is None:
+            return None
+        data = json.loads(self.ckpt.read(f"{latest['path']}/state.json")).get("data") or {}
+        return str(data.get("order", "global"))
 
     @property
     def teacher(self):

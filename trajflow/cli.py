@@ -124,7 +124,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "teacher_fit_steps", "student_arch", "student_width", "student_depth", "mixed_precision", "on_corrupt",
             "num_workers", "shuffle_buffer", "cache_dir", "storage_options", "consumed_log", "ota_ratio", "ota_mode",
             "ota_prefetch", "ota_timeout", "adv_weight", "fm_weight", "adv_step_probs", "disc_lr", "disc_blocks",
-            "lora_rank", "lora_alpha", "gradient_checkpointing", "prompt_cache_size", "gradient_accumulation_steps")
+            "lora_rank", "lora_alpha", "gradient_checkpointing", "prompt_cache_size", "gradient_accumulation_steps", "stream_order", "stream_partitions")
     values = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     values["allow_teacher_locations"] = tuple(args.allow_teacher_locations or ())
     try:
@@ -282,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast of the student's forward (default: bf16 for diffusers students on a GPU with bf16, "
                    "else no)")
     p.add_argument("--on-corrupt", choices=["error", "skip"], help="corrupt shard: stop (default) or skip and count")
+    p.add_argument("--stream-order", choices=["partitioned", "global"],
+                   help="sample order: partitioned (each node reads about its share of the shards; default for a new "
+                        "run) or global (every rank touches every shard); a resumed run keeps its checkpoint's")
+    p.add_argument("--stream-partitions", type=int, metavar="P",
+                   help="canonical partitions of the partitioned order (default: the world size of a new run, the "
+                        "checkpoint's on resume); keep it to keep the exact order at another world size")
     p.add_argument("--num-workers", type=int, help="DataLoader workers per rank (default 1)")
     p.add_argument("--shuffle-buffer", type=int)
     p.add_argument("--cache-dir", help="local shard cache (default ~/.cache/trajflow/shards)")
