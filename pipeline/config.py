@@ -14,6 +14,9 @@ from models.spec import parse_teacher_spec, scheduler_shift
 
 DTYPES = ("float32", "float16", "bfloat16")
 
+#: the default validation split holds at most this many trajectories (rounded up to whole shards)
+DEFAULT_MAX_VALIDATION = 256
+
 
 def parse_guidance(value: Any) -> float | tuple[float, float]:
     """'3' -> 3.0; '1.5:4.5' or [1.5, 4.5] -> (1.5, 4.5): a range sampled per trajectory."""
@@ -53,6 +56,10 @@ class GenerateConfig:
     num_trajectories: int
     #: trajectories per shard (data)
     shard_size: int = 256
+    #: trajectories set aside for validation (data): the last ceil(V / shard_size) shards of the plan, never
+    #: trained on (the trainer evaluates on them). None: min(256, num_trajectories // 8) in whole shards (up
+    #: while that is at most a quarter of the corpus, else down); 0: none. One shard always stays for training.
+    validation_trajectories: int | None = None
     #: base seed; sample i's noise seed is a hash of (base_seed, i) (data)
     base_seed: int = 0
     #: ODE solver: euler | heun (data)
@@ -109,6 +116,9 @@ class GenerateConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        v = self.validation_trajectories
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise ValueError(f"validation-trajectories must be an integer >= 0, got {v!r}")
         if not isinstance(self.base_seed, int) or not 0 <= self.base_seed < 2**62:
             raise ValueError(f"base-seed must be an integer in [0, 2**62), got {self.base_seed!r}")
         if self.solver not in ("euler", "heun"):
@@ -157,6 +167,18 @@ class GenerateConfig:
     @property
     def num_shards(self) -> int:
         return -(-self.num_trajectories // self.shard_size)
+
+    @property
+    def validation_shards(self) -> int:
+        """How many of the plan's last shards are the validation split (see ``validation_trajectories``)."""
+        v, S = self.validation_trajectories, self.shard_size
+        if v is not None:
+            return min(-(-v // S), self.num_shards - 1) if v > 0 else 0
+        # default: min(256, N / 8) rounded up to whole shards, unless that holds out more than a quarter of
+        # the corpus (a few large shards): then rounded down (possibly to none)
+        v = min(DEFAULT_MAX_VALIDATION, self.num_trajectories // 8)
+        k = -(-v // S) if -(-v // S) * S <= self.num_trajectories // 4 else v // S
+        return min(k, self.num_shards - 1)
 
 
 def default_shift(teacher: str, storage_options: dict[str, Any] | None = None) -> float:

@@ -139,6 +139,8 @@ def build_card(cfg: GenerateConfig, described: dict[str, Any], prompts_sha: str 
                          "rounded to 1e-6",
         "class_rule": "classes[index % len(classes)]",
     }
+    if cfg.validation_shards:  # the last shards of the plan; absent (old corpora, 0): all shards train
+        run["validation_shards"] = cfg.validation_shards
     return DatasetCard(
         teacher=described["teacher"],
         solver={"name": cfg.solver, "num_steps": cfg.num_steps, "sigmas": list(cfg.grid), "guidance": guidance},
@@ -286,7 +288,7 @@ def finalize(store: ObjectStore, card: DatasetCard, commits: dict[str, ShardComm
         if f"{sid}.json" not in records:
             log.warning("commit record of %s was missing at finalize (its shard is intact): rewrote it", sid)
             store.write_bytes(commit_relpath(sid), c.to_json().encode())
-    data = manifest_to_parquet_bytes(commits.values())
+    data = manifest_to_parquet_bytes(commits.values(), validation=card.validation_shard_ids)
     store.write_atomic(MANIFEST, data)
     # storage can lose objects at any time (an outage, a wiped bucket): check once more after writing
     bad = verify_commits(store, commits)

@@ -50,6 +50,7 @@ from .manifest import (
     ShardCommit,
     manifest_from_parquet_bytes,
     manifest_to_parquet_bytes,
+    manifest_validation_ids,
     utc_now_iso,
 )
 from .record import (
@@ -105,6 +106,7 @@ __all__ = [
     "iter_shard_samples",
     "manifest_from_parquet_bytes",
     "manifest_to_parquet_bytes",
+    "manifest_validation_ids",
     "sample_key",
     "shard_id",
     "shard_number",

@@ -33,6 +33,7 @@ from ._fields import (
     pretty_json,
 )
 from .errors import SchemaError
+from .layout import shard_id
 from .limits import MAX_CARD_BYTES
 from .version import SCHEMA_VERSION
 
@@ -302,6 +303,8 @@ class DatasetCard:
         expect_int(run["num_trajectories"], where=CARD_WHERE, field="run.num_trajectories", minimum=1)
         expect_int(run["shard_size"], where=CARD_WHERE, field="run.shard_size", minimum=1)
         expect_int(run["base_seed"], where=CARD_WHERE, field="run.base_seed", minimum=0, maximum=MAX_SEED)
+        if "validation_shards" in run:
+            expect_int(run["validation_shards"], where=CARD_WHERE, field="run.validation_shards", minimum=0)
         return run
 
     @staticmethod
@@ -339,6 +342,18 @@ class DatasetCard:
     @property
     def shard_size(self) -> int:
         return int(self.run["shard_size"])
+
+    @property
+    def num_validation_shards(self) -> int:
+        """Shards of the validation split (``run.validation_shards``: the plan's last ones; 0 when absent)."""
+        return int(self.run.get("validation_shards", 0))
+
+    @property
+    def validation_shard_ids(self) -> list[str]:
+        """The validation split's shard ids: the last ``num_validation_shards`` shards of the plan."""
+        planned = -(-self.num_trajectories // self.shard_size)
+        k = min(self.num_validation_shards, planned - 1)
+        return [shard_id(n) for n in range(planned - k, planned)]
 
     @property
     def base_seed(self) -> int:

@@ -9,6 +9,7 @@ root is an orphan (e.g. a shard whose upload was interrupted before its commit).
 from __future__ import annotations
 
 import io
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
@@ -34,6 +35,8 @@ from .version import SCHEMA_VERSION, SUPPORTED_SCHEMA_VERSIONS
 
 _SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 MANIFEST_VERSION_KEY = b"schema_version"
+#: key-value metadata key of the validation split (JSON {"validation": [shard ids]}); absent: all shards train
+MANIFEST_SPLIT_KEY = "trajflow.split"
 """Key of the format version in the Parquet file's key-value metadata."""
 
 
@@ -171,8 +174,10 @@ def _check_unique(commits: list[ShardCommit]) -> None:
         seen.add(commit.shard_id)
 
 
-def manifest_to_parquet_bytes(commits: Iterable[ShardCommit]) -> bytes:
-    """The ``manifest.parquet`` bytes: one row per commit, ordered by shard number.
+def manifest_to_parquet_bytes(commits: Iterable[ShardCommit], validation: Iterable[str] = ()) -> bytes:
+    """The ``manifest.parquet`` bytes: one row per commit, ordered by shard number. ``validation``: the shard
+    ids of the validation split, recorded in the file's key-value metadata (``MANIFEST_SPLIT_KEY``: JSON
+    ``{"validation": [ids]}``), which readers that do not know it ignore; no key means every shard trains.
 
     Raises:
         SchemaError: a shard id appears twice, or a commit has another schema_version.
@@ -186,10 +191,32 @@ def manifest_to_parquet_bytes(commits: Iterable[ShardCommit]) -> bytes:
                 f"this writer writes {SCHEMA_VERSION}"
             )
     columns = {f.name: [getattr(c, f.name) for c in rows] for f in MANIFEST_SCHEMA}
-    table = pa.Table.from_pydict(columns, schema=MANIFEST_SCHEMA)
+    schema = MANIFEST_SCHEMA
+    validation = sorted(validation)
+    if validation:
+        schema = schema.with_metadata({**schema.metadata, MANIFEST_SPLIT_KEY: json.dumps({"validation": validation})})
+    table = pa.Table.from_pydict(columns, schema=schema)
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue()
+
+
+def manifest_validation_ids(data: bytes) -> list[str]:
+    """The validation split's shard ids recorded in ``manifest.parquet`` bytes ([] when none is marked)."""
+    try:
+        meta = pq.read_schema(pa.BufferReader(data)).metadata or {}
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise CorpusFormatError(f"{_MANIFEST_WHERE}: not a readable Parquet file: {exc}") from None
+    raw = meta.get(MANIFEST_SPLIT_KEY.encode())
+    if raw is None:
+        return []
+    try:
+        ids = json.loads(raw)["validation"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SchemaError(f"{_MANIFEST_WHERE}: metadata {MANIFEST_SPLIT_KEY!r} is not valid: {exc}") from None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise SchemaError(f"{_MANIFEST_WHERE}: metadata {MANIFEST_SPLIT_KEY!r} must list shard ids")
+    return ids
 
 
 def manifest_schema_version(table: pa.Table) -> object:

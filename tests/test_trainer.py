@@ -23,15 +23,18 @@ ACCELERATE = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes
               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trajflow"]
 
 
-def make_corpus(out: str, n: int, shard_size: int, *, guidance=2.0, stages=(8, 4), num_steps=16, env=None) -> str:
-    """A real corpus written by the generation worker and committer (no Ray needed)."""
+def make_corpus(out: str, n: int, shard_size: int, *, guidance=2.0, stages=(8, 4), num_steps=16, env=None,
+                validation: int = 0) -> str:
+    """A real corpus written by the generation worker and committer (no Ray needed); ``validation``: its
+    validation split in trajectories (0: every shard trains, as these tests' sample counts assume)."""
     from pipeline.config import GenerateConfig
     from pipeline.driver import build_card, finalize, prepare_corpus
     from pipeline.storage import ObjectStore
     from pipeline.worker import GenerationWorker
 
     cfg = GenerateConfig(teacher="gmm:latent10", out=out, num_trajectories=n, shard_size=shard_size,
-                         num_steps=num_steps, stages=stages, guidance=guidance, progress=False)
+                         num_steps=num_steps, stages=stages, guidance=guidance, progress=False,
+                         validation_trajectories=validation)
     worker = GenerationWorker(cfg.to_dict())
     card = build_card(cfg, worker.describe(), None)
     store = ObjectStore(out)

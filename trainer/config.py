@@ -71,6 +71,12 @@ class TrainConfig:
     ema_decay: float = 0.995
     #: seed of the data order and of the window draws
     seed: int = 0
+    #: evaluate the EMA student on the corpus's validation split every N steps (and at the end); None: about
+    #: ten evaluations per run; 0: never
+    eval_every: int | None = None
+    #: which weights the export holds: best (lowest validation coupling error at the final stage's step
+    #: count; the last weights when the corpus has no validation split) | last
+    export: str = "best"
     #: save a checkpoint every N steps (and at the end)
     checkpoint_every: int = 250
     #: log metrics every N steps
@@ -177,6 +183,11 @@ class TrainConfig:
             raise ValueError("lora-alpha needs --lora-rank")
         if self.prompt_cache_size < 0:
             raise ValueError("prompt-cache-size must be >= 0")
+        if self.eval_every is not None and (not isinstance(self.eval_every, int) or isinstance(self.eval_every, bool)
+                                            or self.eval_every < 0):
+            raise ValueError("eval-every must be >= 0 (0: no evaluation while training)")
+        if self.export not in ("best", "last"):
+            raise ValueError("export must be best or last")
         if self.stream_order not in (None, "partitioned", "global"):
             raise ValueError("stream-order must be partitioned or global")
         if self.stream_partitions is not None and (not isinstance(self.stream_partitions, int)

@@ -203,11 +203,17 @@ def corpus_fingerprint(card: DatasetCard, shards: Sequence[ShardCommit]) -> str:
     return hashlib.sha256(f"trajflow-corpus-v1:{card.fingerprint()}:{manifest_digest}".encode()).hexdigest()
 
 
-def open_corpus(url: str, storage_options: dict[str, Any] | None = None, *, attempts: int = 6) -> Corpus:
+SPLITS = ("train", "validation", "all")
+
+
+def open_corpus(url: str, storage_options: dict[str, Any] | None = None, *, attempts: int = 6,
+                split: str = "train") -> Corpus:
     """Read and check ``dataset.json`` and ``manifest.parquet`` of the corpus at ``url``.
 
     Only manifest-listed shards are used: anything else under the root (shards without a commit,
-    temporary files) is an orphan and is never read.
+    temporary files) is an orphan and is never read. ``split``: "train" (every shard but the validation
+    split's, ``card.validation_shard_ids``; a corpus without one is all training data), "validation" (only
+    those; none in a corpus without one) or "all".
 
     Raises:
         CorpusNotFinalizedError: no card; or commit records but no manifest (generation has not
@@ -269,6 +275,13 @@ def open_corpus(url: str, storage_options: dict[str, Any] | None = None, *, atte
     if total != card.num_trajectories:
         log.warning("corpus %s: the manifest lists %d samples, the card plans %d", url, total,
                     card.num_trajectories)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split != "all":
+        held_out = set(card.validation_shard_ids)
+        shards = [c for c in shards if (c.shard_id in held_out) == (split == "validation")]
+        if not shards and split == "train":
+            raise CorpusFormatError(f"corpus {url}: every shard is in the validation split")
     return Corpus(url=url, card=card, shards=tuple(shards), fingerprint=corpus_fingerprint(card, shards))
 
 

@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 from flowcore.adversarial import (
     discriminator_hinge_loss,
@@ -51,11 +54,16 @@ from trainer.ema import EMA
 from trainer.ota import OTAMixer, load_card_prompts
 from trainer.students import Student, check_run
 from trainer.students.base import Condition, cat_conditions, condition_to, select_condition
+from trainer.validation import evaluate_student, load_validation
+
+#: the best weights on the validation split so far, and what they scored (written at each new best)
+BEST_WEIGHTS = "checkpoints/best/weights.safetensors"
+BEST_META = "checkpoints/best/best.json"
 
 #: TrainConfig fields that do not change what a checkpoint holds (ignored when explaining a mismatch)
 _RUN_ONLY_KEYS = {"data", "out", "max_steps", "steps_per_stage", "resume", "progress", "cache_dir", "storage_options",
                   "consumed_log", "log_every", "checkpoint_every", "num_workers", "ota_timeout", "ota_prefetch",
-                  "allow_teacher_locations"}
+                  "allow_teacher_locations", "eval_every", "export"}
 
 
 def _masked_loss(v: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -190,7 +198,25 @@ class Trainer:
         if cfg.consumed_log:
             Path(cfg.consumed_log).mkdir(parents=True, exist_ok=True)
             self._consumed = open(Path(cfg.consumed_log) / f"rank-{self.rank}.jsonl", "a")
+        self._build_validation()
         return self
+
+    def _build_validation(self) -> None:
+        """The validation split (main process: it evaluates, the other ranks go on) and the best weights so far."""
+        cfg, acc = self.cfg, self.accelerator
+        self.validation = self.best = None
+        self.eval_every = cfg.eval_every if cfg.eval_every is not None else max(1, self.total_steps // 10)
+        if not acc.is_main_process or cfg.eval_every == 0:
+            return
+        self.validation = load_validation(cfg.data, cfg.storage_options, cache_dir=cfg.cache_dir)
+        if self.validation is None:
+            print(f"note: {redact_url(cfg.data)} has no validation split (generate with --validation-trajectories): "
+                  "no evaluation while training; the export holds the last weights", file=sys.stderr)
+            return
+        if self.ckpt.exists(BEST_META):  # a resumed run keeps the best weights of its first part
+            meta = json.loads(self.ckpt.read(BEST_META))
+            if meta.get("step", 0) <= self.step:
+                self.best = {**meta, "weights": st_load(self.ckpt.read(BEST_WEIGHTS))}
 
     def _checkpoint_stream_order(self) -> str | None:
         """The sample order of the checkpoint this run resumes from (runs saved before partitioned streaming
@@ -490,8 +516,37 @@ class Trainer:
             self._t_last, self._samples_since = time.perf_counter(), 0
         if bar is not None:
             bar.update(1)
+        if self.validation is not None and (self.step % self.eval_every == 0 or self.step == self.total_steps):
+            self.evaluate()
         if self.step % cfg.checkpoint_every == 0 or self.step == self.total_steps:
             self.save_checkpoint()
+
+    def evaluate(self) -> dict[str, Any]:
+        """The EMA student on the validation split at the current stage's step count (``trainer.validation``):
+        logged as val_* (metrics.jsonl, trackers); at the final stage's step count, the lowest coupling error so
+        far makes these weights the best (kept in memory and under checkpoints/best/)."""
+        stage = self.stage_at(max(0, self.step - 1))
+        ema = None if self.ema is None else self.ema.state_dict()
+        self.model.eval()
+        try:
+            with self.student.ema_sampler(ema, self.accelerator.autocast, self.accelerator.device) as fn:
+                res = evaluate_student(fn, self.student.corpus_condition, self.validation, stage)
+        finally:
+            self.model.train()
+        row = {"val_steps": stage, "val_coupling_error": res["coupling_error"], "val_swd": res["swd"],
+               **{f"val_window_{w}_error": e for w, e in enumerate(res["window_errors"])}}
+        self.accelerator.log(row, step=self.step)
+        if self._metrics is not None:
+            self._metrics.write(json.dumps({"step": self.step, "time": time.time(), "eval": True, **row}) + "\n")
+            self._metrics.flush()
+        if stage == self.cfg.stages[-1] and (self.best is None or res["coupling_error"] < self.best["coupling_error"]):
+            weights = {k: v.detach().to("cpu", copy=True) for k, v in (ema or self.student.trainable_state_dict()).items()}
+            self.best = {"step": self.step, "steps": stage, "coupling_error": res["coupling_error"], "swd": res["swd"],
+                         "window_errors": res["window_errors"], "weights": weights}
+            self.ckpt.write(BEST_WEIGHTS, st_save({k: v.contiguous() for k, v in weights.items()}))
+            self.ckpt.write(BEST_META, json.dumps({k: v for k, v in self.best.items() if k != "weights"},
+                                                  sort_keys=True).encode())
+        return res
 
     # -- checkpoints and export -----------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -516,7 +571,11 @@ class Trainer:
             return None
         weights = self.ema.state_dict() if self.ema is not None else self.student.trainable_state_dict()
         run = {"data": redact_url(self.cfg.data), "steps": self.step, "stages": list(self.cfg.stages), "alpha": self.cfg.alpha,
-               "window_points": self.cfg.window_points, "ema": self.ema is not None}
+               "window_points": self.cfg.window_points, "ema": self.ema is not None, "selected": "last"}
+        if self.cfg.export == "best" and self.best is not None:  # the weights that did best on the validation split
+            weights = self.best["weights"]
+            run.update(selected="best", best_step=self.best["step"],
+                       validation={k: self.best[k] for k in ("steps", "coupling_error", "swd", "window_errors")})
         with tempfile.TemporaryDirectory() as tmp:
             for rel in self.student.export(weights, tmp, run):
                 self.ckpt.write(f"student/{rel}", Path(tmp, rel).read_bytes())

@@ -42,6 +42,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    "flownet:URL.safetensors | diffusers:PATH[:subfolder]")
     g.add_argument("--num-trajectories", type=int, help="number of trajectories (samples)")
     g.add_argument("--shard-size", type=int, help="trajectories per WebDataset shard (default 256)")
+    g.add_argument("--validation-trajectories", type=int, metavar="V",
+                   help="trajectories set aside as the validation split, never trained on: the last ceil(V / "
+                        "shard-size) shards (default: min(256, N / 8); 0: none)")
     g.add_argument("--base-seed", type=int, help="base seed; sample i's noise seed is a hash of (base, i) (default 0)")
     g.add_argument("--solver", choices=["euler", "heun"], help="ODE solver (default euler)")
     g.add_argument("--num-steps", type=int, help="solver steps, a multiple of the finest stage (default 32)")
@@ -73,7 +76,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    "each exists with its recorded size); what differs is regenerated")
 
 
-GENERATE_KEYS = ("teacher", "num_trajectories", "shard_size", "base_seed", "solver", "num_steps", "shift", "stages",
+GENERATE_KEYS = ("teacher", "num_trajectories", "shard_size", "validation_trajectories", "base_seed", "solver",
+                 "num_steps", "shift", "stages",
                  "saved_sigmas", "guidance", "classes", "prompts", "dtype", "resolution", "teacher_dtype", "batch_size",
                  "out", "num_workers",
                  "gpus_per_worker", "cpus_per_worker", "max_retries", "address", "storage_options", "verify_sha256")
@@ -124,7 +128,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "teacher_fit_steps", "student_arch", "student_width", "student_depth", "mixed_precision", "on_corrupt",
             "num_workers", "shuffle_buffer", "cache_dir", "storage_options", "consumed_log", "ota_ratio", "ota_mode",
             "ota_prefetch", "ota_timeout", "adv_weight", "fm_weight", "adv_step_probs", "disc_lr", "disc_blocks",
-            "lora_rank", "lora_alpha", "gradient_checkpointing", "prompt_cache_size", "gradient_accumulation_steps", "stream_order", "stream_partitions")
+            "lora_rank", "lora_alpha", "gradient_checkpointing", "prompt_cache_size", "gradient_accumulation_steps", "stream_order", "stream_partitions", "eval_every", "export")
     values = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     values["allow_teacher_locations"] = tuple(args.allow_teacher_locations or ())
     try:
@@ -282,6 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast of the student's forward (default: bf16 for diffusers students on a GPU with bf16, "
                    "else no)")
     p.add_argument("--on-corrupt", choices=["error", "skip"], help="corrupt shard: stop (default) or skip and count")
+    p.add_argument("--eval-every", type=int, metavar="N",
+                   help="evaluate the EMA student on the corpus's validation split every N steps: coupling error, "
+                        "SWD and per-window error at the stage's step count, logged as val_* (default: ~10 times "
+                        "per run; 0: never)")
+    p.add_argument("--export", choices=["best", "last"],
+                   help="weights of the exported student: best (lowest validation coupling error at the final "
+                        "stage's step count; default) or last")
     p.add_argument("--stream-order", choices=["partitioned", "global"],
                    help="sample order: partitioned (each node reads about its share of the shards; default for a new "
                         "run) or global (every rank touches every shard); a resumed run keeps its checkpoint's")

@@ -54,6 +54,9 @@ class Student(Protocol):
     def sampler(self, autocast: Callable, device: torch.device) -> Sampler:
         """The weights this family samples with while training (OTA student mode, the adversarial walk)."""
 
+    def ema_sampler(self, ema: dict[str, torch.Tensor] | None, autocast: Callable, device: torch.device):
+        """Context manager: a sampler with the EMA weights ``ema`` (None: the current weights), for evaluation."""
+
     def build_discriminator(self, cfg) -> torch.nn.Module:
         """The discriminator on trajectory states (``capabilities`` has "adversarial")."""
 

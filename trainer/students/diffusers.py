@@ -279,6 +279,13 @@ class DiffusersStudent:
 
         return fn
 
+    @contextlib.contextmanager
+    def ema_sampler(self, ema=None, autocast=contextlib.nullcontext, device=None):
+        with contextlib.ExitStack() as stack:
+            if ema is not None:  # the EMA swapped into the network for the duration, the training weights restored
+                stack.enter_context(self.network.swapped_in(ema))
+            yield self.sampler(autocast, device or self.device)
+
     def build_discriminator(self, cfg) -> torch.nn.Module:
         if self._disc is None:
             raise ValueError(f"no discriminator was built for this {self.kind} student (adv-weight 0 at build)")
@@ -301,7 +308,8 @@ class DiffusersStudent:
         return self._export(self.network, weights, self.card, folder, extra={
             "data": run["data"], "train_steps": run["steps"], "stages": list(run["stages"]),
             "num_inference_steps": run["stages"][-1], "alpha": run["alpha"],
-            "window_points": run["window_points"], "ema": run["ema"]})
+            "window_points": run["window_points"], "ema": run["ema"],
+            **{k: run[k] for k in ("selected", "best_step", "validation") if k in run}})
 
     @staticmethod
     def _export(network, weights, card, folder, extra) -> list[str]:

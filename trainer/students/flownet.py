@@ -7,6 +7,7 @@ the same GMM by plain flow matching (``models.flownet.fit_flow_net``), cached on
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -153,6 +154,10 @@ class FlowNetStudent:
 
         return fn
 
+    @contextlib.contextmanager
+    def ema_sampler(self, ema=None, autocast=None, device=None):
+        yield self.sampler()  # the shadow network's parameters *are* the EMA tensors
+
     def build_discriminator(self, cfg) -> torch.nn.Module:
         return TrajectoryDiscriminator(self.net_cfg, cfg.disc_blocks).load_backbone(self.network)
 
@@ -181,7 +186,8 @@ class FlowNetStudent:
             "card": json.loads(self.card.to_json()), "data": run["data"], "steps": run["steps"],
             "stages": list(run["stages"]), "final_stage": run["stages"][-1],
             "shift": float(self.card.run.get("shift", 1.0)), "alpha": run["alpha"],
-            "window_points": run["window_points"]})
+            "window_points": run["window_points"], "num_inference_steps": run["stages"][-1],
+            **{k: run[k] for k in ("selected", "best_step", "validation") if k in run}})
         return ["student.safetensors"]
 
     def step_metrics(self) -> dict[str, float]:
