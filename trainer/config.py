@@ -79,6 +79,10 @@ class TrainConfig:
     export: str = "best"
     #: save a checkpoint every N steps (and at the end)
     checkpoint_every: int = 250
+    #: experiment trackers for the logged scalars (metrics.jsonl is always written): tensorboard | wandb |
+    #: mlflow | all | none, or a comma-separated list; wandb and mlflow read their own environment
+    #: (WANDB_MODE, WANDB_PROJECT, MLFLOW_TRACKING_URI, ...)
+    report_to: str = "tensorboard"
     #: log metrics every N steps
     log_every: int = 10
     #: student initialisation: "teacher" (teacher weights; for GMM teachers a flow net fitted to the

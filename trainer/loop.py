@@ -56,6 +56,29 @@ from trainer.students import Student, check_run
 from trainer.students.base import Condition, cat_conditions, condition_to, select_condition
 from trainer.validation import evaluate_student, load_validation
 
+#: --report-to choices -> the accelerate trackers they start (metrics.jsonl is always written)
+TRACKERS = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "mlflow": ["mlflow"],
+            "all": ["tensorboard", "wandb", "mlflow"], "none": []}
+
+
+def tracker_names(report_to: str) -> list[str]:
+    """The accelerate trackers of ``--report-to`` (comma-separated names allowed), each checked to be
+    installed, with the pip command when it is not."""
+    names: list[str] = []
+    for part in str(report_to).split(","):
+        part = part.strip()
+        if part not in TRACKERS:
+            raise ValueError(f"--report-to {part!r}: choose from {', '.join(TRACKERS)} (comma-separated)")
+        names += [n for n in TRACKERS[part] if n not in names]
+    import importlib.util
+
+    for n in names:
+        if importlib.util.find_spec(n) is None:
+            raise ValueError(f"--report-to {n} needs the {n} package: pip install {n}"
+                             + (" (or mlflow-skinny)" if n == "mlflow" else ""))
+    return names
+
+
 #: the best weights on the validation split so far, and what they scored (written at each new best)
 BEST_WEIGHTS = "checkpoints/best/weights.safetensors"
 BEST_META = "checkpoints/best/best.json"
@@ -63,7 +86,7 @@ BEST_META = "checkpoints/best/best.json"
 #: TrainConfig fields that do not change what a checkpoint holds (ignored when explaining a mismatch)
 _RUN_ONLY_KEYS = {"data", "out", "max_steps", "steps_per_stage", "resume", "progress", "cache_dir", "storage_options",
                   "consumed_log", "log_every", "checkpoint_every", "num_workers", "ota_timeout", "ota_prefetch",
-                  "allow_teacher_locations", "eval_every", "export"}
+                  "allow_teacher_locations", "eval_every", "export", "report_to"}
 
 
 def _masked_loss(v: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -136,12 +159,7 @@ class Trainer:
             log_dir = cfg.out.removeprefix("file://")
         else:
             log_dir = os.path.join("runs", hashlib.sha256(cfg.out.encode()).hexdigest()[:12])
-        try:
-            import tensorboard  # noqa: F401
-
-            log_with = "tensorboard"
-        except ImportError:
-            log_with = None
+        log_with = tracker_names(cfg.report_to)
         self.accelerator = acc = Accelerator(cpu=not cuda, mixed_precision=cfg.mixed_precision, log_with=log_with,
                                              project_dir=str(Path(log_dir) / "logs"))
         self.rank, self.world = acc.process_index, acc.num_processes
@@ -189,9 +207,12 @@ class Trainer:
         self.skipped_samples = 0
         if cfg.resume:
             self._resume()
-        if acc.is_main_process and log_with:
+        if acc.is_main_process and log_with:  # the same scalars as metrics.jsonl go to every tracker
+            run_name = Path(log_dir).name or "trajflow"
             acc.init_trackers("trajflow", config={k: v for k, v in public_config(cfg.to_dict()).items()
-                                                  if isinstance(v, (int, float, str, bool))})
+                                                  if isinstance(v, (int, float, str, bool))},
+                              init_kwargs={"wandb": {"dir": str(Path(log_dir) / "logs"), "name": run_name},
+                                           "mlflow": {"run_name": run_name}})
         if acc.is_main_process:  # one JSON line per logged step, next to the TensorBoard logs (plots, tests)
             Path(log_dir, "logs").mkdir(parents=True, exist_ok=True)
             self._metrics = open(Path(log_dir) / "logs" / "metrics.jsonl", "a")

@@ -128,7 +128,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "teacher_fit_steps", "student_arch", "student_width", "student_depth", "mixed_precision", "on_corrupt",
             "num_workers", "shuffle_buffer", "cache_dir", "storage_options", "consumed_log", "ota_ratio", "ota_mode",
             "ota_prefetch", "ota_timeout", "adv_weight", "fm_weight", "adv_step_probs", "disc_lr", "disc_blocks",
-            "lora_rank", "lora_alpha", "gradient_checkpointing", "prompt_cache_size", "gradient_accumulation_steps", "stream_order", "stream_partitions", "eval_every", "export")
+            "lora_rank", "lora_alpha", "gradient_checkpointing", "prompt_cache_size", "gradient_accumulation_steps", "stream_order", "stream_partitions", "eval_every", "export", "report_to")
     values = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     values["allow_teacher_locations"] = tuple(args.allow_teacher_locations or ())
     try:
@@ -286,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast of the student's forward (default: bf16 for diffusers students on a GPU with bf16, "
                    "else no)")
     p.add_argument("--on-corrupt", choices=["error", "skip"], help="corrupt shard: stop (default) or skip and count")
+    p.add_argument("--report-to", metavar="TRACKERS",
+                   help="experiment trackers for the logged scalars: tensorboard (default), wandb, mlflow, all, none, "
+                        "or a comma-separated list; wandb/mlflow take their usual environment (WANDB_MODE=offline, "
+                        "MLFLOW_TRACKING_URI, ...); logs/metrics.jsonl is always written")
     p.add_argument("--eval-every", type=int, metavar="N",
                    help="evaluate the EMA student on the corpus's validation split every N steps: coupling error, "
                         "SWD and per-window error at the stage's step count, logged as val_* (default: ~10 times "
