@@ -240,8 +240,9 @@ def compare(corpus: str, run_root: Path, methods: list[str], profile: Profile, *
     """Train every method with every seed (reusing finished runs) on the same corpus and evaluate all of them
     and the teacher (once: it does not depend on the seed).
 
-    ``rows`` are one per (method, steps): the mean over seeds, ``ci`` (95% t-interval per metric, None for one
-    seed) and ``values`` (per seed); ``per_seed_rows`` keeps every seed's rows. GMM teachers are evaluated by
+    ``rows`` are one per (method, steps): the teacher's (evaluated once: no interval), then each method's mean
+    over seeds with ``ci`` (95% t-interval per metric, None for one seed) and ``values`` (per seed);
+    ``per_seed_rows`` keeps every seed's method rows. GMM teachers are evaluated by
     ``evaluation.gmm.evaluate_gmm`` (exact metrics), the digits testbed by ``evaluation.digits.evaluate_digits``.
     ``training``/``reports`` hold the first seed's summary/report per method (``training_by_seed``: all)."""
     from trainer.data import open_corpus
@@ -267,7 +268,7 @@ def compare(corpus: str, run_root: Path, methods: list[str], profile: Profile, *
     reports: dict[str, Any] = {"teacher": rep["teacher"]}
     summaries: dict[str, Any] = {}
     by_seed: dict[str, dict[int, Any]] = {}
-    per_seed: dict[int, list[dict[str, Any]]] = {s: list(teacher_rows) for s in seeds}
+    per_seed: dict[int, list[dict[str, Any]]] = {s: [] for s in seeds}
     total = len(methods) * len(seeds)
     for i, name in enumerate(methods):
         for j, seed in enumerate(seeds):
@@ -283,7 +284,10 @@ def compare(corpus: str, run_root: Path, methods: list[str], profile: Profile, *
                 summaries[name], reports[name] = summary, r["student"]
                 grids.update({f"{name} {k.split()[-1]}": v for k, v in samples.items() if k.startswith("student ")})
             per_seed[seed] += table_rows(r, name, "student", metrics)
-    out = {"rows": aggregate_seeds(per_seed, metrics), "per_seed_rows": per_seed, "seeds": list(seeds),
+    # the teacher's rows do not depend on the training seed: evaluated once, no interval
+    teacher_cells = [{**r, "seeds": None, "ci": {}, "values": {}} for r in teacher_rows]
+    out = {"rows": teacher_cells + aggregate_seeds(per_seed, metrics), "per_seed_rows": per_seed,
+           "teacher_rows": teacher_rows, "seeds": list(seeds),
            "metrics": metrics, "steps": list(steps), "training": summaries, "training_by_seed": by_seed,
            "reports": reports, "profile": profile.__dict__, "shift": shift, "guidance": guidance,
            "num_samples": num_samples, "testbed": "digits" if digits else "gmm"}
