@@ -58,3 +58,28 @@ def test_ota_split_with_an_explicit_batch_size_is_checked_at_once():
     with pytest.raises(ValueError, match="leaves 0 corpus samples"):
         _cfg(ota_ratio=0.9, batch_size=4)
     assert _cfg(ota_ratio=1.0, batch_size=4).corpus_batch_size == 0  # online only is asked for explicitly
+
+
+def test_default_budget_fits_the_corpus():
+    from trainer.config import DEFAULT_BUDGET, DEFAULT_MAX_EPOCHS, DEFAULT_MIN_STEPS
+
+    cfg = _cfg(stages=(4,)).resolved("gmm", cuda=False, bf16_supported=False)
+    assert cfg.default_steps("gmm", 896) == -(-DEFAULT_MAX_EPOCHS * 896 // 128)  # 350 steps = 50 epochs
+    assert cfg.default_steps("gmm", 10**7) == DEFAULT_BUDGET["gmm"]  # a big corpus: the kind's budget
+    assert cfg.default_steps("gmm", 64) == DEFAULT_MIN_STEPS  # a tiny one: never below the floor
+    assert cfg.default_steps("gmm", 4096, world=2) == -(-DEFAULT_MAX_EPOCHS * 4096 // 256)  # the global batch
+    assert _cfg(stages=(4,), max_steps=999).stage_steps("gmm", 896) == (999,)  # explicit steps win
+
+
+def test_a_run_of_many_epochs_says_so_before_it_starts(tmp_path, capsys):
+    from test_trainer import make_corpus
+
+    from trainer.loop import Trainer
+
+    data = make_corpus(str(tmp_path / "corpus"), 128, 64)
+    cfg = _cfg(stages=(4,), max_steps=2000, batch_size=32, init="scratch", student_width=16, student_depth=1,
+               num_workers=0, progress=False)
+    cfg.data, cfg.out = data, str(tmp_path / "run")
+    t = Trainer(cfg).build()
+    t.close()
+    assert "500 epochs over 128 training trajectories" in capsys.readouterr().err

@@ -11,6 +11,15 @@ from flowcore.windows import WINDOW_POINTS
 #: default optimizer steps when neither --max-steps nor --steps-per-stage is given, by teacher kind
 DEFAULT_BUDGET = {"gmm": 1500, "flownet": 1500, "diffusers": 20000, "diffusers_unet": 20000}
 
+#: the default budget makes at most this many epochs over the training split: a small corpus is over-fitted
+#: long before DEFAULT_BUDGET steps (1500 steps x 128 = 187 epochs of 1024 trajectories), and nothing is
+#: gained by passing over it again and again (see docs/benchmarks.md for the measurement)
+DEFAULT_MAX_EPOCHS = 50
+#: ... but it is never below this many steps (or DEFAULT_BUDGET, if smaller)
+DEFAULT_MIN_STEPS = 200
+#: a run planned for more epochs than this says so before it starts
+WARN_EPOCHS = 100
+
 #: default samples per rank per step when --batch-size is not given, by teacher kind: flow nets are
 #: small; a diffusers student (an SD3 transformer or an SD/SDXL UNet at 512-1024 px) holds its whole
 #: network, activations and optimizer state on one GPU, so it starts small (measure yours with
@@ -239,11 +248,23 @@ class TrainConfig:
             mp = DEFAULT_MIXED_PRECISION_ON_BF16_GPU.get(teacher_kind, "no") if cuda and bf16_supported else "no"
         return replace(self, batch_size=batch, mixed_precision=mp)  # replace() runs __post_init__
 
-    def stage_steps(self, teacher_kind: str) -> tuple[int, ...]:
-        """Optimizer steps of each stage."""
+    def default_steps(self, teacher_kind: str, train_samples: int | None = None, world: int = 1) -> int:
+        """The default budget: DEFAULT_BUDGET of the teacher kind, capped at DEFAULT_MAX_EPOCHS epochs over
+        ``train_samples`` training trajectories (floor DEFAULT_MIN_STEPS) when the corpus part is known."""
+        budget = DEFAULT_BUDGET.get(teacher_kind, 2000)
+        per_step = (self.batch_size or DEFAULT_BATCH_SIZE.get(teacher_kind, 128)) - (
+            self.ota_samples if self.batch_size is not None else 0)
+        per_step *= world * self.gradient_accumulation_steps
+        if not train_samples or per_step <= 0:
+            return budget
+        by_epochs = -(-DEFAULT_MAX_EPOCHS * train_samples // per_step)
+        return min(budget, max(DEFAULT_MIN_STEPS, by_epochs))
+
+    def stage_steps(self, teacher_kind: str, train_samples: int | None = None, world: int = 1) -> tuple[int, ...]:
+        """Optimizer steps of each stage (``max_steps`` split equally; default: ``default_steps``)."""
         if self.steps_per_stage is not None:
             return self.steps_per_stage
-        total = self.max_steps or DEFAULT_BUDGET.get(teacher_kind, 2000)
+        total = self.max_steps or self.default_steps(teacher_kind, train_samples, world)
         base, extra = divmod(total, len(self.stages))
         return tuple(base + (1 if i < extra else 0) for i in range(len(self.stages)))
 

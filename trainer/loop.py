@@ -48,7 +48,7 @@ from flowcore.losses import aligned_v_loss
 from flowcore.windows import sample_windows, stage_boundary_indices
 from storage_schemas.locations import LocationPolicy
 from trainer.checkpoint import CheckpointStore, public_config, redact_url
-from trainer.config import TrainConfig
+from trainer.config import WARN_EPOCHS, TrainConfig
 from trainer.data import CorpusStream, StreamConfig, make_dataloader, open_corpus
 from trainer.ema import EMA
 from trainer.ota import OTAMixer, load_card_prompts
@@ -176,8 +176,16 @@ class Trainer:
         self.card = self.stream.card
         for stage in cfg.stages:
             stage_boundary_indices(self.card.num_saved_states, stage)  # a clear message if the corpus cannot serve it
-        self.stage_steps = cfg.stage_steps(self.card.teacher.kind)
+        self.train_samples = self.stream.corpus.num_samples  # the training split
+        self.stage_steps = cfg.stage_steps(self.card.teacher.kind, self.train_samples, self.world)
         self.total_steps = sum(self.stage_steps)
+        self.samples_seen = 0  # corpus samples consumed by all ranks (epochs = samples_seen / train_samples)
+        planned = self.total_steps * self.stream.global_batch * cfg.gradient_accumulation_steps / self.train_samples
+        if acc.is_main_process and not self.online_only and planned > WARN_EPOCHS:
+            print(f"note: {self.total_steps} steps x {self.stream.global_batch * cfg.gradient_accumulation_steps} "
+                  f"corpus samples = {planned:.0f} epochs over {self.train_samples} training trajectories; a "
+                  "student over-fits a small corpus (generate more trajectories, or pass fewer --max-steps)",
+                  file=sys.stderr)
 
         self.student: Student = student_cls.build(self.card, cfg, device=acc.device,
                                                   main_process_first=acc.main_process_first,
@@ -249,6 +257,11 @@ class Trainer:
             return None
         data = json.loads(self.ckpt.read(f"{latest['path']}/state.json")).get("data") or {}
         return str(data.get("order", "global"))
+
+    @property
+    def epochs_made(self) -> float:
+        """Passes over the training split so far (the stream's epoch plus the used part of the current one)."""
+        return self.stream.epoch + self.stream.cursor / max(1, self.train_samples)
 
     @property
     def teacher(self):
@@ -504,6 +517,7 @@ class Trainer:
                     if batch is not None:  # the cursor moves as a batch is taken: a checkpoint after the
                         self.stream.advance()  # step sits on an optimizer-step boundary
                         corpus_samples += self.stream.global_batch
+                        self.samples_seen += self.stream.global_batch
                     batches.append(batch)
                 last = self.train_step(batches)
                 self.step += 1

@@ -165,8 +165,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             st = trainer.ota.stats
             ota = (f"; online samples {st['ota_samples']}, shortfall {st['ota_shortfall']} "
                    f"({st['ota_failures']} failed, {st['ota_timeouts']} timed-out rollouts)")
-        print(f"trained {trainer.step} steps (last loss {last.get('loss', float('nan')):.4f}, "
-              f"skipped samples {trainer.skipped_samples}{ota}); student: {exported}")
+        best = ""
+        if trainer.best is not None and trainer.cfg.export == "best":
+            best = (f"; exported the best validation weights (step {trainer.best['step']}: {trainer.best['steps']}-step "
+                    f"coupling error {trainer.best['coupling_error']:.4g})")
+        print(f"trained {trainer.step} steps, {trainer.epochs_made:.1f} epochs over {trainer.train_samples} training "
+              f"trajectories (last loss {last.get('loss', float('nan')):.4f}, skipped samples "
+              f"{trainer.skipped_samples}{ota}){best}; student: {exported}")
     return 0
 
 
