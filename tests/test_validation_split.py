@@ -63,3 +63,22 @@ def test_a_corpus_without_a_split_trains_on_everything_and_exports_the_last_weig
     extra, rows = _train(data, tmp_path / "run", max_steps=8)
     assert extra["selected"] == "last" and not any(r.get("eval") for r in rows)
     assert "no validation split" in capsys.readouterr().err
+
+
+def test_eval_defaults_to_the_students_step_count_and_reports_the_teacher_there(tmp_path, capsys):
+    from trajflow.cli import main
+
+    data = make_corpus(str(tmp_path / "corpus"), 256, 64, stages=(8, 4, 2), validation=64)
+    cfg = TrainConfig(data=data, out=str(tmp_path / "run"), stages=(4, 2), init="scratch", student_width=32,
+                      student_depth=1, batch_size=32, max_steps=6, progress=False, num_workers=0)
+    t = Trainer(cfg).build()
+    try:
+        t.train()
+        t.export_student()
+    finally:
+        t.close()
+    capsys.readouterr()
+    assert main(["eval", "--student", str(tmp_path / "run"), "--num-samples", "256", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["student"]) == ["2_steps"]  # the 8,4,2-style schedule's last stage: a 2-step student
+    assert {"2_steps", "2_steps_diffusers_default_grid", "32_steps"} <= set(report["teacher"])

@@ -186,7 +186,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         from trajflow.evaluation_sd3 import run_eval_sd3
 
-        if args.num_images < 2 or args.teacher_steps < 1 or any(n < 1 for n in args.steps):
+        if args.num_images < 2 or args.teacher_steps < 1 or any(n < 1 for n in args.steps or ()):
             raise UsageError("--num-images must be >= 2, --teacher-steps and --steps >= 1")
         return run_eval_sd3(args)
 
@@ -355,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "--steps 4 --out ./samples")
     p.add_argument("--student", required=True, help="a run's --out, or its student/ folder (local or remote URL)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--steps", type=int, default=4, help="sampling steps (default 4; best: the stage trained last)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the step count the student was distilled for, "
+                   "its last stage)")
     p.add_argument("--out", required=True, help="local directory for the PNGs")
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
@@ -389,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "coupling error, sliced Wasserstein distance, NLL, class accuracy, per-window "
                                    "one-jump error, next to the teacher's own 4- and 32-step figures.")
     p.add_argument("--student", required=True, help="student URL: a run's --out, its student/ dir, or the .safetensors")
-    p.add_argument("--steps", type=int_list, default=(1, 2, 4), help="student step counts (default 1,2,4)")
+    p.add_argument("--steps", type=int_list, help="student step counts, e.g. 1,2,4 (default: the step count the student "
+                   "was distilled for, its last stage); the teacher is reported at the same counts")
     p.add_argument("--num-samples", type=int, default=2000)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--grid", metavar="PNG", help="digits testbed students: write a PNG grid of samples per sampler")

@@ -37,6 +37,16 @@ def load_student(url: str, storage_options=None):
         return load_flow_net(local)
 
 
+def student_steps(extra: dict) -> int:
+    """The step count an exported flow-net student was distilled for (its last stage; 4 for files that do
+    not record it)."""
+    for key in ("num_inference_steps", "final_stage"):
+        n = extra.get(key)
+        if isinstance(n, int) and not isinstance(n, bool) and n >= 1:
+            return n
+    return 4
+
+
 def run_eval(args) -> int:
     from evaluation.gmm import evaluate_gmm
     from trainer.teacher import teacher_from_card
@@ -64,15 +74,19 @@ def run_eval(args) -> int:
         return 1
     g = card.solver.guidance
     guidance = float(g) if isinstance(g, (int, float)) else (g.min + g.max) / 2
-    report = evaluate_gmm(net, teacher, shift=float(extra.get("shift", 1.0)), guidance=guidance,
-                          steps=tuple(args.steps), num_samples=args.num_samples)
+    steps = tuple(args.steps) if args.steps else (student_steps(extra),)
+    report = evaluate_gmm(net, teacher, shift=float(extra.get("shift", 1.0)), guidance=guidance, steps=steps,
+                          num_samples=args.num_samples, teacher_steps=tuple(sorted({*steps, 32})),
+                          default_grid_steps=steps)
     report["student_url"] = args.student
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    rows = [("teacher 4 steps (diffusers default grid)", report["teacher"]["4_steps_diffusers_default_grid"]),
-            ("teacher 4 steps (corrected grid)", report["teacher"]["4_steps"]),
-            ("teacher 32 steps", report["teacher"]["32_steps"])]
+    rows = []
+    for n in steps:  # the teacher's own few steps at every count the student is reported at
+        rows.append((f"teacher {n} steps (diffusers default grid)", report["teacher"][f"{n}_steps_diffusers_default_grid"]))
+        rows.append((f"teacher {n} steps (corrected grid)", report["teacher"][f"{n}_steps"]))
+    rows.append(("teacher 32 steps", report["teacher"]["32_steps"]))
     rows += [(f"student {k.replace('_', ' ')}", v) for k, v in report["student"].items()]
     print(f"{'sampler':42s} {'coupling':>9s} {'SWD':>8s} {'NLL/dim':>8s} {'class acc':>9s}")
     for name, q in rows:
@@ -92,6 +106,7 @@ def run_digits_eval(args, net, extra, card, teacher) -> int:
 
     g = card.solver.guidance
     guidance = float(g) if isinstance(g, (int, float)) else (g.min + g.max) / 2
+    args.steps = tuple(args.steps) if args.steps else (student_steps(extra),)
     report = evaluate_digits(net, teacher, shift=float(extra.get("shift", 1.0)), guidance=guidance,
                              steps=tuple(args.steps), num_samples=args.num_samples)
     samples = report.pop("grid_samples")

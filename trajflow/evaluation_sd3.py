@@ -91,6 +91,8 @@ def sd3_report(args) -> dict[str, Any]:
     allow = getattr(args, "allow_teacher_locations", None) or ()
     pipe, meta = load_student_pipeline(student_dir, args.base, device, allow=allow)
     meta = {**meta, "_student_dir": student_dir}
+    if not args.steps:  # default: the step count the student was distilled for
+        args.steps = (int(meta.get("num_inference_steps") or 4),)
     prompts = _prompts(args, meta)
     res = int(meta["resolution"])
     extra = {"max_sequence_length": int(meta["max_sequence_length"])} if meta.get("max_sequence_length") else {}
@@ -137,9 +139,17 @@ def sd3_report(args) -> dict[str, Any]:
         "teacher": {"steps": args.teacher_steps, "guidance": guidance, **teacher_row},
         "student": {},
     }
+    report["teacher_at_student_steps"] = {}
     for n in args.steps:
         imgs = _images(pipe, prompts, n, 1.0, res, args.seed, extra)
         report["student"][f"{n}_steps"] = {**scores(imgs), **distances(imgs, teacher_feats)}
+    if meta.get("lora"):
+        pipe.disable_lora()
+    for n in args.steps:  # the teacher's own few steps (its stock scheduler, CFG) at each count the student has
+        imgs = _images(teacher_pipe, prompts, n, guidance, res, args.seed, extra)
+        report["teacher_at_student_steps"][f"{n}_steps"] = {**scores(imgs), **distances(imgs, teacher_feats)}
+    if meta.get("lora"):
+        pipe.enable_lora()
     return report
 
 

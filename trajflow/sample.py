@@ -109,7 +109,7 @@ def run_sample(args) -> int:
 
     from trajflow.args import UsageError
 
-    if args.steps < 1 or args.num_images < 1:
+    if (args.steps is not None and args.steps < 1) or args.num_images < 1:
         raise UsageError("--steps and --num-images must be >= 1")
     try:
         student = local_student_dir(args.student, args.storage_options)
@@ -119,7 +119,9 @@ def run_sample(args) -> int:
         print(f"trajflow sample: error: {one_line(e)}", file=sys.stderr)
         return 1
     trained = meta.get("num_inference_steps")
-    if trained and args.steps != trained:
+    if args.steps is None:  # default: the step count the student was distilled for
+        args.steps = int(trained or 4)
+    elif trained and args.steps != trained:
         print(f"note: the student was distilled for {trained} steps; sampling with {args.steps}", file=sys.stderr)
     res = args.resolution or int(meta["resolution"])
     os.makedirs(args.out, exist_ok=True)
