@@ -115,7 +115,8 @@ def cli(args, env=None, timeout=600) -> subprocess.CompletedProcess:
 
 
 def error_lines(stderr: str) -> list[str]:
-    return [ln for ln in stderr.splitlines() if ln.strip() and "warn" not in ln.lower()]
+    """stderr without warnings and the trainer's informational notes ("note: ...")."""
+    return [ln for ln in stderr.splitlines() if ln.strip() and "warn" not in ln.lower() and not ln.startswith("note: ")]
 
 
 def clean_env(tmp_path, **extra) -> dict[str, str]:
@@ -330,7 +331,18 @@ def _truncate_a_shard(corpus: str) -> list[str]:
     return ["--num-workers", "1"]  # the default worker: its error used to carry the worker's traceback
 
 
-@pytest.mark.parametrize("craft", [_drop_gmm_spec, _truncate_a_shard])
+def _symlink_a_shard(corpus: str) -> list[str]:
+    """A shard of a local corpus replaced by a symlink to a copy outside the root (same bytes: only the
+    link gives it away)."""
+    shard = sorted((Path(corpus) / "shards").glob("*.tar"))[0]
+    outside = Path(corpus).parent / "outside.tar"
+    outside.write_bytes(shard.read_bytes())
+    shard.unlink()
+    shard.symlink_to(outside)
+    return []
+
+
+@pytest.mark.parametrize("craft", [_drop_gmm_spec, _truncate_a_shard, _symlink_a_shard])
 def test_train_failures_are_one_line(gmm_corpus, tmp_path, craft):
     extra = craft(gmm_corpus)
     args = train_args(gmm_corpus, str(tmp_path / "run"), "--max-steps", "2", "--cache-dir", str(tmp_path / "sc"))

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, BinaryIO, TypeVar
 
 from storage_schemas import CorpusFormatError, CorpusLayout, ShardCommit
+from storage_schemas.limits import SymlinkRefused, refuse_local_symlink
 from storage_schemas.retry import is_transient  # noqa: F401 - re-exported for callers of this module
 from storage_schemas.retry import with_retries as _with_retries
 
@@ -347,6 +348,12 @@ class ShardCache:
         url = self.remote_url(commit)
         fs = self._filesystem()
         remote = f"{self._fs_root}/{commit.path}"
+        protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+        if "file" in protocols or "local" in protocols:
+            try:  # a shard of a local corpus that is a symlink could point anywhere: refused, like audit does
+                refuse_local_symlink(self._fs_root, commit.path, url.rsplit("/" + commit.path, 1)[0])
+            except SymlinkRefused as exc:
+                raise CorruptShardError(commit.shard_id, str(exc)) from None
         tmp = os.path.join(self.cache_dir, "tmp", f"{commit.sha256}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
         problem = ""
         try:
