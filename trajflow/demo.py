@@ -216,13 +216,13 @@ def run_demo(args) -> int:
         print("[4/5] starting the live teacher pool (Ray Serve) for online trajectory alignment")
         import tempfile
 
+        from models.registry import teacher_spec_for_card
         from pipeline import pool
         from trainer.data import open_corpus
-        from trajflow.cli_pool import teacher_spec_for_pool
 
         ring = str(out / "corpora" / "ring2d")
         with tempfile.TemporaryDirectory() as tmp:
-            st = pool.pool_up(teacher_spec_for_pool(open_corpus(ring).card, tmp), name="trajflow-demo-pool",
+            st = pool.pool_up(teacher_spec_for_card(open_corpus(ring).card, tmp), name="trajflow-demo-pool",
                               replicas=1, cpus_per_replica=0.5)
             print(f"      pool {st['name']}: {st['status']}, {st['running_replicas']} replica")
             client = pool.PoolClient("trajflow-demo-pool")
