@@ -38,6 +38,7 @@ def timed_run(corpus: str, out: str, args, ratio: float, mode: str, client) -> d
     finally:
         t.close()
     rows = [json.loads(line) for line in (Path(out) / "logs" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if not r.get("eval")]  # training steps only
     # wall time between consecutive logged steps (log_every=1), start-up excluded
     stamps = [r["time"] for r in rows[args.skip:]]
     times = [b - a for a, b in zip(stamps, stamps[1:])]

@@ -120,6 +120,7 @@ def _plot_losses(out: Path, runs: dict[str, Path]) -> Path:
         if not f.exists():
             continue
         rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if "loss" in r]  # training rows (evaluation rows carry val_* only)
         ax.plot([r["step"] for r in rows], [r.get("reflow_loss", r["loss"]) for r in rows], label=name, lw=1)
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
