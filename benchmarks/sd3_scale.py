@@ -157,14 +157,18 @@ def trainer_steps(corpus: str, out: str, device: str, *, lora_rank: int | None, 
                   stages: tuple[int, ...]) -> dict:
     """Seconds per optimizer step (after one untimed step) and peak memory of the real Trainer."""
     from trainer.config import TrainConfig
-    from trainer.data import make_dataloader
+    from trainer.data import make_dataloader, open_corpus
     from trainer.loop import Trainer
 
     _reset_peak(device)
     cuda = device.startswith("cuda")
+    # the pipeline folder this script built: the card names it outside the corpus root, so it is allowed
+    # explicitly (as a user passes --allow-teacher-location)
+    teacher_folder = open_corpus(corpus).card.teacher.config["source"]["path"]
     cfg = TrainConfig(data=corpus, out=out, stages=stages, batch_size=batch_size, max_steps=steps + 1,
                       lora_rank=lora_rank, mixed_precision="bf16" if cuda else "no", progress=False, resume=False,
-                      checkpoint_every=10**9, log_every=10**9, num_workers=0, shuffle_buffer=batch_size)
+                      checkpoint_every=10**9, log_every=10**9, num_workers=0, shuffle_buffer=batch_size,
+                      allow_teacher_locations=(teacher_folder,), eval_every=0)
     trainer = Trainer(cfg).build()
     try:
         def batches(stream):
