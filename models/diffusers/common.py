@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from flowcore.teacher import fingerprint_of
+
 __all__ = ["DenoiserPlacement", "json_clean", "dtype_of", "vae_scale_factor_of"]
 
 
@@ -29,8 +31,9 @@ def dtype_of(torch_dtype) -> torch.dtype | None:
 
 
 class DenoiserPlacement:
-    """dtype / device / ``to`` of a diffusers teacher: its ``denoiser`` network, its optional
-    ``prompt_encoder`` and its optional ``null_condition`` move together."""
+    """dtype / device / ``to`` / ``fingerprint`` of a diffusers teacher: its ``denoiser`` network, its optional
+    ``prompt_encoder`` and its optional ``null_condition`` move (and are hashed) together. Subclasses
+    define ``denoiser``, ``_model_config()`` and ``_null_from_encoder``."""
 
     denoiser: torch.nn.Module
     prompt_encoder: Any
@@ -43,6 +46,19 @@ class DenoiserPlacement:
     @property
     def device(self) -> torch.device:
         return next(self.denoiser.parameters()).device
+
+    def fingerprint(self) -> str:
+        """sha256 over the model config (``config()`` minus ``source``), the denoiser's state_dict, the text
+        encoders' weights (when loaded) and an explicitly given null condition's tensors. A null condition
+        made by the encoders is left out: it is a function of their (hashed) weights, and its float values
+        depend on the machine's kernels (thread count, CPU or GPU), which must not change the teacher's
+        identity. Stable across save_pretrained/from_pretrained."""
+        tensors = dict(self.denoiser.state_dict())
+        if self.null_condition is not None and not self._null_from_encoder:
+            tensors.update({f"null_condition.{k}": v for k, v in self.null_condition.tensors().items()})
+        if self.prompt_encoder is not None:
+            tensors.update({f"text_encoders.{k}": v for k, v in self.prompt_encoder.tensors().items()})
+        return fingerprint_of(self._model_config(), tensors)
 
     def to(self, device=None, dtype: torch.dtype | None = None):
         """Move the denoiser (and prompt encoder, null condition) in place; returns self."""

@@ -26,8 +26,61 @@ def select_rows(t: torch.Tensor, sel) -> torch.Tensor:
     return t[sel]
 
 
+class _ConditionRows:
+    """Row operations shared by the condition dataclasses (every field a [B or 1, ...] tensor or None;
+    ``prompt_embeds`` always present): batch-1 tensors are shared rows, broadcast on demand."""
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.prompt_embeds.shape[0])
+
+    @property
+    def has_negative(self) -> bool:
+        return self.negative_prompt_embeds is not None
+
+    def index(self, sel):
+        """Rows ``sel`` (int, slice, list of ints, long or bool tensor); an int keeps the batch dim.
+        Shared (batch-1) tensors stay shared."""
+        B = self.batch_size
+
+        def pick(t):
+            if t is None:
+                return None
+            if t.shape[0] == 1 and B != 1:
+                return t
+            return select_rows(t, sel)
+
+        return type(self)(*(pick(getattr(self, f.name)) for f in fields(self)))
+
+    def to(self, device=None, dtype: torch.dtype | None = None):
+        """Move (and optionally cast) every tensor."""
+        return type(self)(*(None if getattr(self, f.name) is None else getattr(self, f.name).to(device=device,
+                                                                                              dtype=dtype)
+                            for f in fields(self)))
+
+    def expand(self, batch: int):
+        """Broadcast batch-1 tensors (a shared condition, shared negatives) to ``batch`` rows."""
+        def ex(t):
+            if t is None or t.shape[0] == batch:
+                return t
+            if t.shape[0] != 1:
+                raise ValueError(f"cannot broadcast a batch of {t.shape[0]} conditions to {batch}")
+            return t.expand(batch, *t.shape[1:])
+
+        return type(self)(*(ex(getattr(self, f.name)) for f in fields(self)))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Named tensors (for safetensors files and fingerprints); absent ones are omitted."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]):
+        """Inverse of ``tensors()``."""
+        return cls(**{f.name: tensors.get(f.name) for f in fields(cls)})
+
+
 @dataclass
-class PromptCondition:
+class PromptCondition(_ConditionRows):
     """A batch of SD3-style prompt embeddings.
 
     prompt_embeds: [B, L, D] (joint text embeddings: CLIP-L/G padded + T5, concatenated on L);
@@ -69,49 +122,6 @@ class PromptCondition:
                 if t.shape[0] not in (1, pe.shape[0]):
                     raise ValueError(f"{name} must have batch 1 or {pe.shape[0]}, got {t.shape[0]}")
 
-    @property
-    def batch_size(self) -> int:
-        return int(self.prompt_embeds.shape[0])
-
-    @property
-    def has_negative(self) -> bool:
-        return self.negative_prompt_embeds is not None
-
-    def index(self, sel) -> PromptCondition:
-        """Rows ``sel`` (int, slice, list of ints, long or bool tensor); an int keeps the batch dim.
-        Shared (batch-1) negatives stay shared."""
-        def pick(t):
-            if t is None:
-                return None
-            if t.shape[0] == 1 and self.batch_size != 1:
-                return t
-            return select_rows(t, sel)
-
-        return PromptCondition(
-            select_rows(self.prompt_embeds, sel),
-            select_rows(self.pooled_prompt_embeds, sel),
-            pick(self.negative_prompt_embeds),
-            pick(self.negative_pooled_prompt_embeds),
-        )
-
-    def to(self, device=None, dtype: torch.dtype | None = None) -> PromptCondition:
-        """Move (and optionally cast) every tensor."""
-        def mv(t):
-            return None if t is None else t.to(device=device, dtype=dtype)
-
-        return PromptCondition(*(mv(getattr(self, f.name)) for f in fields(self)))
-
-    def expand(self, batch: int) -> PromptCondition:
-        """Broadcast a batch-1 condition (and shared negatives) to ``batch`` rows."""
-        def ex(t):
-            if t is None or t.shape[0] == batch:
-                return t
-            if t.shape[0] != 1:
-                raise ValueError(f"cannot broadcast a batch of {t.shape[0]} conditions to {batch}")
-            return t.expand(batch, *t.shape[1:])
-
-        return PromptCondition(*(ex(getattr(self, f.name)) for f in fields(self)))
-
     @staticmethod
     def cat(conditions: Sequence[PromptCondition]) -> PromptCondition:
         """Concatenate along the batch; negatives must be present in all or none."""
@@ -129,18 +139,8 @@ class PromptCondition:
             ]
         return PromptCondition(*out)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Named tensors (for safetensors files and fingerprints); absent negatives are omitted."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> PromptCondition:
-        """Inverse of ``tensors()``."""
-        return cls(**{f.name: tensors.get(f.name) for f in fields(cls)})
-
-
 @dataclass
-class UNetCondition:
+class UNetCondition(_ConditionRows):
     """A batch of prompt embeddings for a diffusers UNet.
 
     prompt_embeds: [B, L, D] (``encoder_hidden_states``: CLIP text encoder last hidden states for
@@ -181,51 +181,6 @@ class UNetCondition:
         ti = self.time_ids
         if ti is not None and (ti.ndim != 2 or ti.shape[0] not in (1, B)):
             raise ValueError(f"time_ids must be [{B} or 1, N], got {tuple(ti.shape)}")
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.prompt_embeds.shape[0])
-
-    @property
-    def has_negative(self) -> bool:
-        return self.negative_prompt_embeds is not None
-
-    def index(self, sel) -> UNetCondition:
-        """Rows ``sel`` (int, slice, list, long/bool tensor); batch-1 (shared) tensors stay shared."""
-        B = self.batch_size
-
-        def pick(t):
-            if t is None:
-                return None
-            if t.shape[0] == 1 and B != 1:
-                return t
-            return select_rows(t, sel)
-
-        return UNetCondition(*(pick(getattr(self, f.name)) for f in fields(self)))
-
-    def to(self, device=None, dtype: torch.dtype | None = None) -> UNetCondition:
-        """Move (and optionally cast) every tensor."""
-        return UNetCondition(*(None if getattr(self, f.name) is None else getattr(self, f.name).to(device, dtype)
-                               for f in fields(self)))
-
-    def expand(self, batch: int) -> UNetCondition:
-        """Broadcast batch-1 tensors to ``batch`` rows."""
-        def ex(t):
-            if t is None or t.shape[0] == batch:
-                return t
-            if t.shape[0] != 1:
-                raise ValueError(f"cannot broadcast a batch of {t.shape[0]} conditions to {batch}")
-            return t.expand(batch, *t.shape[1:])
-
-        return UNetCondition(*(ex(getattr(self, f.name)) for f in fields(self)))
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Named tensors (for safetensors files and fingerprints); absent ones are omitted."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> UNetCondition:
-        return cls(**{f.name: tensors.get(f.name) for f in fields(cls)})
 
     @staticmethod
     def cat(conditions: Sequence[UNetCondition]) -> UNetCondition:

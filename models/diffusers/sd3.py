@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from flowcore.guidance import combine_cfg
-from flowcore.teacher import as_guidance_batch, as_sigma_batch, fingerprint_of
+from flowcore.teacher import as_guidance_batch, as_sigma_batch
 from models.diffusers.common import DenoiserPlacement, dtype_of, json_clean, vae_scale_factor_of
 from models.diffusers.conditions import PromptCondition
 
@@ -191,19 +191,6 @@ class DiffusersFlowTeacher(DenoiserPlacement):
         cfg = self._model_config()
         cfg["source"] = self.config_for_card
         return cfg
-
-    def fingerprint(self) -> str:
-        """sha256 over ``config()`` minus ``source``, the transformer's state_dict, the text encoders'
-        weights (when loaded) and an explicitly given null condition's tensors. A null condition made
-        by the encoders is left out: it is a function of their (hashed) weights, and its float values
-        depend on the machine's kernels (thread count, CPU or GPU), which must not change the teacher's
-        identity. Stable across save_pretrained/from_pretrained."""
-        tensors = dict(self.transformer.state_dict())
-        if self.null_condition is not None and not self._null_from_encoder:
-            tensors.update({f"null_condition.{k}": v for k, v in self.null_condition.tensors().items()})
-        if self.prompt_encoder is not None:
-            tensors.update({f"text_encoders.{k}": v for k, v in self.prompt_encoder.tensors().items()})
-        return fingerprint_of(self._model_config(), tensors)
 
     # ------------------------------------------------------------------ loading
     @classmethod

@@ -65,7 +65,7 @@ import numpy as np
 import torch
 
 from flowcore.guidance import combine_cfg
-from flowcore.teacher import as_guidance_batch, fingerprint_of
+from flowcore.teacher import as_guidance_batch
 from flowcore.vp_flow import VPFlowConversion, sigma_of_alpha_cumprod, vp_scale
 from models.diffusers.common import DenoiserPlacement, dtype_of, json_clean
 from models.diffusers.conditions import UNetCondition
@@ -317,17 +317,6 @@ class DiffusersUNetTeacher(DenoiserPlacement):
         cfg = self._model_config()
         cfg["source"] = self.config_for_card
         return cfg
-
-    def fingerprint(self) -> str:
-        """sha256 over ``config()`` minus ``source``, the UNet's state_dict, the text encoders' weights
-        (when loaded) and an explicitly given null condition (an encoder-made one is a function of the
-        hashed encoder weights, with machine-dependent float values: left out)."""
-        tensors = dict(self.unet.state_dict())
-        if self.null_condition is not None and not self._null_from_encoder:
-            tensors.update({f"null_condition.{k}": v for k, v in self.null_condition.tensors().items()})
-        if self.prompt_encoder is not None:
-            tensors.update({f"text_encoders.{k}": v for k, v in self.prompt_encoder.tensors().items()})
-        return fingerprint_of(self._model_config(), tensors)
 
     # ------------------------------------------------------------------ loading
     @classmethod
