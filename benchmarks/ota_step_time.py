@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def timed_run(corpus: str, out: str, args, ratio: float, mode: str, client) -> dict:
@@ -63,12 +62,14 @@ def main() -> None:
 
     logging.getLogger("ray").setLevel(logging.ERROR)
     torch.set_num_threads(1)
-    from test_trainer import make_corpus
-
     from pipeline import pool
+    from pipeline.config import GenerateConfig
+    from pipeline.driver import generate_in_process
 
     tmp = tempfile.mkdtemp(prefix="ota-bench-")
-    corpus = make_corpus(os.path.join(tmp, "latent10"), args.trajectories, 512, stages=(8, 4), num_steps=32)
+    corpus = generate_in_process(GenerateConfig(
+        teacher="gmm:latent10", out=os.path.join(tmp, "latent10"), num_trajectories=args.trajectories,
+        shard_size=512, num_steps=32, stages=(8, 4), guidance=2.0, validation_trajectories=0, progress=False))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     try:

@@ -36,23 +36,10 @@ import torch
 def make_corpus(out: str, n: int, shard_size: int) -> None:
     """A real corpus: the generation worker's shards and the committer's manifest (no Ray needed)."""
     from pipeline.config import GenerateConfig
-    from pipeline.driver import build_card, finalize, prepare_corpus
-    from pipeline.storage import ObjectStore
-    from pipeline.worker import GenerationWorker
-    from storage_schemas import ShardCommit
+    from pipeline.driver import generate_in_process
 
-    cfg = GenerateConfig(teacher="gmm:latent10", out=out, num_trajectories=n, shard_size=shard_size, num_steps=16,
-                         stages=(8, 4), guidance=2.0, progress=False)
-    worker = GenerationWorker(cfg.to_dict())
-    card = build_card(cfg, worker.describe(), None)
-    store = ObjectStore(out)
-    prepare_corpus(store, card)
-    commits = {}
-    for k in range(cfg.num_shards):
-        row = worker.process_shard(k, card.fingerprint())
-        commit = ShardCommit(**{key: v for key, v in row.items() if not key.startswith("_")})
-        commits[commit.shard_id] = commit
-    finalize(store, card, commits)
+    generate_in_process(GenerateConfig(teacher="gmm:latent10", out=out, num_trajectories=n, shard_size=shard_size,
+                                       num_steps=16, stages=(8, 4), guidance=2.0, progress=False))
 
 
 def timed_steps(trainer, steps: int, batches=None) -> float:

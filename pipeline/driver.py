@@ -304,6 +304,35 @@ def finalize(store: ObjectStore, card: DatasetCard, commits: dict[str, ShardComm
         raise ShardsLost(store.url, bad, vanished)
 
 
+def _prompts_sha(cfg: GenerateConfig) -> str | None:
+    """sha256 of the run's prompt file (recorded on the card), None without prompts."""
+    if not cfg.prompts:
+        return None
+    from pipeline.prompts import load_prompts
+
+    return load_prompts(cfg.prompts, cfg.storage_options)[1]
+
+
+def generate_in_process(cfg: GenerateConfig) -> str:
+    """Generate ``cfg``'s corpus in this process, without Ray: one ``GenerationWorker`` solves and commits
+    every planned shard, then the manifest is finalized, exactly as ``run_generation`` would write them
+    (the same card, shards and manifest bytes). For tests, benchmarks and small local corpora; returns
+    ``cfg.out``."""
+    from pipeline.worker import GenerationWorker
+
+    worker = GenerationWorker(cfg.to_dict())
+    card = build_card(cfg, worker.describe(), _prompts_sha(cfg))
+    store = ObjectStore(cfg.out, cfg.storage_options)
+    prepare_corpus(store, card)
+    commits = {}
+    for k in range(cfg.num_shards):
+        row = worker.process_shard(k, card.fingerprint())
+        commit = ShardCommit(**{key: v for key, v in row.items() if not key.startswith("_")})
+        commits[commit.shard_id] = commit
+    finalize(store, card, commits)
+    return cfg.out
+
+
 def _root_error(e: BaseException) -> str:
     """The original exception line of a Ray task / actor-creation error (its last 'XxxError: ...'
     line), without the remote traceback; the whole text when there is no such line."""
@@ -365,11 +394,7 @@ def run_generation(cfg: GenerateConfig, *, worker_env: dict[str, str] | None = N
         log.warning("%d workers x %s GPUs requested but the cluster has %s GPUs now; workers that cannot be "
                     "placed wait for capacity (autoscaler) and get no work meanwhile", cfg.num_workers, gpus,
                     have_gpus)
-    prompts_sha = None
-    if cfg.prompts:
-        from pipeline.prompts import load_prompts
-
-        _, prompts_sha = load_prompts(cfg.prompts, cfg.storage_options)
+    prompts_sha = _prompts_sha(cfg)
     env = {"OMP_NUM_THREADS": str(max(1, int(cfg.cpus_per_worker))), **(worker_env or {})}
     run_name = run_name or f"gen-{uuid.uuid4().hex[:8]}"
     actor_count = 0

@@ -83,24 +83,10 @@ def latent10_flow_net(path: Path, seed: int = 0) -> Path:
 def make_corpus(out: str, teacher: str = "gmm:latent10", n: int = 64, shard_size: int = 32) -> str:
     """A real corpus written by the generation worker and committer (no Ray needed)."""
     from pipeline.config import GenerateConfig
-    from pipeline.driver import build_card, finalize, prepare_corpus
-    from pipeline.storage import ObjectStore
-    from pipeline.worker import GenerationWorker
-    from storage_schemas import ShardCommit
+    from pipeline.driver import generate_in_process
 
-    cfg = GenerateConfig(teacher=teacher, out=out, num_trajectories=n, shard_size=shard_size, num_steps=16,
-                         stages=(8, 4), guidance=2.0, progress=False)
-    worker = GenerationWorker(cfg.to_dict())
-    card = build_card(cfg, worker.describe(), None)
-    store = ObjectStore(out)
-    prepare_corpus(store, card)
-    commits = {}
-    for k in range(cfg.num_shards):
-        rec = worker.process_shard(k, card.fingerprint())
-        c = ShardCommit(**{kk: v for kk, v in rec.items() if not kk.startswith("_")})
-        commits[c.shard_id] = c
-    finalize(store, card, commits)
-    return out
+    return generate_in_process(GenerateConfig(teacher=teacher, out=out, num_trajectories=n, shard_size=shard_size,
+                                              num_steps=16, stages=(8, 4), guidance=2.0, progress=False))
 
 
 def train_args(data, out, *extra):

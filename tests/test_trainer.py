@@ -23,30 +23,17 @@ ACCELERATE = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes
               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trajflow"]
 
 
-def make_corpus(out: str, n: int, shard_size: int, *, guidance=2.0, stages=(8, 4), num_steps=16, env=None,
+def make_corpus(out: str, n: int, shard_size: int, *, guidance=2.0, stages=(8, 4), num_steps=16,
                 validation: int = 0) -> str:
     """A real corpus written by the generation worker and committer (no Ray needed); ``validation``: its
     validation split in trajectories (0: every shard trains, as these tests' sample counts assume)."""
     from pipeline.config import GenerateConfig
-    from pipeline.driver import build_card, finalize, prepare_corpus
-    from pipeline.storage import ObjectStore
-    from pipeline.worker import GenerationWorker
+    from pipeline.driver import generate_in_process
 
-    cfg = GenerateConfig(teacher="gmm:latent10", out=out, num_trajectories=n, shard_size=shard_size,
-                         num_steps=num_steps, stages=stages, guidance=guidance, progress=False,
-                         validation_trajectories=validation)
-    worker = GenerationWorker(cfg.to_dict())
-    card = build_card(cfg, worker.describe(), None)
-    store = ObjectStore(out)
-    prepare_corpus(store, card)
-    from storage_schemas import ShardCommit
-
-    commits = {}
-    for k in range(cfg.num_shards):
-        c = ShardCommit(**{kk: v for kk, v in worker.process_shard(k, card.fingerprint()).items() if not kk.startswith("_")})
-        commits[c.shard_id] = c
-    finalize(store, card, commits)
-    return out
+    return generate_in_process(GenerateConfig(teacher="gmm:latent10", out=out, num_trajectories=n,
+                                              shard_size=shard_size, num_steps=num_steps, stages=stages,
+                                              guidance=guidance, progress=False,
+                                              validation_trajectories=validation))
 
 
 def train_args(data, out, *extra):
