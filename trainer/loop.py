@@ -147,7 +147,8 @@ class Trainer:
     def build(self) -> Trainer:
         from accelerate import Accelerator
 
-        card = open_corpus(self.cfg.data, self.cfg.storage_options).card
+        corpus = open_corpus(self.cfg.data, self.cfg.storage_options)  # read once: the stream reuses it
+        card = corpus.card
         cuda = torch.cuda.is_available()
         # memory-aware defaults by the corpus's teacher; the batch split is validated with them
         self.cfg = cfg = self.cfg.resolved(card.teacher.kind, cuda=cuda,
@@ -172,7 +173,7 @@ class Trainer:
                                        storage_options=cfg.storage_options, seed=cfg.seed,
                                        shuffle_buffer=cfg.shuffle_buffer, cache_dir=cfg.cache_dir,
                                        on_corrupt=cfg.on_corrupt, order=order, partitions=cfg.stream_partitions)
-        self.stream = CorpusStream(self.stream_cfg, self.rank, self.world, batched=True)
+        self.stream = CorpusStream(self.stream_cfg, self.rank, self.world, batched=True, corpus=corpus)
         self.card = self.stream.card
         for stage in cfg.stages:
             stage_boundary_indices(self.card.num_saved_states, stage)  # a clear message if the corpus cannot serve it
