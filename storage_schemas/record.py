@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import safetensors.torch
 import torch
 
@@ -618,25 +619,8 @@ def _decode_same_layout(
         if not ok_rows[j]:
             out.append(None)
             continue
-        text = members[META_MEMBER]
-        try:
-            if len(text) > MAX_SAMPLE_JSON_BYTES:
-                raise ValueError("over the size limit")  # decode_sample raises the precise error
-            # json.loads(bytes) reads UTF-8 when the text starts "{" and a non-NUL byte (its encoding
-            # detection); anything else goes to decode_sample
-            if not (text[:1] == b"{" and text[1:2] not in (b"", b"\0")):
-                raise ValueError("not plain UTF-8 JSON")
-            meta = _META_DECODER.decode(text.decode("utf-8", "surrogatepass"))
-            if not isinstance(meta, dict):
-                raise ValueError("not an object")
-            if not (class_card and _common_class_meta_ok(key, meta, card)):  # else the general checks
-                meta = _validated_meta(key, meta, key, from_json=True)
-                if card is not None:
-                    _check_meta_against_card(meta, card, key)
-        except (CorpusFormatError, ValueError, RecursionError):
-            out.append(None)
-            continue
-        if json_depth_exceeds(meta):
+        meta = _fast_meta(key, members[META_MEMBER], card, class_card)
+        if meta is None:
             out.append(None)  # decode_sample raises the precise error
             continue
         record = new(SampleRecord)
@@ -646,6 +630,182 @@ def _decode_same_layout(
         setattr_(record, "meta", meta)
         out.append(record)
     return out
+
+
+def _fast_meta(key: str, text: bytes, card: DatasetCard | None, class_card: bool) -> dict[str, Any] | None:
+    """A sample's metadata with every check :func:`decode_sample` makes on it, or None when any
+    fails or the text is unusual (then :func:`decode_sample` gives the precise error)."""
+    try:
+        if len(text) > MAX_SAMPLE_JSON_BYTES:
+            return None
+        # json.loads(bytes) reads UTF-8 when the text starts "{" and a non-NUL byte (its encoding
+        # detection); anything else goes to decode_sample
+        if not (text[:1] == b"{" and text[1:2] not in (b"", b"\0")):
+            return None
+        meta = _META_DECODER.decode(text.decode("utf-8", "surrogatepass"))
+        if not isinstance(meta, dict):
+            return None
+        if class_card and _common_class_meta_ok(key, meta, card):  # type: ignore[arg-type]
+            return meta  # four plain numbers: no nesting to measure
+        meta = _validated_meta(key, meta, key, from_json=True)
+        if card is not None:
+            _check_meta_against_card(meta, card, key)
+    except (CorpusFormatError, ValueError, RecursionError):
+        return None
+    return None if json_depth_exceeds(meta) else meta
+
+
+def _gather_rows(buf: np.ndarray, starts: np.ndarray, width: int, out: np.ndarray) -> None:
+    """``out[j] = buf[starts[j]:starts[j] + width]`` for every j (every span lies inside ``buf``).
+
+    Spans at a common stride (the samples of a shard the pipeline wrote, or any subset of them) are
+    copied with one strided ``np.take``; others one by one."""
+    count = len(starts)
+    if count > 1:
+        steps = np.diff(starts)
+        stride = int(steps.min())
+        if stride > 0 and not ((starts - starts[0]) % stride).any():
+            rows = (starts - starts[0]) // stride
+            view = np.lib.stride_tricks.as_strided(buf[int(starts[0]):], shape=(int(rows[-1]) + 1, width),
+                                                   strides=(stride, 1), writeable=False)
+            np.take(view, rows, axis=0, out=out)
+            return
+    for j, start in enumerate(starts.tolist()):
+        out[j] = buf[start : start + width]
+
+
+def decode_spans_into(
+    data: bytes | bytearray | memoryview,
+    samples: Sequence[tuple[str, Mapping[str, tuple[int, int]]]],
+    card: DatasetCard,
+    states_out: torch.Tensor,
+    sigmas_out: torch.Tensor,
+    *,
+    shard_id: str | None = None,
+) -> list[dict[str, Any] | CorpusFormatError]:
+    """:func:`decode_samples` for samples whose payloads lie in one buffer (a shard's bytes and the
+    spans :func:`storage_schemas.shard.index_shard_members` found in it), writing the tensors
+    straight into preallocated rows instead of making one record per sample.
+
+    Args:
+        data: the buffer; ``samples[j] = (key, {suffix: (offset, size)})`` locates sample j's members.
+        card: the corpus card (the records must agree with it, as for :func:`decode_sample`).
+        states_out: ``[len(samples), K, *sample_shape]`` float32, contiguous: row j receives sample
+            j's states (cast from the card dtype).
+        sigmas_out: ``[len(samples), K]`` float32, contiguous: row j receives its sigmas.
+
+    Returns:
+        Per sample, in order: its validated metadata, or the :class:`CorpusFormatError` that
+        :func:`decode_sample` raises for it (its rows are then unspecified). The same checks, records
+        and errors as :func:`decode_samples`: samples sharing a safetensors layout (header bytes and
+        length) have the first decoded by :func:`decode_sample`; the others are checked vectorised
+        (values of the sigmas, finite states) plus their metadata, and any that fails is decoded
+        alone by :func:`decode_sample`. The payloads are copied once, from ``data`` into the rows.
+    """
+    count = len(samples)
+    results: list[dict[str, Any] | CorpusFormatError | None] = [None] * count
+    buf = np.frombuffer(data, dtype=np.uint8)
+
+    def one(i: int) -> dict[str, Any] | CorpusFormatError:
+        key, spans = samples[i]
+        members = {suffix: bytes(data[start : start + size]) for suffix, (start, size) in spans.items()}
+        try:
+            record = decode_sample(key, members, card, shard_id=shard_id)
+        except CorpusFormatError as exc:
+            return exc
+        states_out[i].copy_(record.states)
+        sigmas_out[i].copy_(record.sigmas)
+        return record.meta
+
+    groups: dict[tuple[bytes, int], list[int]] = {}
+    little = sys.byteorder == "little"
+    for i, (_, spans) in enumerate(samples):
+        traj = spans.get(TRAJ_MEMBER) if len(spans) == 2 and META_MEMBER in spans else None
+        layout = None
+        if traj is not None and little and traj[1] >= 8:
+            start, size = traj
+            header_size = int.from_bytes(data[start : start + 8], "little")
+            if header_size <= size - 8:
+                layout = bytes(data[start : start + 8 + header_size])
+        if layout is None:
+            results[i] = one(i)
+        else:
+            groups.setdefault((layout, traj[1]), []).append(i)
+    class_card = card.conditioning.kind == "class"
+    expected_sigmas = torch.tensor(card.saved_sigmas, dtype=torch.float64)
+    for (layout, _length), indices in groups.items():
+        template = None
+        key0, spans0 = samples[indices[0]]
+        try:
+            template = decode_sample(key0, {s: bytes(data[a : a + z]) for s, (a, z) in spans0.items()}, card,
+                                     shard_id=shard_id)
+        except CorpusFormatError as exc:
+            results[indices[0]] = exc
+        if template is None:  # the layout itself may be bad: decode one by one
+            for i in indices[1:]:
+                results[i] = one(i)
+            continue
+        results[indices[0]] = template.meta
+        states_out[indices[0]].copy_(template.states)
+        sigmas_out[indices[0]].copy_(template.sigmas)
+        if len(indices) == 1:
+            continue
+        try:
+            header = json.loads(layout[8:], object_pairs_hook=_unique_keys)
+            s_begin, s_end = (int(v) for v in header[STATES_TENSOR]["data_offsets"])
+            g_begin, g_end = (int(v) for v in header[SIGMAS_TENSOR]["data_offsets"])
+        except (ValueError, TypeError, KeyError, AttributeError):  # not the layout safetensors read: no shortcut
+            s_begin = s_end = g_begin = g_end = -1
+        states_t, sigmas_t = template.states, template.sigmas
+        width = states_t.numel() * states_t.element_size()
+        if s_end - s_begin != width or g_end - g_begin != sigmas_t.numel() * 4 or min(s_begin, g_begin) < 0:
+            for i in indices[1:]:
+                results[i] = one(i)
+            continue
+        base = len(layout)
+        starts = np.fromiter((samples[i][1][TRAJ_MEMBER][0] for i in indices), dtype=np.int64, count=len(indices))
+        m = len(indices)
+        contiguous = indices[-1] - indices[0] == m - 1  # rows indices[0] .. indices[-1], in order
+        rows = slice(indices[0], indices[0] + m) if contiguous else torch.tensor(indices, dtype=torch.long)
+        if contiguous and states_t.dtype == torch.float32:
+            states = states_out[rows]
+            _gather_rows(buf, starts + (base + s_begin), width, states.view(m, -1).view(torch.uint8).numpy())
+        else:
+            raw = np.empty((m, width), dtype=np.uint8)
+            _gather_rows(buf, starts + (base + s_begin), width, raw)
+            states = torch.from_numpy(raw).view(states_t.dtype).view(m, *states_t.shape)
+        sig_raw = np.empty((m, sigmas_t.numel() * 4), dtype=np.uint8)
+        _gather_rows(buf, starts + (base + g_begin), sig_raw.shape[1], sig_raw)
+        sigmas = torch.from_numpy(sig_raw).view(torch.float32)
+        # the layout must give the template exactly the tensors safetensors gave it
+        if not (torch.equal(states[0], states_t) and torch.equal(sigmas[0], sigmas_t)):
+            states_out[indices[0]].copy_(states_t)
+            for i in indices[1:]:
+                results[i] = one(i)
+            continue
+        # what decode_sample checks on the values (the layout was checked on the template)
+        sig = sigmas.to(torch.float64)
+        ok = (sig.isfinite() & (sig >= 0.0) & (sig <= 1.0)).all(dim=1)
+        ok &= (sig[:, 1:] < sig[:, :-1]).all(dim=1)
+        ok &= ((sig - expected_sigmas).abs() <= SIGMA_TOLERANCE).all(dim=1)
+        if states.numel():
+            # a finite sum means finite values (NaN and +-Inf propagate); a row whose sum is not finite
+            # (a non-finite value, or an overflow) is left to decode_sample, which tells them apart
+            ok &= states.reshape(m, -1).sum(dim=1, dtype=torch.float32).isfinite()
+        if not (contiguous and states_t.dtype == torch.float32):
+            states_out[rows] = states.to(torch.float32)
+        sigmas_out[rows] = sigmas
+        ok_rows = ok.tolist()
+        for j, i in enumerate(indices):
+            if j == 0:
+                continue
+            meta = None
+            if ok_rows[j]:
+                key, spans = samples[i]
+                start, size = spans[META_MEMBER]
+                meta = _fast_meta(key, bytes(data[start : start + size]), card, class_card)
+            results[i] = meta if meta is not None else one(i)
+    return results  # type: ignore[return-value]
 
 
 _COMMON_CLASS_META = ("class_id", "guidance", "index", "seed")  # sorted, as canonical JSON stores them

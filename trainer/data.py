@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from storage_schemas import (
     COMMITS_DIR,
@@ -45,13 +45,12 @@ from storage_schemas import (
     MANIFEST,
     CorpusFormatError,
     DatasetCard,
-    SampleRecord,
     ShardCommit,
     manifest_from_parquet_bytes,
     sample_key,
     shard_number,
 )
-from storage_schemas.record import decode_samples
+from storage_schemas.record import decode_spans_into
 from storage_schemas.shard import MemberSpans, index_shard_members
 
 from .shard_cache import CorruptShardError, ShardCache, ShardFetchError, with_retries
@@ -661,20 +660,80 @@ INDEX_CACHE_SHARDS = 16
 out. A shard that straddles shuffle blocks is checked once, not once per block."""
 
 
+class _Block:
+    """The samples one worker reads in one shuffle block, decoded into rows: one tensor per item field
+    (rows grouped by shard, offsets in increasing order within a shard), so a batch is a gather of
+    rows and a sample a view of one. A sample that cannot be used keeps its error in :attr:`errors`
+    and placeholder values in its row."""
+
+    def __init__(self, card: DatasetCard, located: Sequence[tuple[int, int]], positions: Sequence[int],
+                 shard_numbers: Sequence[int]) -> None:
+        offsets: dict[int, list[int]] = {}
+        for shard, offset in located:
+            offsets.setdefault(shard, []).append(offset)
+        self.shards: dict[int, tuple[int, list[int]]] = {}
+        """shard row -> (its first row here, its offsets in this block, increasing)."""
+        row_of: dict[int, dict[int, int]] = {}
+        total = 0
+        for shard, offs in offsets.items():
+            offs = sorted(set(offs))
+            self.shards[shard] = (total, offs)
+            row_of[shard] = {o: total + i for i, o in enumerate(offs)}
+            total += len(offs)
+        self.rows = [row_of[s][o] for s, o in located]
+        """Row of each of the block's positions, in the order they are read."""
+        self.rows_t = torch.tensor(self.rows, dtype=torch.long)
+        self.positions_t = torch.tensor(positions, dtype=torch.long)
+        self.shard_t = torch.tensor([shard_numbers[s] for s, _ in located], dtype=torch.long)
+        self.states = torch.empty((total, *card.states_shape), dtype=torch.float32)
+        self.sigmas = torch.empty((total, len(card.saved_sigmas)), dtype=torch.float32)
+        self.class_id = torch.empty(total, dtype=torch.long)
+        self.guidance = torch.empty(total, dtype=torch.float32)
+        self.index = torch.empty(total, dtype=torch.long)
+        self.seed = torch.empty(total, dtype=torch.long)
+        self.valid = torch.ones(total, dtype=torch.bool)
+        prompts = card.conditioning.kind == "prompt"
+        self.prompt: list[str] | None = [""] * total if prompts else None
+        self.prompt_id: list[str] | None = [""] * total if prompts else None
+        self.errors: dict[int, CorruptShardError] = {}
+        """Row -> why its sample cannot be used (the row holds a placeholder)."""
+        self.ready: set[int] = set()
+        """Shard rows decoded (or found bad) into this block."""
+        self.card = card
+
+    def fail(self, rows: Sequence[int], error: CorruptShardError, first_index: int,
+             offsets: Sequence[int]) -> None:
+        """Record ``error`` for these rows and give them placeholder values."""
+        if not rows:
+            return
+        rows_t = torch.tensor(rows, dtype=torch.long)
+        self.states[rows_t] = 0.0
+        self.sigmas[rows_t] = torch.tensor(self.card.saved_sigmas, dtype=torch.float32)
+        self.class_id[rows_t] = -1
+        self.guidance[rows_t] = 0.0
+        self.index[rows_t] = torch.tensor([first_index + o for o in offsets], dtype=torch.long)
+        self.seed[rows_t] = -1
+        self.valid[rows_t] = False
+        for row in rows:
+            self.errors[row] = error
+            if self.prompt is not None and self.prompt_id is not None:
+                self.prompt[row] = self.prompt_id[row] = ""
+
+
 class _ShardReader:
     """One process's access to shards: the disk cache plus, in memory, only this worker's samples of
-    the current shuffle block.
+    the current shuffle block (a :class:`_Block`).
 
     At the start of a block the worker announces the positions it will read there
     (:meth:`begin_block`). The first time a shard is needed, its bytes are read whole and checked
     with :func:`storage_schemas.shard.index_shard_members` (which rejects unsafe members and
     truncated or corrupt tars) and against its manifest row (keys, count); the resulting index of
     payload offsets is kept in a small LRU (:data:`INDEX_CACHE_SHARDS`), so a shard that straddles
-    blocks is not checked again. For each block, only the payloads of the samples this worker needs
-    are copied out of the shard bytes, which are then dropped. Each sample is decoded and validated
-    with :func:`storage_schemas.decode_sample` when it is used, and then dropped. A worker uses about
+    blocks is not checked again. For each block, the samples this worker needs from the shard are
+    decoded and validated together (:func:`storage_schemas.record.decode_spans_into`), straight
+    from the shard bytes into the block's rows, and the bytes are dropped. A worker uses about
     ``1 / (world * workers)`` of every shard, so this keeps its memory at about
-    ``shuffle_buffer / (world * workers)`` samples (plus one shard's bytes while it is sliced) and
+    ``shuffle_buffer / (world * workers)`` samples (plus one shard's bytes while it is decoded) and
     its decoding work at its own samples.
     """
 
@@ -684,24 +743,20 @@ class _ShardReader:
         self.cache = ShardCache(corpus.url, cfg.storage_options, cache_dir=cfg.cache_dir,
                                 max_bytes=cfg.cache_max_bytes, verify_sha256=cfg.verify_sha256,
                                 attempts=cfg.fetch_attempts)
-        self._needed: dict[int, set[int]] = {}
-        self._parsed: dict[int, dict[int, tuple[SampleRecord, tuple[torch.Tensor, ...]] | CorpusFormatError]] = {}
         self._index: OrderedDict[int, list[tuple[str, MemberSpans]]] = OrderedDict()
         self._bad: dict[int, CorruptShardError] = {
             row: CorruptShardError(corpus.shards[row].shard_id, reason) for row, reason in (bad_rows or {}).items()}
         self._cache_checked: set[int] = set()
+        self._shard_numbers = [shard_number(c.shard_id) for c in corpus.shards]
         self.shards_indexed = 0
         """How many times this reader checked a shard's whole structure (for tests and stats)."""
 
     def close(self) -> None:
         self.cache.close()
 
-    def begin_block(self, located: Sequence[tuple[int, int]]) -> None:
-        """The ``(shard row, offset)`` of every sample this worker reads in the new block."""
-        self._parsed.clear()
-        self._needed = {}
-        for shard_index, offset in located:
-            self._needed.setdefault(shard_index, set()).add(offset)
+    def begin_block(self, located: Sequence[tuple[int, int]], positions: Sequence[int]) -> _Block:
+        """A block for the ``(shard row, offset)`` of every sample this worker reads in it, in order."""
+        return _Block(self.corpus.card, located, positions, self._shard_numbers)
 
     def prefetch(self, shard_indices: Sequence[int]) -> None:
         self.cache.prefetch([self.corpus.shards[i] for i in shard_indices])
@@ -732,7 +787,10 @@ class _ShardReader:
             self._index.popitem(last=False)
         return index
 
-    def _parse(self, shard_index: int) -> dict[int, tuple[SampleRecord, tuple[torch.Tensor, ...]] | CorpusFormatError]:
+    def _decode_into(self, block: _Block, shard_index: int) -> dict[int, CorpusFormatError]:
+        """Decode this block's samples of a shard into their rows; returns row -> error of those that
+        do not decode. Raises for the whole shard (CorruptShardError: the stored object; else
+        CorpusFormatError: the cached copy's size or structure)."""
         commit = self.corpus.shards[shard_index]
         with self.cache.open(commit) as f:
             data = f.read()
@@ -742,61 +800,78 @@ class _ShardReader:
                 f"{commit.num_bytes}"
             )
         index = self._shard_index(shard_index, data)
-        offsets = sorted(self._needed.get(shard_index, ()))
-        samples = []
-        for offset in offsets:
-            key, spans = index[offset]
-            samples.append((key, {suffix: data[start:start + size] for suffix, (start, size) in spans.items()}))
+        first_row, offsets = block.shards[shard_index]
+        rows = slice(first_row, first_row + len(offsets))
+        metas = decode_spans_into(data, [index[o] for o in offsets], self.corpus.card, block.states[rows],
+                                  block.sigmas[rows], shard_id=commit.shard_id)
         del data
-        # every needed sample decoded and validated at once; a bad one keeps its error for its turn
-        records = decode_samples(samples, self.corpus.card, shard_id=commit.shard_id)
-        good = [r for r in records if isinstance(r, SampleRecord)]
-        # the per-sample scalars of the items, made for all of them at once (0-dim views)
-        scalars = iter(zip(
-            torch.tensor([int(r.meta.get("class_id", -1)) for r in good], dtype=torch.long).unbind(),
-            torch.tensor([r.guidance for r in good], dtype=torch.float32).unbind(),
-            torch.tensor([r.index for r in good], dtype=torch.long).unbind(),
-            torch.tensor([r.seed for r in good], dtype=torch.long).unbind(),
-        ))
-        return {offset: (r, next(scalars)) if isinstance(r, SampleRecord) else r for offset, r in zip(offsets, records)}
+        errors: dict[int, CorpusFormatError] = {}
+        good = metas
+        if not all(isinstance(m, dict) for m in metas):
+            errors = {first_row + j: m for j, m in enumerate(metas) if not isinstance(m, dict)}
+            filler = {"class_id": -1, "guidance": 0.0, "index": -1, "seed": -1}
+            good = [m if isinstance(m, dict) else filler for m in metas]
+        # the per-sample scalars, for all of the shard's rows at once
+        block.class_id[rows] = torch.tensor([int(m.get("class_id", -1)) for m in good], dtype=torch.long)
+        block.guidance[rows] = torch.tensor([float(m["guidance"]) for m in good], dtype=torch.float32)
+        block.index[rows] = torch.tensor([int(m["index"]) for m in good], dtype=torch.long)
+        block.seed[rows] = torch.tensor([int(m["seed"]) for m in good], dtype=torch.long)
+        if block.prompt is not None and block.prompt_id is not None:
+            for j, m in enumerate(good):
+                block.prompt[first_row + j] = str(m.get("prompt", ""))
+                block.prompt_id[first_row + j] = "" if m.get("prompt_id") is None else str(m["prompt_id"])
+        return errors
 
-    def sample(self, shard_index: int, offset: int) -> tuple[SampleRecord, tuple[torch.Tensor, ...]]:
-        """One decoded sample and its item scalars ``(class_id, guidance, index, seed)``.
+    def _recheck(self, commit: ShardCommit, shard_index: int, exc: Exception) -> bool:
+        """After a parse or decode error: True if the cached copy turned out damaged on this disk (it was
+        removed; decode again, which fetches it again). Checked once per shard."""
+        if shard_index in self._cache_checked:
+            return False
+        self._cache_checked.add(shard_index)
+        if self.cache.verify_cached(commit):
+            return False
+        log.warning("shard %s: the cached copy is damaged (%s); fetching it again", commit.shard_id, exc)
+        self.cache.invalidate(commit)
+        self._index.pop(shard_index, None)
+        return True
 
-        Raises CorruptShardError (shard-level problems are remembered)."""
-        if shard_index in self._bad:
-            raise self._bad[shard_index]
+    def ensure(self, block: _Block, shard_index: int) -> None:
+        """Decode the block's samples of this shard, once (errors are recorded in the block).
+
+        Raises ShardFetchError (storage kept failing)."""
+        if shard_index in block.ready:
+            return
         commit = self.corpus.shards[shard_index]
+        first_row, offsets = block.shards[shard_index]
+        all_rows = range(first_row, first_row + len(offsets))
+        error: CorruptShardError | None = self._bad.get(shard_index)
+        errors: dict[int, CorpusFormatError] = {}
         for attempt in range(2):
+            if error is not None:
+                break
             try:
-                parsed = self._parsed.get(shard_index)
-                if parsed is None or offset not in parsed:
-                    self._needed.setdefault(shard_index, set()).add(offset)
-                    parsed = self._parsed[shard_index] = self._parse(shard_index)
-                record = parsed.pop(offset)  # each position is read once: free it now
-                if isinstance(record, CorpusFormatError):
-                    raise record
-                return record
+                errors = self._decode_into(block, shard_index)
             except CorruptShardError as exc:  # the stored object is missing or disagrees with the manifest
-                self._bad[shard_index] = exc
-                raise
-            except CorpusFormatError as exc:
+                error = self._bad[shard_index] = exc
+                break
+            except CorpusFormatError as exc:  # the whole shard is unreadable
                 # the bytes were verified when they were cached: if the local copy no longer matches,
                 # it was damaged on this disk; drop it and fetch it again (once)
-                if attempt == 0 and shard_index not in self._cache_checked:
-                    self._cache_checked.add(shard_index)
-                    if not self.cache.verify_cached(commit):
-                        log.warning("shard %s: the cached copy is damaged (%s); fetching it again",
-                                    commit.shard_id, exc)
-                        self.cache.invalidate(commit)
-                        self._parsed.pop(shard_index, None)
-                        self._index.pop(shard_index, None)
-                        continue
-                error = CorruptShardError(commit.shard_id, str(exc))
-                if shard_index not in self._parsed:  # the whole shard is unreadable
-                    self._bad[shard_index] = error
-                raise error from None
-        raise AssertionError("unreachable")
+                if attempt == 0 and self._recheck(commit, shard_index, exc):
+                    continue
+                error = self._bad[shard_index] = CorruptShardError(commit.shard_id, str(exc))
+                break
+            if errors and attempt == 0 and self._recheck(commit, shard_index, next(iter(errors.values()))):
+                errors = {}
+                continue
+            break
+        block.ready.add(shard_index)
+        if error is not None:
+            block.fail(list(all_rows), error, commit.first_index, offsets)
+            return
+        for row, exc in sorted(errors.items()):
+            block.fail([row], CorruptShardError(commit.shard_id, str(exc)), commit.first_index,
+                       [offsets[row - first_row]])
 
 
 # --- the dataset ---------------------------------------------------------------------------------
@@ -1097,7 +1172,8 @@ class CorpusStream(IterableDataset):
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         return self.iter_worker(worker, num_workers, epochs=1)
 
-    def iter_worker(self, worker: int = 0, num_workers: int = 1, *, epochs: int | None = 1) -> Iterator[dict[str, Any]]:
+    def iter_worker(self, worker: int = 0, num_workers: int = 1, *, epochs: int | None = 1,
+                    pack: bool = False) -> Iterator[dict[str, Any]]:
         """What DataLoader worker ``worker`` of ``num_workers`` yields for this rank: the rest of the
         current epoch from the cursor, then (``epochs`` > 1, or None: endlessly) the following epochs
         from cursor 0. The rank's steps (``batched``) or samples are dealt round-robin to the workers
@@ -1105,15 +1181,19 @@ class CorpusStream(IterableDataset):
 
         The epoch and cursor are read now: ``advance()`` / ``set_epoch()`` do not affect a running
         iterator, which rolls into the next epoch by itself (the order is a pure function of the epoch).
+
+        ``pack`` (what :func:`make_dataloader`'s workers do): each item's tensors travel as one
+        shared-memory buffer (:func:`unpack_item` restores the dict in the main process), so a batch
+        crosses to the main process as one tensor instead of ten.
         """
         if not 0 <= worker < num_workers:
             raise ValueError(f"worker {worker} out of range for {num_workers} workers")
         if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
             raise ValueError(f"epochs must be an int >= 1 or None (endless), found {epochs!r}")
-        return self._iter_epochs(worker, num_workers, self._epoch, self._cursor, epochs)
+        return self._iter_epochs(worker, num_workers, self._epoch, self._cursor, epochs, pack)
 
     def _iter_epochs(self, worker: int, num_workers: int, epoch: int, cursor: int,
-                     epochs: int | None) -> Iterator[dict[str, Any]]:
+                     epochs: int | None, pack: bool = False) -> Iterator[dict[str, Any]]:
         b, g = self.cfg.batch_size, self.global_batch
         done = 0  # this rank's units (steps when batched, else samples) in the epochs before
         e = epoch
@@ -1136,35 +1216,111 @@ class CorpusStream(IterableDataset):
 
             first = (worker - done) % num_workers
             if self.batched:
-                yield from self._batches(self._iter_positions(order, tagged(range(first, steps, num_workers)), e))
+                yield from self._iter_batches(order, tagged(range(first, steps, num_workers)), e, pack)
                 done += steps
             else:
                 mine = itertools.islice(tagged(range(steps)), first, None, num_workers)
-                yield from self._iter_positions(order, mine, e)
+                items = self._iter_items(order, mine, e)
+                yield from (map(pack_item, items) if pack else items)
                 done += steps * b
             e, cursor = e + 1, 0
 
-    def _batches(self, items: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        while batch := list(itertools.islice(items, self.cfg.batch_size)):
-            yield default_collate(batch)
-
-    def _iter_positions(self, order: EpochOrder | PartitionedOrder, tagged: Iterable[tuple[int, int]],
-                        epoch: int) -> Iterator[dict[str, Any]]:
+    def _iter_blocks(self, order: EpochOrder | PartitionedOrder, tagged: Iterable[tuple[int, int]]
+                     ) -> Iterator[tuple[_ShardReader, _Block, list[int], list[tuple[int, int]]]]:
+        """Per shuffle block: the reader, the block (its samples decoded on demand, shard by shard),
+        its positions and their ``(shard row, offset)``; prefetch started."""
         if self._reader is None or self._reader.pid != os.getpid():
             self._reader = _ShardReader(self.cfg, self.corpus, self._bad_rows)  # one per process: never across a fork
         reader = self._reader
-        epoch_t = torch.tensor(epoch, dtype=torch.long)
         for _, in_block in itertools.groupby(tagged, key=lambda pk: pk[1]):
             block_positions = [p for p, _ in in_block]
             located = [order.locate(p) for p in block_positions]
-            reader.begin_block(located)
+            block = reader.begin_block(located, block_positions)
             self._prefetch(reader, order, block_positions, located)
-            # the block's position and shard scalars, made at once (0-dim views)
-            position_t = torch.tensor(block_positions, dtype=torch.long).unbind()
-            shard_t = torch.tensor([self._shard_numbers[i] for i, _ in located], dtype=torch.long).unbind()
-            valid_t = torch.ones(len(block_positions), dtype=torch.bool).unbind()
-            for j, (p, (shard_index, offset)) in enumerate(zip(block_positions, located)):
-                yield self._item(reader, p, shard_index, offset, (position_t[j], shard_t[j], valid_t[j]), epoch_t)
+            yield reader, block, block_positions, located
+
+    def _check_rows(self, block: _Block, rows: Sequence[int], located: Sequence[tuple[int, int]]) -> None:
+        """Placeholders among these rows: raise the first one's error (``on_corrupt="error"``), or count them."""
+        for row, (shard_index, _) in zip(rows, located):
+            error = block.errors.get(row)
+            if error is None:
+                continue
+            if self.cfg.on_corrupt == "error":
+                raise error
+            shard_id = self.corpus.shards[shard_index].shard_id
+            if shard_id not in self._corrupt_shards:
+                self._corrupt_shards.add(shard_id)
+                log.warning("skipping corrupt data (on_corrupt='skip'): %s", error)
+            self.skipped_samples += 1
+
+    def _iter_items(self, order: EpochOrder | PartitionedOrder, tagged: Iterable[tuple[int, int]],
+                    epoch: int) -> Iterator[dict[str, Any]]:
+        epoch_t = torch.tensor(epoch, dtype=torch.long)
+        prompts = self.card.conditioning.kind == "prompt"
+        for reader, block, _, located in self._iter_blocks(order, tagged):
+            # 0-dim views of the block's rows, made at once (the rows fill as their shards are decoded)
+            fields = (block.states.unbind(0), block.sigmas.unbind(0), block.class_id.unbind(0),
+                      block.guidance.unbind(0), block.index.unbind(0), block.seed.unbind(0), block.valid.unbind(0))
+            position_t, shard_t = block.positions_t.unbind(0), block.shard_t.unbind(0)
+            for j, (row, where) in enumerate(zip(block.rows, located)):
+                reader.ensure(block, where[0])
+                if block.errors:
+                    self._check_rows(block, (row,), (where,))
+                states, sigmas, class_id, guidance, index, seed, valid = (f[row] for f in fields)
+                item: dict[str, Any] = {"states": states, "sigmas": sigmas, "class_id": class_id,
+                                        "guidance": guidance, "index": index, "seed": seed,
+                                        "position": position_t[j], "shard": shard_t[j], "valid": valid,
+                                        "epoch": epoch_t}
+                if prompts:
+                    item["prompt"] = block.prompt[row]  # type: ignore[index]
+                    item["prompt_id"] = block.prompt_id[row]  # type: ignore[index]
+                yield item
+
+    def _iter_batches(self, order: EpochOrder | PartitionedOrder, tagged: Iterable[tuple[int, int]],
+                      epoch: int, pack: bool) -> Iterator[dict[str, Any]]:
+        """The rank's batches, each gathered from the decoded rows of its block(s) straight into one
+        buffer (shared memory when ``pack``), without a dict per sample."""
+        b = self.cfg.batch_size
+        pieces: list[tuple[_Block, int, int]] = []
+        have = 0
+        for reader, block, positions, located in self._iter_blocks(order, tagged):
+            j = 0
+            while j < len(positions):  # a step of the global order may straddle two blocks
+                take = min(b - have, len(positions) - j)
+                for shard_index, _ in located[j:j + take]:
+                    reader.ensure(block, shard_index)
+                if block.errors:
+                    self._check_rows(block, block.rows[j:j + take], located[j:j + take])
+                pieces.append((block, j, j + take))
+                have, j = have + take, j + take
+                if have == b:
+                    yield self._gather(pieces, epoch, pack)
+                    pieces, have = [], 0
+        if pieces:  # not reached: a rank's positions are whole steps
+            yield self._gather(pieces, epoch, pack)
+
+    def _gather(self, pieces: Sequence[tuple[_Block, int, int]], epoch: int, pack: bool) -> dict[str, Any]:
+        n = sum(j1 - j0 for _, j0, j1 in pieces)
+        card = self.card
+        specs = _batch_specs(n, card)
+        buffer, views = _alloc_views(specs, shared=pack)
+        offset = 0
+        for block, j0, j1 in pieces:
+            rows = block.rows_t[j0:j1]
+            end = offset + (j1 - j0)
+            for name in ("states", "sigmas", "class_id", "guidance", "index", "seed", "valid"):
+                torch.index_select(getattr(block, name), 0, rows, out=views[name][offset:end])
+            views["position"][offset:end] = block.positions_t[j0:j1]
+            views["shard"][offset:end] = block.shard_t[j0:j1]
+            offset = end
+        views["epoch"].fill_(epoch)
+        extra: dict[str, Any] = {}
+        if card.conditioning.kind == "prompt":
+            extra["prompt"] = [block.prompt[r] for block, j0, j1 in pieces for r in block.rows[j0:j1]]  # type: ignore[index]
+            extra["prompt_id"] = [block.prompt_id[r] for block, j0, j1 in pieces for r in block.rows[j0:j1]]  # type: ignore[index]
+        if pack:
+            return {_PACKED: buffer, _LAYOUT: [list(spec) for spec in specs], **extra}
+        return {**views, **extra}
 
     def _prefetch(self, reader: _ShardReader, order: EpochOrder | PartitionedOrder, positions: Sequence[int],
                   located: Sequence[tuple[int, int]]) -> None:
@@ -1188,57 +1344,79 @@ class CorpusStream(IterableDataset):
             wanted.extend(order.shard_order[j] for j in range(slot + 1, stop + 1))
         reader.prefetch(list(dict.fromkeys(wanted)))
 
-    def _item(self, reader: _ShardReader, position: int, shard_index: int, offset: int,
-              block_scalars: tuple[torch.Tensor, torch.Tensor, torch.Tensor], epoch_t: torch.Tensor) -> dict[str, Any]:
-        commit = self.corpus.shards[shard_index]
-        try:
-            record, (class_id, guidance, index, seed) = reader.sample(shard_index, offset)
-        except CorruptShardError as exc:
-            if self.cfg.on_corrupt == "error":
-                raise
-            if commit.shard_id not in self._corrupt_shards:
-                self._corrupt_shards.add(commit.shard_id)
-                log.warning("skipping corrupt data (on_corrupt='skip'): %s", exc)
-            self.skipped_samples += 1
-            return self._placeholder(commit, offset, position, epoch_t)
-        position_t, shard_t, valid_t = block_scalars
-        states, sigmas = record.states, record.sigmas
-        item: dict[str, Any] = {
-            "states": states if states.dtype == torch.float32 else states.to(torch.float32),
-            "sigmas": sigmas if sigmas.dtype == torch.float32 else sigmas.to(torch.float32),
-            "class_id": class_id,
-            "guidance": guidance,
-            "index": index,
-            "seed": seed,
-            "position": position_t,
-            "shard": shard_t,
-            "valid": valid_t,
-            "epoch": epoch_t,
-        }
-        if self.card.conditioning.kind == "prompt":
-            meta = record.meta
-            item["prompt"] = str(meta.get("prompt", ""))
-            item["prompt_id"] = "" if meta.get("prompt_id") is None else str(meta["prompt_id"])
-        return item
 
-    def _placeholder(self, commit: ShardCommit, offset: int, position: int, epoch_t: torch.Tensor) -> dict[str, Any]:
-        card = self.card
-        item: dict[str, Any] = {
-            "states": torch.zeros(card.states_shape, dtype=torch.float32),
-            "sigmas": torch.tensor(card.saved_sigmas, dtype=torch.float32),
-            "class_id": torch.tensor(-1, dtype=torch.long),
-            "guidance": torch.tensor(0.0, dtype=torch.float32),
-            "index": torch.tensor(commit.first_index + offset, dtype=torch.long),
-            "seed": torch.tensor(-1, dtype=torch.long),
-            "position": torch.tensor(position, dtype=torch.long),
-            "shard": torch.tensor(shard_number(commit.shard_id), dtype=torch.long),
-            "valid": torch.tensor(False),
-            "epoch": epoch_t,
-        }
-        if card.conditioning.kind == "prompt":
-            item["prompt"] = ""
-            item["prompt_id"] = ""
-        return item
+# --- one buffer per item: how a worker's batches cross to the main process ------------------------
+
+_PACKED = "_trajflow_packed"
+_LAYOUT = "_trajflow_layout"
+_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.int64,
+                                                       torch.int32, torch.bool, torch.uint8)}
+_ALIGN = 64
+
+
+def _batch_specs(n: int, card: DatasetCard) -> list[tuple[str, str, tuple[int, ...], int]]:
+    """(name, dtype, shape, byte offset) of a batch's tensors in one buffer, in item order."""
+    fields = [("states", "float32", (n, *card.states_shape)), ("sigmas", "float32", (n, len(card.saved_sigmas))),
+              ("class_id", "int64", (n,)), ("guidance", "float32", (n,)), ("index", "int64", (n,)),
+              ("seed", "int64", (n,)), ("position", "int64", (n,)), ("shard", "int64", (n,)),
+              ("valid", "bool", (n,)), ("epoch", "int64", (n,))]
+    return _with_offsets(fields)
+
+
+def _with_offsets(fields: Iterable[tuple[str, str, tuple[int, ...]]]) -> list[tuple[str, str, tuple[int, ...], int]]:
+    specs, offset = [], 0
+    for name, dtype, shape in fields:
+        specs.append((name, dtype, tuple(shape), offset))
+        nbytes = _DTYPES[dtype].itemsize * (1 if not shape else int(torch.Size(shape).numel()))
+        offset += -(-nbytes // _ALIGN) * _ALIGN
+    return specs
+
+
+def _buffer_size(specs: Sequence[tuple[str, str, tuple[int, ...], int]]) -> int:
+    name, dtype, shape, offset = specs[-1]
+    return offset + _DTYPES[dtype].itemsize * int(torch.Size(shape).numel())
+
+
+def _views(buffer: torch.Tensor, specs: Iterable[Sequence[Any]]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, dtype, shape, offset in specs:
+        dt = _DTYPES[dtype]
+        size = dt.itemsize * int(torch.Size(shape).numel())
+        out[name] = buffer[offset:offset + size].view(dt).view(tuple(shape))
+    return out
+
+
+def _alloc_views(specs: Sequence[tuple[str, str, tuple[int, ...], int]], *, shared: bool
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One uint8 buffer (in shared memory when ``shared``: a DataLoader worker's result is then sent
+    without a copy) and the typed views of its tensors."""
+    size = max(1, _buffer_size(specs))
+    if shared:
+        buffer = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))
+    else:
+        buffer = torch.empty(size, dtype=torch.uint8)
+    return buffer, _views(buffer, specs)
+
+
+def pack_item(item: dict[str, Any]) -> dict[str, Any]:
+    """An item (sample or batch) with all its tensors copied into one shared-memory buffer; other
+    values (strings, lists of strings) are kept. :func:`unpack_item` gives the dict back."""
+    tensors = {k: v for k, v in item.items() if isinstance(v, torch.Tensor)}
+    specs = _with_offsets((k, str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in tensors.items())
+    buffer, views = _alloc_views(specs, shared=True)
+    for name, value in tensors.items():
+        views[name].copy_(value)
+    return {_PACKED: buffer, _LAYOUT: [list(spec) for spec in specs],
+            **{k: v for k, v in item.items() if k not in tensors}}
+
+
+def unpack_item(obj: Any) -> Any:
+    """The item dict of a packed item (views of its one buffer); anything else unchanged."""
+    if not (isinstance(obj, dict) and _PACKED in obj):
+        return obj
+    out: dict[str, Any] = _views(obj[_PACKED], obj[_LAYOUT])
+    out.update((k, v) for k, v in obj.items() if k not in (_PACKED, _LAYOUT))
+    return out
 
 
 def worker_context():
@@ -1270,7 +1448,33 @@ class _Epochs(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        return self.stream.iter_worker(worker, num_workers, epochs=self.epochs)
+        return self.stream.iter_worker(worker, num_workers, epochs=self.epochs, pack=info is not None)
+
+
+class _Unpacked:
+    """A DataLoader iterator whose items come packed from its workers (:func:`pack_item`): yields
+    them unpacked; everything else (``_shutdown_workers``, ...) is the DataLoader iterator's."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __iter__(self) -> _Unpacked:
+        return self
+
+    def __next__(self) -> Any:
+        return unpack_item(next(self._inner))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class _StreamLoader(DataLoader):
+    """:func:`make_dataloader`'s DataLoader: its workers send each item as one shared-memory buffer
+    (one tensor to pass between processes, not ten), unpacked into the usual dict here."""
+
+    def __iter__(self) -> Any:
+        inner = super().__iter__()
+        return inner if self.num_workers == 0 else _Unpacked(inner)
 
 
 def make_dataloader(stream: CorpusStream, *, num_workers: int = 0, pin_memory: bool = False,
@@ -1300,5 +1504,5 @@ def make_dataloader(stream: CorpusStream, *, num_workers: int = 0, pin_memory: b
     # the loader's base seed comes from its own generator, not from the global RNG: creating a loader
     # (once per run, or again after a resume) must not move the RNG state that checkpoints save and restore
     kwargs["generator"] = torch.Generator().manual_seed(0)
-    return DataLoader(_Epochs(stream, epochs), batch_size=None, shuffle=False, num_workers=num_workers,
+    return _StreamLoader(_Epochs(stream, epochs), batch_size=None, shuffle=False, num_workers=num_workers,
                       pin_memory=pin_memory, timeout=timeout, **kwargs)

@@ -14,7 +14,11 @@ The trainer reads shards through :class:`ShardCache`:
   directory. A per-shard ``flock`` makes only one of them download a given shard while the others
   wait and then read the file; eviction runs under a directory lock. Readers open a file before
   using it, and POSIX keeps an open file readable after another process unlinks it.
-- **Bounded**: after each fetch the least recently used files (by mtime, refreshed on every hit)
+- **Verified once per cache entry**: a verified file gets the modification time
+  :data:`VERIFIED_MTIME_NS`, which no write produces. Each use checks it (one ``stat``): a file
+  written, truncated or replaced since it was verified has a new modification time and is re-hashed
+  (and fetched again if it no longer matches) before it is used; an unchanged one is not re-hashed.
+- **Bounded**: after each fetch the least recently used files (by access time, set on every use)
   are deleted until the total is at most ``max_bytes``. Files this process asked to prefetch are
   evicted last. A single shard larger than the budget is still kept (and a warning logged).
 - **Prefetch**: :meth:`ShardCache.prefetch` hands an ordered list of shards to a background thread
@@ -48,6 +52,10 @@ T = TypeVar("T")
 
 _SHARD_NAME = re.compile(r"([0-9a-f]{64})\.tar")
 _HASH_CHUNK = 8 << 20
+VERIFIED_MTIME_NS = 1_000_000_000 * 10**9
+"""The modification time (2001-09-09T01:46:40Z, whole seconds) a cache entry gets when its sha256 is
+verified. Writing to the file changes it, so a different value means: changed since verified (or
+cached by a trajflow that did not stamp its entries), re-hash before use."""
 STALE_TMP_SECONDS = 3600.0
 """Temporary files older than this are left-overs of a dead process and are removed at eviction."""
 PREFETCH_IDLE_SECONDS = 5.0
@@ -126,6 +134,8 @@ class CacheStats:
     evicted_bytes: int = 0
     invalidations: int = 0
     """Cached files removed because they were found damaged (see :meth:`ShardCache.invalidate`)."""
+    rehashes: int = 0
+    """Cached files re-hashed because they changed since they were verified (their stamp differs)."""
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -146,6 +156,19 @@ def sha256_file(path: str) -> str:
         while chunk := f.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def copy_and_hash(source: BinaryIO, dest: BinaryIO) -> tuple[int, str]:
+    """Copy ``source`` to ``dest`` in chunks, hashing each chunk as it passes: one read of the bytes
+    instead of a copy and a second pass to hash. Returns (bytes copied, sha256 hex)."""
+    digest, size = hashlib.sha256(), 0
+    chunk = bytearray(_HASH_CHUNK)
+    view = memoryview(chunk)
+    while n := source.readinto(chunk):
+        digest.update(view[:n])  # hashlib releases the GIL for large updates
+        dest.write(view[:n])
+        size += n
+    return size, digest.hexdigest()
 
 
 _LOCK_FDS: set[int] = set()
@@ -278,7 +301,7 @@ class ShardCache:
         if self._touch(path):
             self._count(hits=1)
             return path
-        self._count(misses=1)
+        self._count(misses=1)  # not cached, or changed since verified: _ensure re-hashes it
         self._ensure(commit, background=False)
         return path
 
@@ -298,12 +321,21 @@ class ShardCache:
                               f"{self.cache_dir})")
 
     def verify_cached(self, commit: ShardCommit) -> bool:
-        """Re-hash the cached copy: True if present with the manifest's size and sha256."""
+        """Re-hash the cached copy: True if present with the manifest's size and sha256 (it is then
+        stamped verified again)."""
         path = self.local_path(commit)
         try:
-            if os.path.getsize(path) != commit.num_bytes:
+            if os.path.getsize(path) != commit.num_bytes or sha256_file(path) != commit.sha256:
                 return False
-            return sha256_file(path) == commit.sha256
+            self._stamp(path)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def is_verified(self, commit: ShardCommit) -> bool:
+        """True if the cached copy is there and unchanged since its sha256 was verified (no hashing)."""
+        try:
+            return os.stat(self.local_path(commit)).st_mtime_ns == VERIFIED_MTIME_NS
         except FileNotFoundError:
             return False
 
@@ -317,10 +349,18 @@ class ShardCache:
         """Total size of the shards in the cache directory (all processes' files)."""
         return sum(size for _, size, _ in self._scan())
 
+    @staticmethod
+    def _stamp(path: str) -> None:
+        """Mark a verified file: access time now (its LRU stamp), modification time the verified mark."""
+        os.utime(path, ns=(time.time_ns(), VERIFIED_MTIME_NS))
+
     def _touch(self, path: str) -> bool:
-        """Refresh the LRU stamp; False if the file is not there."""
+        """Refresh the LRU stamp of a verified, unchanged file; False if the file is not there or was
+        changed since it was verified (its modification time is not the verified mark)."""
         try:
-            os.utime(path, None)
+            if os.stat(path).st_mtime_ns != VERIFIED_MTIME_NS:
+                return False
+            self._stamp(path)
             return True
         except FileNotFoundError:
             return False
@@ -331,6 +371,13 @@ class ShardCache:
         with _flock(self._lock_path(commit)):
             if self._touch(path):  # another process or thread fetched it while we waited
                 return
+            if os.path.exists(path):  # there, but changed since it was verified: re-hash it
+                self._count(rehashes=1)
+                if self.verify_cached(commit):
+                    return
+                log.warning("shard %s: the cached copy changed since it was verified and no longer matches "
+                            "the manifest; fetching it again", commit.shard_id)
+                self.invalidate(commit)
             with self._lock:
                 known = self._corrupt.get(commit.sha256)
             if known is not None:  # this process already found the stored object bad
@@ -349,7 +396,8 @@ class ShardCache:
         fs = self._filesystem()
         remote = f"{self._fs_root}/{commit.path}"
         protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-        if "file" in protocols or "local" in protocols:
+        local = "file" in protocols or "local" in protocols
+        if local:
             try:  # a shard of a local corpus that is a symlink could point anywhere: refused, like audit does
                 refuse_local_symlink(self._fs_root, commit.path, url.rsplit("/" + commit.path, 1)[0])
             except SymlinkRefused as exc:
@@ -358,9 +406,17 @@ class ShardCache:
         problem = ""
         try:
             for _ in range(2):  # a corrupted transfer is fetched once more before blaming the object
+                digest = ""
+
                 def get() -> None:
+                    nonlocal digest
                     self._count(remote_reads=1)
-                    fs.get_file(remote, tmp)
+                    if local and self.verify_sha256:  # hashed while it is copied: one pass over the bytes
+                        with fs.open(remote, "rb") as src, open(tmp, "wb") as dst:
+                            digest = copy_and_hash(src, dst)[1]
+                    else:  # one streaming GET into the file; hashed right after, from the page cache
+                        fs.get_file(remote, tmp)
+                        digest = ""
 
                 try:
                     with_retries(get, what=f"reading shard {commit.shard_id} ({url})",
@@ -372,10 +428,11 @@ class ShardCache:
                 size = os.path.getsize(tmp)
                 if size != commit.num_bytes:
                     problem = f"stored object has {size} bytes, the manifest says {commit.num_bytes}"
-                elif self.verify_sha256 and (digest := sha256_file(tmp)) != commit.sha256:
+                elif self.verify_sha256 and (digest := digest or sha256_file(tmp)) != commit.sha256:
                     problem = f"sha256 of the stored object is {digest}, the manifest says {commit.sha256}"
                 else:
                     os.replace(tmp, path)
+                    self._stamp(path)  # after the rename (a stale-temp sweep goes by mtime); under the shard lock
                     return
                 self._count(verify_failures=1)
                 log.warning("shard %s: %s; fetching it again", commit.shard_id, problem)
@@ -386,7 +443,7 @@ class ShardCache:
 
     # -- eviction ----------------------------------------------------------------------------------
     def _scan(self) -> list[tuple[str, int, float]]:
-        """(path, size, mtime) of every cached shard, oldest first."""
+        """(path, size, atime) of every cached shard, least recently used first."""
         found = []
         with os.scandir(self.cache_dir) as entries:
             for entry in entries:
@@ -396,7 +453,7 @@ class ShardCache:
                     st = entry.stat()
                 except FileNotFoundError:
                     continue
-                found.append((entry.path, st.st_size, st.st_mtime))
+                found.append((entry.path, st.st_size, st.st_atime_ns))
         found.sort(key=lambda item: item[2])
         return found
 
@@ -447,7 +504,7 @@ class ShardCache:
         wanted = list(commits)
         with self._prefetch_cv:
             self._pinned = {c.sha256 for c in wanted}
-            self._prefetch_queue = [c for c in wanted if not os.path.exists(self.local_path(c))]
+            self._prefetch_queue = [c for c in wanted if not self.is_verified(c)]
             if self._prefetch_queue and self._prefetch_thread is None and not self._closed:
                 self._prefetch_thread = threading.Thread(target=self._prefetch_loop, daemon=True,
                                                          name="trajflow-shard-prefetch")
@@ -463,7 +520,7 @@ class ShardCache:
                     self._prefetch_thread = None
                     return
                 commit = self._prefetch_queue.pop(0)
-            if os.path.exists(self.local_path(commit)):
+            if self.is_verified(commit):
                 continue
             try:
                 self._ensure(commit, background=True)
