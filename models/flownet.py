@@ -27,8 +27,18 @@ from torch import nn
 
 from flowcore.guidance import cfg_velocity
 from flowcore.teacher import as_guidance_batch, as_sigma_batch, fingerprint_of
+from models.gmm import GMMSpec, GMMTeacher
 
 ARCHS = ("mlp", "conv")
+#: what a net with a GMM base learns on top of the exact velocity (FlowNetConfig.residual)
+RESIDUALS = ("solver", "net")
+#: knots of the "solver" residual's sigma table (sigma = i / (SOLVER_KNOTS - 1)); every point of the 1, 2, 4,
+#: 8, 16, 32 and 64-step grids at shift 1 is a knot, other sigmas interpolate linearly between two
+SOLVER_KNOTS = 65
+#: the solver table's parameters are multiplied by this in the forward, so that the trainer's learning rate
+#: (2e-4 by default, sized for networks) moves these few O(0.1) numbers at a useful pace (Adam's step scales
+#: with it: an effective 1e-2)
+SOLVER_PARAM_SCALE = 50.0
 _META_KEY = "trajflow_flownet_config"
 
 
@@ -51,9 +61,30 @@ class FlowNetConfig:
     #: also condition on the CFG weight (students distilled from corpora with a guidance range);
     #: the guidance embedding starts at zero, so a teacher's weights load into such a student unchanged
     guidance_cond: bool = False
+    #: a GMM spec (``GMMSpec.to_json_dict()``) whose exact velocity the net adds its own output to: the
+    #: student of an analytic GMM teacher starts *as* the teacher (its residual's output layer starts at
+    #: zero), as a diffusers student starts from the teacher's weights. None: a plain net.
+    base_gmm: dict[str, Any] | None = None
+    #: the CFG weight of ``base_gmm`` when the net is not guidance-conditioned (a corpus with one fixed weight)
+    base_guidance: float = 1.0
+    #: what is learned on top of ``base_gmm``: "solver" (default) — per-sigma scale, time shift and x
+    #: coefficient of the exact velocity, v = (1 + a(s)) v_gmm(x, s + tau(s)) + b(s) x, three numbers per
+    #: knot of a 65-knot sigma table, all zero at init (a learned few-step solver in the manner of bespoke
+    #: solvers, Shaul et al. 2023: it cannot over-fit a corpus, and costs one velocity call per step like the
+    #: teacher); "net" — the flow-net residual (width, depth, ... above), whose output layer starts at zero
+    residual: str = "solver"
 
     def __post_init__(self):
         self.sample_shape = tuple(int(s) for s in self.sample_shape)
+        if self.base_gmm is not None:
+            spec = GMMSpec.from_json_dict(self.base_gmm)  # validates it
+            if tuple(spec.sample_shape) != self.sample_shape:
+                raise ValueError(f"base_gmm has sample shape {tuple(spec.sample_shape)}, the net {self.sample_shape}")
+            if (spec.num_classes or None) != self.num_classes:
+                raise ValueError(f"base_gmm has {spec.num_classes} classes, the net {self.num_classes}")
+        self.base_guidance = float(self.base_guidance)
+        if self.residual not in RESIDUALS:
+            raise ValueError(f"residual must be one of {RESIDUALS}, got {self.residual!r}")
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
         if self.arch == "conv" and len(self.sample_shape) != 3:
@@ -62,6 +93,14 @@ class FlowNetConfig:
             raise ValueError("width, depth and time_freqs must be >= 1")
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError("num_classes must be >= 1 or None")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as JSON data; a plain net (no ``base_gmm``) has exactly the fields it had before
+        ``base_gmm`` existed, so the fingerprints and cache keys of plain nets are unchanged."""
+        d = asdict(self)
+        if d["base_gmm"] is None:
+            del d["base_gmm"], d["base_guidance"], d["residual"]
+        return d
 
 
 def sigma_embedding(sigma_B: torch.Tensor, num_freqs: int) -> torch.Tensor:
@@ -127,11 +166,21 @@ class _ConvBlock(nn.Module):
 
 
 class FlowNet(nn.Module):
-    """v_theta(x [B, *sample_shape], sigma [B], class [B] long | None) -> [B, *sample_shape]."""
+    """v_theta(x [B, *sample_shape], sigma [B], class [B] long | None) -> [B, *sample_shape].
+
+    With ``cfg.base_gmm`` the output is v_gmm(x, sigma, class, w) + net(x, ...): the exact velocity of the
+    mixture (CFG weight ``guidance_B`` when guidance-conditioned, else ``cfg.base_guidance``) plus a
+    residual whose output layer starts at zero, so the untrained net *is* the teacher.
+    """
 
     def __init__(self, cfg: FlowNetConfig):
         super().__init__()
         self.cfg = cfg
+        self._base = None  # the GMM of base_gmm, built on the first forward's device
+        if cfg.base_gmm is not None and cfg.residual == "solver":
+            # (scale a, time shift tau, x coefficient b) per sigma knot; zero: the exact teacher velocity
+            self.solver = nn.Parameter(torch.zeros(SOLVER_KNOTS, 3))
+            return
         w = cfg.width
         self.cond = _Cond(cfg, w)
         if cfg.arch == "mlp":
@@ -144,14 +193,41 @@ class FlowNet(nn.Module):
             self.inp = nn.Conv2d(c, w, 3, padding=1)
             self.blocks = nn.ModuleList(_ConvBlock(w) for _ in range(cfg.depth))
             self.out = nn.Sequential(nn.GroupNorm(min(8, w), w), nn.SiLU(), nn.Conv2d(w, c, 3, padding=1))
+        if cfg.base_gmm is not None:
+            nn.init.zeros_(self.out[-1].weight)
+            nn.init.zeros_(self.out[-1].bias)
 
     def forward(self, x, sigma_B, class_B=None, guidance_B=None):
+        if self.cfg.base_gmm is not None and self.cfg.residual == "solver":
+            return self._solver_forward(x, sigma_B, class_B, guidance_B)
         B = x.shape[0]
         e = self.cond(sigma_B.to(x.dtype), class_B, guidance_B)
         h = self.inp(x.reshape(B, -1) if self.cfg.arch == "mlp" else x)
         for blk in self.blocks:
             h = blk(h, e)
-        return self.out(h).reshape(x.shape)
+        out = self.out(h).reshape(x.shape)
+        if self.cfg.base_gmm is not None:
+            out = out + self.base_velocity(x, sigma_B, class_B, guidance_B)
+        return out
+
+    def _solver_forward(self, x, sigma_B, class_B, guidance_B):
+        """(1 + a) v_gmm(x, clamp(sigma + tau)) + b x, (a, tau, b) interpolated from the sigma table."""
+        pos = sigma_B.to(self.solver.dtype).clamp(0, 1) * (SOLVER_KNOTS - 1)
+        lo = pos.floor().long().clamp(max=SOLVER_KNOTS - 2)
+        frac = (pos - lo)[:, None]
+        coef = (self.solver[lo] * (1 - frac) + self.solver[lo + 1] * frac) * SOLVER_PARAM_SCALE  # [B, 3]
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        a, tau, b = (coef[:, i].to(x.dtype).reshape(shape) for i in range(3))
+        sigma_eval = (sigma_B.to(x.dtype) + tau.reshape(-1)).clamp(0, 1)
+        return (1 + a) * self.base_velocity(x, sigma_eval, class_B, guidance_B) + b * x
+
+    def base_velocity(self, x, sigma_B, class_B=None, guidance_B=None) -> torch.Tensor:
+        """The exact GMM velocity the residual is added to ([B, *X], x's dtype; differentiable in x)."""
+        if self._base is None or self._base.device != x.device:
+            self._base = GMMTeacher(GMMSpec.from_json_dict(self.cfg.base_gmm), device=x.device)
+        w = guidance_B if (self.cfg.guidance_cond and guidance_B is not None) else self.cfg.base_guidance
+        with torch.autocast(device_type=x.device.type, enabled=False):  # float64 inside: keep autocast out
+            return self._base.velocity(x, sigma_B, class_B if self.cfg.num_classes else None, w)
 
 
 def fit_flow_net(
@@ -216,7 +292,7 @@ def canonical_safetensors(data: bytes) -> bytes:
 def save_flow_net(net: FlowNet, path: str | Path, extra: dict[str, Any] | None = None) -> None:
     """Weights + config (JSON in the safetensors metadata) in one file; byte-reproducible (the same tensors and
     metadata give the same bytes in every process: sorted JSON, canonical header)."""
-    meta = {_META_KEY: json.dumps(asdict(net.cfg), sort_keys=True),
+    meta = {_META_KEY: json.dumps(net.cfg.to_dict(), sort_keys=True),
             "trajflow_extra": json.dumps(extra or {}, sort_keys=True)}
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     Path(path).write_bytes(canonical_safetensors(st_save(state, metadata=meta)))
@@ -268,7 +344,7 @@ class FlowNetTeacher:
         return v.to(x.device, x.dtype)
 
     def config(self) -> dict[str, Any]:
-        return {"kind": "flownet", "name": self.name, "net": asdict(self.net.cfg)}
+        return {"kind": "flownet", "name": self.name, "net": self.net.cfg.to_dict()}
 
     def fingerprint(self) -> str:
-        return fingerprint_of({"kind": "flownet", "net": asdict(self.net.cfg)}, dict(self.net.state_dict()))
+        return fingerprint_of({"kind": "flownet", "net": self.net.cfg.to_dict()}, dict(self.net.state_dict()))

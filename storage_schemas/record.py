@@ -21,6 +21,7 @@ import json
 import math
 import re
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -655,20 +656,28 @@ def _fast_meta(key: str, text: bytes, card: DatasetCard | None, class_card: bool
     return None if json_depth_exceeds(meta) else meta
 
 
-def _gather_rows(buf: np.ndarray, starts: np.ndarray, width: int, out: np.ndarray) -> None:
+def _byte_tensor(data: bytes | bytearray | memoryview) -> torch.Tensor:
+    """A uint8 tensor over ``data`` (no copy; only ever read)."""
+    view = memoryview(data)
+    if view.readonly:  # torch warns that it cannot protect a read-only buffer; nothing writes to it
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(view, dtype=torch.uint8)
+    return torch.frombuffer(view, dtype=torch.uint8)
+
+
+def _gather_rows(buf: torch.Tensor, starts: np.ndarray, width: int, out: torch.Tensor) -> None:
     """``out[j] = buf[starts[j]:starts[j] + width]`` for every j (every span lies inside ``buf``).
 
     Spans at a common stride (the samples of a shard the pipeline wrote, or any subset of them) are
-    copied with one strided ``np.take``; others one by one."""
+    copied with one strided ``index_select``; others one by one."""
     count = len(starts)
     if count > 1:
-        steps = np.diff(starts)
-        stride = int(steps.min())
+        stride = int(np.diff(starts).min())
         if stride > 0 and not ((starts - starts[0]) % stride).any():
             rows = (starts - starts[0]) // stride
-            view = np.lib.stride_tricks.as_strided(buf[int(starts[0]):], shape=(int(rows[-1]) + 1, width),
-                                                   strides=(stride, 1), writeable=False)
-            np.take(view, rows, axis=0, out=out)
+            view = buf[int(starts[0]):].as_strided((int(rows[-1]) + 1, width), (stride, 1))
+            torch.index_select(view, 0, torch.from_numpy(rows), out=out)
             return
     for j, start in enumerate(starts.tolist()):
         out[j] = buf[start : start + width]
@@ -704,7 +713,7 @@ def decode_spans_into(
     """
     count = len(samples)
     results: list[dict[str, Any] | CorpusFormatError | None] = [None] * count
-    buf = np.frombuffer(data, dtype=np.uint8)
+    buf = _byte_tensor(data)
 
     def one(i: int) -> dict[str, Any] | CorpusFormatError:
         key, spans = samples[i]
@@ -769,14 +778,14 @@ def decode_spans_into(
         rows = slice(indices[0], indices[0] + m) if contiguous else torch.tensor(indices, dtype=torch.long)
         if contiguous and states_t.dtype == torch.float32:
             states = states_out[rows]
-            _gather_rows(buf, starts + (base + s_begin), width, states.view(m, -1).view(torch.uint8).numpy())
+            _gather_rows(buf, starts + (base + s_begin), width, states.view(m, -1).view(torch.uint8))
         else:
-            raw = np.empty((m, width), dtype=np.uint8)
+            raw = torch.empty((m, width), dtype=torch.uint8)
             _gather_rows(buf, starts + (base + s_begin), width, raw)
-            states = torch.from_numpy(raw).view(states_t.dtype).view(m, *states_t.shape)
-        sig_raw = np.empty((m, sigmas_t.numel() * 4), dtype=np.uint8)
+            states = raw.view(states_t.dtype).view(m, *states_t.shape)
+        sig_raw = torch.empty((m, sigmas_t.numel() * 4), dtype=torch.uint8)
         _gather_rows(buf, starts + (base + g_begin), sig_raw.shape[1], sig_raw)
-        sigmas = torch.from_numpy(sig_raw).view(torch.float32)
+        sigmas = sig_raw.view(torch.float32)
         # the layout must give the template exactly the tensors safetensors gave it
         if not (torch.equal(states[0], states_t) and torch.equal(sigmas[0], sigmas_t)):
             states_out[indices[0]].copy_(states_t)

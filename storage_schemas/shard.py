@@ -307,6 +307,88 @@ def _plain_fields_ok(header: bytes) -> bool:
     return info.type in _REGULAR_TYPES and header[345] == 0
 
 
+_OCTAL_DIGITS = np.arange(ord("0"), ord("8"))
+_KEY_BYTES = np.zeros(256, dtype=bool)
+_KEY_BYTES[np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-", dtype=np.uint8)] = True
+
+
+def _octal_fields(headers: np.ndarray, start: int, digits: int) -> np.ndarray | None:
+    """The octal numbers of a field written as tarfile writes it (``digits`` octal digits, then NUL)
+    in every header row, or None if any row has another form."""
+    field = headers[:, start : start + digits]
+    if not (((field >= 0x30) & (field <= 0x37)).all() and (headers[:, start + digits] == 0).all()):
+        return None
+    weights = 8 ** np.arange(digits - 1, -1, -1, dtype=np.int64)
+    return (field.astype(np.int64) - 0x30) @ weights
+
+
+def _uniform_spans(data: bytes | bytearray) -> list[tuple[str, MemberSpans]] | None:
+    """:func:`_fast_spans` for a shard laid out as the pipeline writes it, vectorised over all headers:
+    two members per sample whose padded sizes are the same in every sample (so headers sit at a fixed
+    stride), number fields as tarfile writes them, every other header field equal to the first
+    header's. Gives exactly :func:`_fast_spans`'s result, or None (anything else: the loop decides)."""
+    total = len(data)
+    if total % _BLOCK or total < 3 * _BLOCK:
+        return None
+    buf = np.frombuffer(data, dtype=np.uint8)
+    blocks = buf.reshape(-1, _BLOCK)
+    first: list[tuple[int, bytes, bytes, int]] = []  # (offset, key, suffix, size) of the first two headers
+    offset = 0
+    for _ in range(2):
+        if offset + _BLOCK > total:
+            return None
+        nul = data.find(b"\0", offset, offset + 100)
+        name = _FAST_NAME.fullmatch(data, offset, offset + 100 if nul < 0 else nul)
+        size = _FAST_NUMBER.fullmatch(data, offset + 124, offset + 136)
+        if name is None or size is None or nul < 0:
+            return None
+        first.append((offset, bytes(name.group(1)), bytes(name.group(2)), int(size.group(1), 8)))
+        offset += _BLOCK + -(-first[-1][3] // _BLOCK) * _BLOCK
+    (_, key_a, suffix_a, size_a), (offset_b, key_b, suffix_b, size_b) = first
+    if key_a != key_b or suffix_a == suffix_b or not _plain_fields_ok(bytes(data[:_BLOCK])):
+        return None
+    stride = offset  # bytes per sample
+    # samples: header A at k*stride while that block is not the zero end-of-archive block
+    starts = np.arange(0, total - _BLOCK + 1, stride, dtype=np.int64)
+    nonzero = blocks[starts // _BLOCK].any(axis=1)
+    count = int(np.argmin(nonzero)) if not nonzero.all() else len(starts)
+    end = count * stride
+    if count == 0 or end + _BLOCK > total or buf[end:].any():
+        return None
+    starts = starts[:count]
+    heads_a, heads_b = blocks[starts // _BLOCK], blocks[(starts + offset_b) // _BLOCK]
+    headers = np.concatenate([heads_a, heads_b])
+    # every field but name, size and checksum equal to the first header's (which tarfile accepted)
+    for a, b in _OTHER_FIELDS:
+        if not (headers[:, a:b] == headers[0, a:b]).all():
+            return None
+    # names: the same key (fixed length, key characters) in both members, then ".suffix" and a NUL
+    length = len(key_a)
+    keys = heads_a[:, :length]
+    if not (_KEY_BYTES[keys].all() and (heads_b[:, :length] == keys).all()):
+        return None
+    for heads, suffix in ((heads_a, suffix_a), (heads_b, suffix_b)):
+        tail = np.frombuffer(b"." + suffix + b"\0", dtype=np.uint8)
+        if not (heads[:, length : length + len(tail)] == tail).all():
+            return None
+    if len(np.unique(keys.view(np.dtype((np.void, length))))) != count:
+        return None  # a repeated key: the loop says why
+    sizes = _octal_fields(headers, 124, 11)
+    checksums = _octal_fields(headers, 148, 6)
+    if sizes is None or checksums is None or int(sizes.max()) > MAX_MEMBER_BYTES:
+        return None
+    sizes_a, sizes_b = sizes[:count], sizes[count:]
+    if ((-(-sizes_a // _BLOCK)) != -(-size_a // _BLOCK)).any() or ((-(-sizes_b // _BLOCK)) != -(-size_b // _BLOCK)).any():
+        return None  # a member of another padded size: headers are not at the stride
+    unsigned = 256 + headers[:, :148].sum(axis=1, dtype=np.int64) + headers[:, 156:].sum(axis=1, dtype=np.int64)
+    if (unsigned != checksums).any():
+        return None
+    names = keys.tobytes().decode("ascii")
+    sa, sb = suffix_a.decode("ascii"), suffix_b.decode("ascii")
+    return [(names[k * length : (k + 1) * length], {sa: (a + _BLOCK, za), sb: (a + offset_b + _BLOCK, zb)})
+            for k, (a, za, zb) in enumerate(zip(starts.tolist(), sizes_a.tolist(), sizes_b.tolist()))]
+
+
 def _fast_spans(data: bytes) -> list[tuple[str, MemberSpans]] | None:
     """Index a shard in one pass over its raw headers, or None if anything is unusual.
 
@@ -317,6 +399,9 @@ def _fast_spans(data: bytes) -> list[tuple[str, MemberSpans]] | None:
     tar without error, so for an accepted shard both give the same samples. Nothing is yielded or
     raised here: on None the caller runs the general reader, which raises the precise error.
     """
+    uniform = _uniform_spans(data)
+    if uniform is not None:
+        return uniform
     size_of_data = len(data)
     samples: list[tuple[str, MemberSpans]] = []
     seen: set[str] = set()
@@ -451,7 +536,7 @@ def index_shard_members(data: bytes | bytearray | memoryview, shard_id: str) -> 
     Raises:
         UnsafeMemberError, SchemaError, CorpusFormatError: as :func:`iter_shard_members`.
     """
-    if not isinstance(data, bytes):
+    if not isinstance(data, bytes | bytearray):  # the fast path reads bytes and bytearrays alike
         data = bytes(data)
     spans = _fast_spans(data)
     if spans is not None:

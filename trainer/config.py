@@ -9,6 +9,10 @@ from flowcore.ota import OTA_MODES
 from flowcore.windows import WINDOW_POINTS
 
 #: default optimizer steps when neither --max-steps nor --steps-per-stage is given, by teacher kind
+#: what the corpus part of a batch trains (TrainConfig.objective)
+OBJECTIVES = ("windows", "unrolled")
+#: student initialisations (TrainConfig.init)
+INITS = ("teacher", "fitted", "scratch")
 DEFAULT_BUDGET = {"gmm": 1500, "flownet": 1500, "diffusers": 20000, "diffusers_unet": 20000}
 
 #: the default budget makes at most this many epochs over the training split: a small corpus is over-fitted
@@ -47,6 +51,11 @@ class TrainConfig:
     alpha: float = 1.0
     #: where training points sit on a window: start | segment | mixed
     window_points: str = "start"
+    #: what the corpus part of a batch trains: "windows" (ProReflow's aligned v-prediction on the stage's
+    #: windows), "unrolled" (the student's own stage-step Euler solve from each stored noise, with gradient
+    #: through every step, against the stored endpoint: the error the user sees, including how the steps'
+    #: errors compound); None: the student's default (unrolled for the GMM solver student, else windows)
+    objective: str | None = None
     #: share of each batch from online teacher rollouts (0 = corpus only; 1 = online only, e.g. the perflow
     #: baseline; needs a teacher pool)
     ota_ratio: float = 0.0
@@ -94,10 +103,13 @@ class TrainConfig:
     report_to: str = "tensorboard"
     #: log metrics every N steps
     log_every: int = 10
-    #: student initialisation: "teacher" (teacher weights; for GMM teachers a flow net fitted to the
-    #: same GMM, cached) or "scratch"
+    #: student initialisation: "teacher" (the teacher's weights; a GMM teacher has none, so its student is the
+    #: exact GMM velocity plus a learned correction that starts at zero, FlowNetConfig.base_gmm: the untrained
+    #: student *is* the teacher),
+    #: "fitted" (GMM teachers: a plain flow net fitted to the GMM by flow matching, cached; the default before
+    #: 2026-12) or "scratch"
     init: str = "teacher"
-    #: steps of the flow-matching fit that makes a GMM teacher's "pretrained" net
+    #: steps of the flow-matching fit that makes a GMM teacher's "pretrained" net (``init="fitted"``)
     teacher_fit_steps: int = 3000
     #: student architecture (auto: mlp for <= 1024 dims, else conv), width, depth
     student_arch: str = "auto"
@@ -157,6 +169,8 @@ class TrainConfig:
             raise ValueError("max-steps must be >= 1")
         if self.alpha < 0:
             raise ValueError("alpha must be >= 0")
+        if self.objective not in (None, *OBJECTIVES):
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.window_points not in WINDOW_POINTS:
             raise ValueError(f"window-points must be one of {', '.join(WINDOW_POINTS)}")
         if not 0 <= self.ota_ratio <= 1:
@@ -182,8 +196,8 @@ class TrainConfig:
             raise ValueError("ema-decay must be in [0, 1)")
         if self.lr <= 0 or self.grad_clip <= 0 or self.warmup_steps < 0:
             raise ValueError("lr and grad-clip must be > 0, warmup-steps >= 0")
-        if self.init not in ("teacher", "scratch"):
-            raise ValueError("init must be teacher or scratch")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.student_arch not in ("auto", "mlp", "conv"):
             raise ValueError("student-arch must be auto, mlp or conv")
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):

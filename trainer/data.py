@@ -667,7 +667,7 @@ class _Block:
     and placeholder values in its row."""
 
     def __init__(self, card: DatasetCard, located: Sequence[tuple[int, int]], positions: Sequence[int],
-                 shard_numbers: Sequence[int]) -> None:
+                 shard_numbers: Sequence[int], buffer: torch.Tensor | None = None) -> None:
         offsets: dict[int, list[int]] = {}
         for shard, offset in located:
             offsets.setdefault(shard, []).append(offset)
@@ -685,13 +685,19 @@ class _Block:
         self.rows_t = torch.tensor(self.rows, dtype=torch.long)
         self.positions_t = torch.tensor(positions, dtype=torch.long)
         self.shard_t = torch.tensor([shard_numbers[s] for s, _ in located], dtype=torch.long)
-        self.states = torch.empty((total, *card.states_shape), dtype=torch.float32)
-        self.sigmas = torch.empty((total, len(card.saved_sigmas)), dtype=torch.float32)
-        self.class_id = torch.empty(total, dtype=torch.long)
-        self.guidance = torch.empty(total, dtype=torch.float32)
-        self.index = torch.empty(total, dtype=torch.long)
-        self.seed = torch.empty(total, dtype=torch.long)
-        self.valid = torch.ones(total, dtype=torch.bool)
+        # the fields are views of one buffer: a reused one (batched reading: batches are copies, so a
+        # block's memory is free once its batches are gathered) costs no fresh pages
+        specs = [spec for spec in _batch_specs(total, card) if spec[0] not in ("position", "shard", "epoch")]
+        specs = _with_offsets(spec[:3] for spec in specs)
+        size = _buffer_size(specs)
+        if buffer is None or buffer.numel() < size:
+            buffer = torch.empty(max(1, size), dtype=torch.uint8)
+        self.buffer = buffer
+        views = _views(buffer, specs)
+        self.states, self.sigmas = views["states"], views["sigmas"]
+        self.class_id, self.guidance, self.index = views["class_id"], views["guidance"], views["index"]
+        self.seed, self.valid = views["seed"], views["valid"]
+        self.valid.fill_(True)
         prompts = card.conditioning.kind == "prompt"
         self.prompt: list[str] | None = [""] * total if prompts else None
         self.prompt_id: list[str] | None = [""] * total if prompts else None
@@ -748,15 +754,28 @@ class _ShardReader:
             row: CorruptShardError(corpus.shards[row].shard_id, reason) for row, reason in (bad_rows or {}).items()}
         self._cache_checked: set[int] = set()
         self._shard_numbers = [shard_number(c.shard_id) for c in corpus.shards]
+        self._spare: list[torch.Tensor] = []  # the buffers of the last two blocks (batched reading)
+        self._buf: bytearray | None = None
         self.shards_indexed = 0
         """How many times this reader checked a shard's whole structure (for tests and stats)."""
 
     def close(self) -> None:
         self.cache.close()
 
-    def begin_block(self, located: Sequence[tuple[int, int]], positions: Sequence[int]) -> _Block:
-        """A block for the ``(shard row, offset)`` of every sample this worker reads in it, in order."""
-        return _Block(self.corpus.card, located, positions, self._shard_numbers)
+    def begin_block(self, located: Sequence[tuple[int, int]], positions: Sequence[int], *,
+                    reuse: bool = False) -> _Block:
+        """A block for the ``(shard row, offset)`` of every sample this worker reads in it, in order.
+
+        ``reuse``: nothing keeps views of a block's rows once its batches are gathered (batched
+        reading), so the memory of the block before the previous one is reused (two are alive when
+        a step straddles a block boundary)."""
+        buffer = None
+        if reuse:
+            buffer = self._spare.pop(0) if len(self._spare) >= 2 else None
+        block = _Block(self.corpus.card, located, positions, self._shard_numbers, buffer)
+        if reuse:
+            self._spare.append(block.buffer)
+        return block
 
     def prefetch(self, shard_indices: Sequence[int]) -> None:
         self.cache.prefetch([self.corpus.shards[i] for i in shard_indices])
@@ -793,12 +812,13 @@ class _ShardReader:
         CorpusFormatError: the cached copy's size or structure)."""
         commit = self.corpus.shards[shard_index]
         with self.cache.open(commit) as f:
-            data = f.read()
-        if len(data) != commit.num_bytes:  # the cached copy changed since it was verified
-            raise CorpusFormatError(
-                f"shard {commit.shard_id!r}: the cached copy holds {len(data)} bytes, the manifest says "
-                f"{commit.num_bytes}"
-            )
+            size = os.fstat(f.fileno()).st_size
+            if size != commit.num_bytes:  # the cached copy changed since it was verified
+                raise CorpusFormatError(
+                    f"shard {commit.shard_id!r}: the cached copy holds {size} bytes, the manifest says "
+                    f"{commit.num_bytes}"
+                )
+            data = self._read_into(f, size)
         index = self._shard_index(shard_index, data)
         first_row, offsets = block.shards[shard_index]
         rows = slice(first_row, first_row + len(offsets))
@@ -821,6 +841,16 @@ class _ShardReader:
                 block.prompt[first_row + j] = str(m.get("prompt", ""))
                 block.prompt_id[first_row + j] = "" if m.get("prompt_id") is None else str(m["prompt_id"])
         return errors
+
+    def _read_into(self, f: Any, size: int) -> bytearray:
+        """The file's ``size`` bytes in this reader's reused buffer (a fresh one costs a page fault per
+        4 KiB; a corpus' shards mostly have one size). Decoding copies out what it keeps and the
+        index holds offsets only, so the next shard can overwrite it."""
+        if self._buf is None or len(self._buf) != size:
+            self._buf = bytearray(size)
+        if f.readinto(self._buf) != size:
+            raise CorpusFormatError("the cached copy changed while it was read")
+        return self._buf
 
     def _recheck(self, commit: ShardCommit, shard_index: int, exc: Exception) -> bool:
         """After a parse or decode error: True if the cached copy turned out damaged on this disk (it was
@@ -948,6 +978,8 @@ class CorpusStream(IterableDataset):
         self._cursor = 0
         self._order: EpochOrder | PartitionedOrder | None = None
         self._reader: _ShardReader | None = None
+        self._pool: _BufferPool | None = None
+        self._pool_pid = 0
         self.skipped_samples = 0
         """Placeholder samples this process yielded (``on_corrupt="skip"``; not counted in workers)."""
         self._corrupt_shards: set[str] = {self.corpus.shards[row].shard_id for row in self._bad_rows}
@@ -1164,6 +1196,7 @@ class CorpusStream(IterableDataset):
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers started by spawn get no reader
         state = self.__dict__.copy()
         state["_reader"] = None
+        state["_pool"] = None
         return state
 
     # -- iteration ---------------------------------------------------------------------------------
@@ -1225,8 +1258,8 @@ class CorpusStream(IterableDataset):
                 done += steps * b
             e, cursor = e + 1, 0
 
-    def _iter_blocks(self, order: EpochOrder | PartitionedOrder, tagged: Iterable[tuple[int, int]]
-                     ) -> Iterator[tuple[_ShardReader, _Block, list[int], list[tuple[int, int]]]]:
+    def _iter_blocks(self, order: EpochOrder | PartitionedOrder, tagged: Iterable[tuple[int, int]], *,
+                     reuse: bool = False) -> Iterator[tuple[_ShardReader, _Block, list[int], list[tuple[int, int]]]]:
         """Per shuffle block: the reader, the block (its samples decoded on demand, shard by shard),
         its positions and their ``(shard row, offset)``; prefetch started."""
         if self._reader is None or self._reader.pid != os.getpid():
@@ -1235,7 +1268,7 @@ class CorpusStream(IterableDataset):
         for _, in_block in itertools.groupby(tagged, key=lambda pk: pk[1]):
             block_positions = [p for p, _ in in_block]
             located = [order.locate(p) for p in block_positions]
-            block = reader.begin_block(located, block_positions)
+            block = reader.begin_block(located, block_positions, reuse=reuse)
             self._prefetch(reader, order, block_positions, located)
             yield reader, block, block_positions, located
 
@@ -1283,7 +1316,7 @@ class CorpusStream(IterableDataset):
         b = self.cfg.batch_size
         pieces: list[tuple[_Block, int, int]] = []
         have = 0
-        for reader, block, positions, located in self._iter_blocks(order, tagged):
+        for reader, block, positions, located in self._iter_blocks(order, tagged, reuse=True):
             j = 0
             while j < len(positions):  # a step of the global order may straddle two blocks
                 take = min(b - have, len(positions) - j)
@@ -1303,7 +1336,9 @@ class CorpusStream(IterableDataset):
         n = sum(j1 - j0 for _, j0, j1 in pieces)
         card = self.card
         specs = _batch_specs(n, card)
-        buffer, views = _alloc_views(specs, shared=pack)
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool, self._pool_pid = _BufferPool(), os.getpid()
+        buffer, views = _alloc_views(specs, shared=pack, pool=self._pool)
         offset = 0
         for block, j0, j1 in pieces:
             rows = block.rows_t[j0:j1]
@@ -1386,13 +1421,65 @@ def _views(buffer: torch.Tensor, specs: Iterable[Sequence[Any]]) -> dict[str, to
     return out
 
 
-def _alloc_views(specs: Sequence[tuple[str, str, tuple[int, ...], int]], *, shared: bool
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _storage_users() -> Any:
+    """``buffer -> how many tensors use its storage`` (torch's storage use count, minus the temporary
+    storage object asked), or None where this torch does not say it reliably."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return None
+
+    def users(buffer: torch.Tensor) -> int:
+        return int(count(buffer.untyped_storage()._cdata)) - 1
+
+    try:  # check the meaning once: a view adds a user, dropping it removes one
+        probe = torch.empty(8, dtype=torch.uint8)
+        alone = users(probe)
+        view = probe[2:4]
+        with_view = users(probe)
+        del view
+        if (alone, with_view, users(probe)) != (1, 2, 1):
+            return None
+    except Exception:  # noqa: BLE001 - a private API: without it, buffers are simply not reused
+        return None
+    return users
+
+
+_USERS = _storage_users()
+
+
+class _BufferPool:
+    """Batch buffers of the main process, reused once nothing but the pool uses them (the consumer
+    dropped every tensor of that batch): a fresh buffer costs a page fault per 4 KiB, about as much
+    as decoding the samples. A buffer anything still uses is never handed out again."""
+
+    KEEP = 4
+
+    def __init__(self) -> None:
+        self._buffers: list[torch.Tensor] = []
+
+    def get(self, size: int) -> torch.Tensor:
+        if _USERS is not None:
+            for i, buffer in enumerate(self._buffers):
+                if buffer.numel() >= size and _USERS(buffer) == 1:
+                    self._buffers.append(self._buffers.pop(i))
+                    return buffer
+        buffer = torch.empty(size, dtype=torch.uint8)
+        if _USERS is not None:
+            self._buffers.append(buffer)
+            if len(self._buffers) > self.KEEP:
+                self._buffers.pop(0)
+        return buffer
+
+
+def _alloc_views(specs: Sequence[tuple[str, str, tuple[int, ...], int]], *, shared: bool,
+                 pool: _BufferPool | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One uint8 buffer (in shared memory when ``shared``: a DataLoader worker's result is then sent
-    without a copy) and the typed views of its tensors."""
+    without a copy; else from ``pool`` when given) and the typed views of its tensors."""
     size = max(1, _buffer_size(specs))
     if shared:
         buffer = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))
+    elif pool is not None:
+        buffer = pool.get(size)
     else:
         buffer = torch.empty(size, dtype=torch.uint8)
     return buffer, _views(buffer, specs)

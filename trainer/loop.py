@@ -192,6 +192,7 @@ class Trainer:
                                                   main_process_first=acc.main_process_first,
                                                   progress=cfg.progress and acc.is_main_process)
         network = self.student.network
+        self.objective = cfg.objective or getattr(self.student, "default_objective", "windows")
         self.ema = EMA(self.student.ema_tensors(), cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.trainable = [p for p in network.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -381,31 +382,39 @@ class Trainer:
         device = acc.device
         parts: list[_Part] = []
         valid = torch.ones(0, dtype=torch.bool)
+        unrolled = None
         if batch is not None:
             valid = batch["valid"].bool()
-            wb = sample_windows(batch["states"], batch["sigmas"][0], stage, cfg.window_points, generator=g)
-            parts.append(_Part(wb.x_BX, wb.sigma_B, wb.v_target_BX, valid, student.corpus_condition(batch)))
+            batch_cond = student.corpus_condition(batch)
+            if self.objective == "unrolled":
+                unrolled = self._unrolled_loss(batch, batch_cond, valid, stage)
+            else:
+                wb = sample_windows(batch["states"], batch["sigmas"][0], stage, cfg.window_points, generator=g)
+                parts.append(_Part(wb.x_BX, wb.sigma_B, wb.v_target_BX, valid, batch_cond))
         online, ota_stats = self._online_part(stage, g, wait=batch is None)
         stats.update(ota_stats)
         if online is not None:
             parts.append(online)
-        if not parts:
+        if not parts and unrolled is None:
             raise RuntimeError(f"no online rollout arrived within {cfg.ota_timeout:.0f} s and there is no corpus "
                                "part (ota-ratio 1); is the teacher pool up?")
-        x = torch.cat([p.x_BX for p in parts])
-        sigma = torch.cat([p.sigma_B for p in parts])
-        cond = cat_conditions([p.cond for p in parts])
-        n_reflow, n_online = x.shape[0], 0 if online is None else online.x_BX.shape[0]
+        n_online = 0 if online is None else online.x_BX.shape[0]
         adv = None
         if self.disc is not None and batch is not None:  # the student's own few-step states vs the teacher's
-            adv = self._adversarial_inputs(batch, parts[0].cond, stage, g)
-            x, sigma = torch.cat([x, adv.start_BX]), torch.cat([sigma, adv.sigma_from_B])
-            cond = cat_conditions([cond, adv.cond])
-        with acc.autocast():  # one forward for every part keeps DDP to one pass per micro-batch
-            v_all = self.model(x.to(device), sigma.to(device), *condition_to(cond, device))
-        target = torch.cat([p.target_BX for p in parts]).to(device)
-        mask = torch.cat([p.valid_B for p in parts]).to(device)
-        loss = reflow = _masked_loss(v_all[:n_reflow].float(), target, mask, cfg.alpha)
+            adv = self._adversarial_inputs(batch, batch_cond, stage, g)
+        loss = reflow = unrolled if unrolled is not None else torch.zeros((), device=device)
+        if parts or adv is not None:
+            xs = [p.x_BX for p in parts] + ([adv.start_BX] if adv is not None else [])
+            sigmas = [p.sigma_B for p in parts] + ([adv.sigma_from_B] if adv is not None else [])
+            cond = cat_conditions([p.cond for p in parts] + ([adv.cond] if adv is not None else []))
+            n_reflow = sum(p.x_BX.shape[0] for p in parts)
+            with acc.autocast():  # one forward for every part keeps DDP to one pass per micro-batch
+                v_all = self.model(torch.cat(xs).to(device), torch.cat(sigmas).to(device), *condition_to(cond, device))
+            if parts:
+                target = torch.cat([p.target_BX for p in parts]).to(device)
+                mask = torch.cat([p.valid_B for p in parts]).to(device)
+                reflow = _masked_loss(v_all[:n_reflow].float(), target, mask, cfg.alpha)
+                loss = reflow if unrolled is None else unrolled + reflow
         if adv is not None:
             fake, g_loss = self._generator_part(adv, v_all[n_reflow:].float(), stats)
             loss = loss + g_loss
@@ -415,6 +424,26 @@ class Trainer:
         self.skipped_samples += int((~valid).sum())
         return {"loss": float(loss.detach()), "reflow_loss": float(reflow.detach()), "valid": int(valid.sum()),
                 "online_in_step": n_online}
+
+    def _unrolled_loss(self, batch, cond: Condition, valid: torch.Tensor, stage: int) -> torch.Tensor:
+        """Mean squared distance between the student's own ``stage``-step Euler solve from each trajectory's stored
+        noise (its state at sigma 1) and the stored endpoint, with gradient through every step, so a step learns
+        to make up for the errors of the steps before it. Rows that are not ``valid`` do not count."""
+        acc, device = self.accelerator, self.accelerator.device
+        states, sig = batch["states"], batch["sigmas"][0].float()
+        bounds = stage_boundary_indices(states.shape[1], stage)
+        rows = condition_to(cond, device)
+        x = states[:, 0].to(device).float()
+        for i0, i1 in zip(bounds[:-1], bounds[1:]):
+            s0, s1 = float(sig[i0]), float(sig[i1])
+            with acc.autocast():
+                v = self.model(x, torch.full((x.shape[0],), s0, device=device), *rows)
+            x = x + (s1 - s0) * v.float()
+        err = ((x - states[:, bounds[-1]].to(device).float()) ** 2).flatten(1).mean(1)
+        mask = valid.to(device)
+        if bool(mask.all()):
+            return err.mean()
+        return err[mask].mean() if bool(mask.any()) else err.sum() * 0.0
 
     # -- adversarial distillation on trajectory states ----------------------------------------------
     def _adversarial_inputs(self, batch, cond: Condition, stage: int, g: torch.Generator) -> _Adversarial:

@@ -123,7 +123,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from trainer.config import TrainConfig
 
-    keys = ("data", "out", "stages", "steps_per_stage", "max_steps", "alpha", "window_points", "batch_size", "lr",
+    keys = ("data", "out", "stages", "steps_per_stage", "max_steps", "alpha", "window_points", "objective",
+            "batch_size", "lr",
             "warmup_steps", "grad_clip", "ema_decay", "seed", "checkpoint_every", "log_every", "init",
             "teacher_fit_steps", "student_arch", "student_width", "student_depth", "mixed_precision", "on_corrupt",
             "num_workers", "shuffle_buffer", "cache_dir", "storage_options", "consumed_log", "ota_ratio", "ota_mode",
@@ -268,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-per-stage", type=int_list, help="optimizer steps of each stage (default: split --max-steps)")
     p.add_argument("--max-steps", type=int, help="total steps (default: a budget for the corpus's teacher kind)")
     p.add_argument("--alpha", type=float, help="aligned-v direction weight; 0 = plain MSE (default 1.0)")
+    p.add_argument("--objective", choices=["windows", "unrolled"],
+                   help="what the corpus part trains: windows (aligned v-prediction per window) or unrolled (the "
+                        "student's own few-step solve from the stored noise against the stored endpoint, gradient "
+                        "through every step); default: unrolled for GMM corpora (the solver student), else windows")
     p.add_argument("--window-points", choices=["start", "segment", "mixed"],
                    help="training points at window starts, on whole segments, or half each (default start)")
     p.add_argument("--batch-size", type=int, help="samples per rank per step (default: 128 for flow-net students, 4 for "
@@ -282,8 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--log-every", type=int)
-    p.add_argument("--init", choices=["teacher", "scratch"], help="start from the teacher's weights (default)")
-    p.add_argument("--teacher-fit-steps", type=int, help="fit budget of a GMM teacher's flow net (cached)")
+    p.add_argument("--init", choices=["teacher", "fitted", "scratch"],
+                   help="teacher (default): start as the teacher (its weights; for a GMM teacher, its exact "
+                        "velocity plus a residual net that starts at zero); fitted: GMM teachers only, a plain "
+                        "flow net fitted to the GMM (cached); scratch: random weights")
+    p.add_argument("--teacher-fit-steps", type=int, help="fit budget of a GMM teacher's flow net (--init fitted; cached)")
     p.add_argument("--student-arch", choices=["auto", "mlp", "conv"])
     p.add_argument("--student-width", type=int)
     p.add_argument("--student-depth", type=int)

@@ -23,7 +23,7 @@ class TrajectoryDiscriminator(nn.Module):
         super().__init__()
         if num_blocks < 1:
             raise ValueError("the discriminator needs at least one trunk block")
-        cfg = replace(backbone, depth=num_blocks, guidance_cond=False)
+        cfg = replace(backbone, depth=num_blocks, guidance_cond=False, base_gmm=None)  # a trunk, no GMM base
         trunk = FlowNet(cfg)
         self.cfg = cfg
         self.cond, self.inp, self.blocks = trunk.cond, trunk.inp, trunk.blocks
