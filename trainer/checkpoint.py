@@ -1,13 +1,20 @@
 """Checkpoints on any fsspec URL: safetensors weights, optimizer via torch.save / weights_only load,
 JSON trainer + data state. ``checkpoints/latest.json`` is written last: it is the commit point, so a
-run killed mid-save resumes from the previous complete checkpoint."""
+run killed mid-save resumes from the previous complete checkpoint.
+
+Sharded (FSDP2) checkpoints (``trainer.fsdp``) keep the same commit protocol: the ranks write their
+safetensors shards under ``step-XXXXXXXX/sharded/`` (``local_folder``), then the main process writes
+rng.safetensors and state.json and commits latest.json (``commit``)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import os
 import re
+import tempfile
 from typing import Any
 
 import torch
@@ -101,6 +108,42 @@ class CheckpointStore:
         except Exception:  # noqa: BLE001
             pass
         return bool(_retry(lambda: self.fs.exists(self._path(rel)), f"checking {self.out}/{rel}"))
+
+    @property
+    def is_local(self) -> bool:
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
+        return "file" in protocols or "local" in protocols
+
+    @contextlib.contextmanager
+    def local_folder(self, rel: str, mode: str):
+        """A local directory standing for the folder ``rel`` (the folder itself for a local ``out``): mode "w"
+        uploads the files written into it on exit (remote ``out``: from a temporary directory), mode "r"
+        downloads the folder's files first."""
+        if self.is_local:
+            path = self._path(rel)
+            if mode == "w":
+                os.makedirs(path, exist_ok=True)
+            yield path
+            return
+        with tempfile.TemporaryDirectory(prefix="trajflow-ckpt-") as tmp:
+            if mode == "r":
+                for name in _retry(lambda: self.fs.ls(self._path(rel), detail=False), f"listing {self.out}/{rel}"):
+                    base = str(name).rstrip("/").rsplit("/", 1)[-1]
+                    with open(os.path.join(tmp, base), "wb") as f:
+                        f.write(self.read(f"{rel}/{base}"))
+            yield tmp
+            if mode == "w":
+                for base in sorted(os.listdir(tmp)):
+                    with open(os.path.join(tmp, base), "rb") as f:
+                        self.write(f"{rel}/{base}", f.read())
+
+    def commit(self, step: int, rel: str, *, rng: dict[str, torch.Tensor], state: dict[str, Any]) -> str:
+        """Finish a checkpoint whose weights are already under ``rel`` (a sharded one): rng.safetensors, then
+        state.json (the completeness mark), then latest.json (the commit point)."""
+        self.write(f"{rel}/rng.safetensors", st_save(rng))
+        self.write(f"{rel}/state.json", json.dumps({**state, "step": step}, indent=2).encode())
+        self.write(LATEST, json.dumps({"step": step, "path": rel}).encode())
+        return f"{self.out}/{rel}"
 
     # -- the checkpoint -------------------------------------------------------------------------
     def save(self, step: int, *, model: dict[str, torch.Tensor], ema: dict[str, torch.Tensor] | None,

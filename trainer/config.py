@@ -32,6 +32,29 @@ DEFAULT_BATCH_SIZE = {"gmm": 128, "flownet": 128, "diffusers": 4, "diffusers_une
 #: autocast default on a GPU with bf16, by teacher kind: diffusers students train in bf16, flow nets in full precision
 DEFAULT_MIXED_PRECISION_ON_BF16_GPU = {"gmm": "no", "flownet": "no", "diffusers": "bf16", "diffusers_unet": "bf16"}
 
+#: --parallelism: ddp (every rank holds the whole student, gradients all-reduced; the default and the only
+#: choice for flow-net students) | fsdp2 (``torch.distributed.fsdp.fully_shard``: parameters, gradients and
+#: optimizer state sharded over the ranks; diffusers students and the SD3 discriminator)
+PARALLELISMS = ("ddp", "fsdp2")
+#: --fsdp-mixed-precision names -> (param dtype, reduce dtype): the dtype FSDP2 all-gathers the parameters
+#: in for forward/backward (the sharded fp32 master weights and the optimizer stay fp32) and the dtype of the
+#: gradient reduce-scatter. A spec "param=bf16,reduce=fp32" names the two directly.
+FSDP_MIXED_PRECISION = {"fp32": ("fp32", "fp32"), "bf16": ("bf16", "fp32")}
+FSDP_DTYPES = ("fp32", "bf16", "fp16")
+
+
+def fsdp_precision_dtypes(spec: str) -> tuple[str, str]:
+    """(param dtype, reduce dtype) names of an --fsdp-mixed-precision value: a name of FSDP_MIXED_PRECISION or
+    "param=DTYPE,reduce=DTYPE" (DTYPE in FSDP_DTYPES); ValueError with the choices otherwise."""
+    if spec in FSDP_MIXED_PRECISION:
+        return FSDP_MIXED_PRECISION[spec]
+    parts = dict(p.partition("=")[::2] for p in str(spec).replace(" ", "").split(",") if p)
+    if set(parts) == {"param", "reduce"} and all(v in FSDP_DTYPES for v in parts.values()):
+        return parts["param"], parts["reduce"]
+    raise ValueError(f"fsdp-mixed-precision {spec!r}: choose {' or '.join(FSDP_MIXED_PRECISION)} (bf16 = bf16 "
+                     f"parameters, fp32 gradient reduction), or param=DTYPE,reduce=DTYPE with DTYPE in "
+                     f"{', '.join(FSDP_DTYPES)}")
+
 
 @dataclass
 class TrainConfig:
@@ -118,6 +141,10 @@ class TrainConfig:
     #: accelerate mixed precision: no | fp16 | bf16 (GPU); None: bf16 for diffusers students on a GPU
     #: that supports it, else no (set by ``resolve_defaults``)
     mixed_precision: str | None = None
+    #: data parallelism: ddp | fsdp2 (PARALLELISMS; fsdp2 for diffusers students and their discriminator)
+    parallelism: str = "ddp"
+    #: fsdp2 mixed precision policy: fp32 | bf16 (bf16 parameters, fp32 reduce) | param=DTYPE,reduce=DTYPE
+    fsdp_mixed_precision: str = "fp32"
     #: diffusers (SD3, SD1.5/SDXL UNet) corpora: LoRA rank of the student's adapters (None = full fine-tune)
     lora_rank: int | None = None
     #: LoRA alpha (default: the rank, i.e. scale 1)
@@ -202,6 +229,14 @@ class TrainConfig:
             raise ValueError("student-arch must be auto, mlp or conv")
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise ValueError("mixed-precision must be no, fp16 or bf16")
+        if self.parallelism not in PARALLELISMS:
+            raise ValueError(f"parallelism {self.parallelism!r}: choose {' or '.join(PARALLELISMS)}")
+        fsdp_precision_dtypes(self.fsdp_mixed_precision)  # a clear error for an unknown policy
+        if self.parallelism != "fsdp2" and self.fsdp_mixed_precision != "fp32":
+            raise ValueError("fsdp-mixed-precision needs --parallelism fsdp2 (DDP runs take --mixed-precision)")
+        if self.parallelism == "fsdp2" and self.mixed_precision == "fp16":
+            raise ValueError("--mixed-precision fp16 (a loss-scaled autocast) is not supported with --parallelism "
+                             "fsdp2; use --fsdp-mixed-precision bf16 or --mixed-precision bf16")
         if self.lora_rank is not None and (not isinstance(self.lora_rank, int) or self.lora_rank < 1):
             raise ValueError(f"lora-rank must be a positive integer, got {self.lora_rank!r}")
         if self.lora_alpha is not None and not self.lora_alpha > 0:

@@ -16,8 +16,13 @@ class EMA:
 
     @torch.no_grad()
     def update(self, current: dict[str, torch.Tensor]) -> None:
+        """One EMA step. Sharded weights (FSDP2 DTensors) average their local shards: the EMA of a shard is
+        the shard of the EMA, so no communication is needed (full tensors are gathered only at export)."""
         for name, t in self.tensors.items():
-            t.lerp_(current[name].detach().to(t.dtype), 1.0 - self.decay)
+            c = current[name].detach()
+            if hasattr(t, "to_local") and hasattr(c, "to_local"):  # DTensors with the same placement
+                t, c = t.to_local(), c.to_local()
+            t.lerp_(c.to(t.dtype), 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.tensors

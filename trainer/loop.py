@@ -86,7 +86,8 @@ BEST_META = "checkpoints/best/best.json"
 #: TrainConfig fields that do not change what a checkpoint holds (ignored when explaining a mismatch)
 _RUN_ONLY_KEYS = {"data", "out", "max_steps", "steps_per_stage", "resume", "progress", "cache_dir", "storage_options",
                   "consumed_log", "log_every", "checkpoint_every", "num_workers", "ota_timeout", "ota_prefetch",
-                  "allow_teacher_locations", "eval_every", "export", "report_to"}
+                  "allow_teacher_locations", "eval_every", "export", "report_to", "parallelism",
+                  "fsdp_mixed_precision"}
 
 
 def _masked_loss(v: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -139,6 +140,7 @@ class Trainer:
         self.rollout_teacher = rollout_teacher
         # what close() releases, so that a build() that fails part-way can still be closed
         self.accelerator = self.ota = self._metrics = self._consumed = self.stream = self._batches = None
+        self.fsdp = None  # trainer.fsdp.FSDP2 with --parallelism fsdp2
         if cfg.ota_ratio > 0 and rollout_teacher is None:
             raise ValueError("ota-ratio > 0 needs a teacher pool: `trajflow train` connects to one (see --address), "
                              "Python callers pass rollout_teacher=")
@@ -164,6 +166,10 @@ class Trainer:
         self.accelerator = acc = Accelerator(cpu=not cuda, mixed_precision=cfg.mixed_precision, log_with=log_with,
                                              project_dir=str(Path(log_dir) / "logs"))
         self.rank, self.world = acc.process_index, acc.num_processes
+        if cfg.parallelism == "fsdp2":  # the process group (its own for one process), mesh and precision policy
+            from trainer.fsdp import FSDP2
+
+            self.fsdp = FSDP2(cfg.fsdp_mixed_precision, acc.device)
         self.online_only = cfg.corpus_batch_size == 0  # ota-ratio 1: the corpus gives the card only
         if self.online_only and cfg.adv_weight > 0:
             raise ValueError("adversarial training judges against corpus states; use ota-ratio < 1 with adv-weight")
@@ -193,17 +199,22 @@ class Trainer:
                                                   progress=cfg.progress and acc.is_main_process)
         network = self.student.network
         self.objective = cfg.objective or getattr(self.student, "default_objective", "windows")
+        if self.fsdp is not None:  # sharded in place before the EMA and the optimizer see its parameters
+            self.fsdp.shard(network)
         self.ema = EMA(self.student.ema_tensors(), cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.trainable = [p for p in network.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.model, self.optimizer = acc.prepare(network, optimizer)
+        # FSDP2 modules are not wrapped (their hooks all-gather and reduce-scatter); DDP through accelerate
+        self.model, self.optimizer = (network, optimizer) if self.fsdp is not None else acc.prepare(network, optimizer)
         self.disc = self.disc_optimizer = None
         if cfg.adv_weight > 0:
             torch.manual_seed(cfg.seed + 1)
             disc = self.student.build_discriminator(cfg)
+            if self.fsdp is not None:
+                self.fsdp.shard(disc)
             d_opt = torch.optim.AdamW([p for p in disc.parameters() if p.requires_grad], lr=cfg.disc_lr,
                                       betas=(0.0, 0.99))
-            self.disc, self.disc_optimizer = acc.prepare(disc, d_opt)
+            self.disc, self.disc_optimizer = (disc, d_opt) if self.fsdp is not None else acc.prepare(disc, d_opt)
         if cfg.ota_ratio > 0:
             prompts = None
             if self.card.conditioning.kind == "prompt":  # online requests draw from the corpus's prompt file
@@ -237,7 +248,8 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         self.validation = self.best = None
         self.eval_every = cfg.eval_every if cfg.eval_every is not None else max(1, self.total_steps // 10)
-        if not acc.is_main_process or cfg.eval_every == 0:
+        # FSDP2: every rank evaluates (each forward all-gathers the weights), the main process reports
+        if (not acc.is_main_process and self.fsdp is None) or cfg.eval_every == 0:
             return
         self.validation = load_validation(cfg.data, cfg.storage_options, cache_dir=cfg.cache_dir)
         if self.validation is None:
@@ -247,7 +259,7 @@ class Trainer:
         if self.ckpt.exists(BEST_META):  # a resumed run keeps the best weights of its first part
             meta = json.loads(self.ckpt.read(BEST_META))
             if meta.get("step", 0) <= self.step:
-                self.best = {**meta, "weights": st_load(self.ckpt.read(BEST_WEIGHTS))}
+                self.best = {**meta, "weights": st_load(self.ckpt.read(BEST_WEIGHTS)) if acc.is_main_process else {}}
 
     def _checkpoint_stream_order(self) -> str | None:
         """The sample order of the checkpoint this run resumes from (runs saved before partitioned streaming
@@ -270,10 +282,46 @@ class Trainer:
         """The corpus's teacher where the student family keeps it (flow nets of GMM/flow-net corpora), else None."""
         return getattr(self.student, "teacher", None)
 
+    def _misfit(self, latest: dict[str, Any], state: dict[str, Any], e: BaseException) -> ValueError:
+        """The error for a checkpoint of another student than this run's, naming the settings that differ."""
+        before = state.get("train_config", {})
+        now = public_config(self.cfg.to_dict())  # as saved: without storage options and credentials
+        diff = sorted(k for k in now if k in before and before[k] != now[k] and k not in _RUN_ONLY_KEYS)
+        return ValueError(f"the checkpoint under {self.cfg.out} ({latest['path']}) does not fit this run's student "
+                          f"(settings that differ: {', '.join(diff) or 'none recorded'}; {' '.join(str(e).split())[:160]}); "
+                          "use a new --out, or --no-resume")
+
+    def _no_disc_error(self) -> ValueError:
+        return ValueError(f"the checkpoint under {self.cfg.out} has no discriminator; it was trained without "
+                          "--adv-weight (start a new --out, or keep the run's settings)")
+
     def _resume(self) -> None:
+        from trainer.fsdp import SHARDED_FORMAT
+
         latest = self.ckpt.latest()
         if latest is None:
             return
+        st = json.loads(self.ckpt.read(f"{latest['path']}/state.json"))
+        sharded = st.get("format") == SHARDED_FORMAT
+        if sharded != (self.fsdp is not None):
+            written = "--parallelism fsdp2 (sharded)" if sharded else "--parallelism ddp (full weights)"
+            raise ValueError(f"the checkpoint under {redact_url(self.cfg.out)} ({latest['path']}) was written by a "
+                             f"{written} run; resume it with --parallelism {'fsdp2' if sharded else 'ddp'} (any number "
+                             "of processes), or use a new --out / --no-resume")
+        if sharded:
+            rng = self._resume_sharded(latest, st)
+        else:
+            rng = self._resume_full(latest)
+        torch.set_rng_state(rng["torch_cpu"])
+        self.step = int(st["step"])
+        self.skipped_samples = int(st.get("skipped_samples", 0))
+        self.stream.load_state_dict(st["data"])  # any world size: the cursor is global
+        if self.accelerator.is_main_process:
+            print(f"resumed from {redact_url(self.cfg.out)}/{latest['path']} at step {self.step} "
+                  f"(epoch {self.stream.epoch}, cursor {self.stream.cursor})")
+
+    def _resume_full(self, latest: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Weights, EMA and optimizers of a DDP checkpoint (full tensors); returns its RNG state."""
         ck = self.ckpt.load(latest["path"])
         try:
             self.student.load_trainable_state_dict(ck["model"])
@@ -281,26 +329,49 @@ class Trainer:
                 self.ema.load_state_dict(ck["ema"])
             self.optimizer.load_state_dict(ck["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:  # another student than this run's
-            before = ck["state"].get("train_config", {})
-            now = public_config(self.cfg.to_dict())  # as saved: without storage options and credentials
-            diff = sorted(k for k in now if k in before and before[k] != now[k] and k not in _RUN_ONLY_KEYS)
-            raise ValueError(f"the checkpoint under {self.cfg.out} ({latest['path']}) does not fit this run's student "
-                             f"(settings that differ: {', '.join(diff) or 'none recorded'}; {' '.join(str(e).split())[:160]}); "
-                             "use a new --out, or --no-resume") from None
+            raise self._misfit(latest, ck["state"], e) from None
         if self.disc is not None:
             if "disc" not in ck["extra"]:
-                raise ValueError(f"the checkpoint under {self.cfg.out} has no discriminator; it was trained without "
-                                 "--adv-weight (start a new --out, or keep the run's settings)")
+                raise self._no_disc_error()
             self.accelerator.unwrap_model(self.disc).load_state_dict(ck["extra"]["disc"])
             self.disc_optimizer.load_state_dict(ck["extra_optimizers"]["disc"])
-        torch.set_rng_state(ck["rng"]["torch_cpu"])
-        st = ck["state"]
-        self.step = int(st["step"])
-        self.skipped_samples = int(st.get("skipped_samples", 0))
-        self.stream.load_state_dict(st["data"])  # any world size: the cursor is global
-        if self.accelerator.is_main_process:
-            print(f"resumed from {redact_url(self.cfg.out)}/{latest['path']} at step {self.step} "
-                  f"(epoch {self.stream.epoch}, cursor {self.stream.cursor})")
+        return ck["rng"]
+
+    def _sharded_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor] | None]:
+        """(tensors, optimizer scalars, the discriminator's state dict) of a sharded checkpoint, by checkpoint key
+        (``trainer.fsdp.checkpoint_tensors``): the student's trainable weights, EMA and optimizer; the
+        discriminator's weights and optimizer under ``disc.``. The tensors are the live (sharded) storage."""
+        from trainer.fsdp import checkpoint_tensors
+
+        tensors, scalars = checkpoint_tensors(self.model, self.optimizer, self.student.trainable_state_dict(),
+                                              None if self.ema is None else self.ema.state_dict())
+        disc_sd = None
+        if self.disc is not None:
+            disc_sd = self.disc.state_dict()
+            t, sc = checkpoint_tensors(self.disc, self.disc_optimizer, disc_sd, None, prefix="disc.")
+            tensors.update(t)
+            scalars.update(sc)
+        return tensors, scalars, disc_sd
+
+    def _resume_sharded(self, latest: dict[str, Any], st: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Weights, EMA and optimizers of a sharded (FSDP2) checkpoint written at any world size, each rank reading
+        the chunks of its own shards; returns the RNG state."""
+        from trainer.fsdp import SHARDS_DIR, load_sharded, restore_optimizer
+
+        if self.disc is not None and "disc" not in st.get("extra", []):
+            raise self._no_disc_error()
+        tensors, _, disc_sd = self._sharded_tensors()
+        try:
+            with self.ckpt.local_folder(f"{latest['path']}/{SHARDS_DIR}", "r") as folder:
+                load_sharded(tensors, folder)
+        except (RuntimeError, ValueError, KeyError, AssertionError) as e:  # another student than this run's
+            raise self._misfit(latest, st, e) from None
+        scalars = st.get("optimizer_scalars", {})
+        restore_optimizer(self.model, self.optimizer, tensors, scalars)
+        if self.disc is not None:
+            self.disc.load_state_dict(disc_sd)
+            restore_optimizer(self.disc, self.disc_optimizer, tensors, scalars, prefix="disc.")
+        return st_load(self.ckpt.read(f"{latest['path']}/rng.safetensors"))
 
     # -- schedules -------------------------------------------------------------------------------
     def stage_at(self, step: int) -> int:
@@ -355,24 +426,31 @@ class Trainer:
         stats: dict[str, float] = {}
         for i, batch in enumerate(batches):
             last_micro = i == K - 1
-            # DDP all-reduces on the last micro-batch only (no_sync), as accelerate's accumulate() does
-            with contextlib.nullcontext() if last_micro or self.world == 1 else acc.no_sync(self.model):
+            # DDP all-reduces on the last micro-batch only (no_sync), as accelerate's accumulate() does; FSDP2
+            # reduce-scatters every micro-batch into the sharded gradients (no full-size gradient is kept)
+            with contextlib.nullcontext() if last_micro or self.world == 1 or self.fsdp else acc.no_sync(self.model):
                 micro = self._micro_step(batch, stage, g, 1.0 / K, stats, sync_disc=last_micro)
             for k in ("loss", "reflow_loss"):
                 totals[k] = totals.get(k, 0.0) + micro[k] / K
             for k in counts:
                 counts[k] += micro[k]
-        grad_norm = acc.clip_grad_norm_(self.trainable, cfg.grad_clip)
+        grad_norm = self._clip(self.trainable, cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.disc is not None and "adv_d_loss" in stats:
-            acc.clip_grad_norm_([p for p in self.disc.parameters() if p.requires_grad], cfg.grad_clip)
+            self._clip([p for p in self.disc.parameters() if p.requires_grad], cfg.grad_clip)
             self.disc_optimizer.step()
             self.disc_optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(student.trainable_state_dict())
         return {**totals, "grad_norm": float(grad_norm), "stage": stage, "lr": self.lr_at(self.step), **counts,
                 **student.step_metrics(), **stats}
+
+    def _clip(self, params, max_norm: float):
+        """Gradient clipping (accelerate's for DDP; over the sharded gradients for FSDP2); the total norm."""
+        if self.fsdp is not None:
+            return self.fsdp.clip_grad_norm_(params, max_norm)
+        return self.accelerator.clip_grad_norm_(params, max_norm)
 
     def _micro_step(self, batch: dict[str, Any] | None, stage: int, g: torch.Generator, scale: float,
                     stats: dict[str, float], sync_disc: bool) -> dict[str, float]:
@@ -462,8 +540,14 @@ class Trainer:
         real = states[torch.arange(states.shape[0]), torch.tensor(bounds)[n_B]]
         rows = select_condition(cond, valid)
         fn = self.student.sampler(self.accelerator.autocast, self.accelerator.device)
+        walked = int(n_B.max()) - 1  # student forwards of the walk (no grad)
+        pad = 0 if self.fsdp is None else self.fsdp.all_max(walked) - walked
         start, s_from, s_to = student_last_step_inputs(lambda x, s: fn(x, s, *rows), states[:, 0], boundary_sigmas,
                                                        n_B)
+        if pad:  # FSDP2: every rank runs as many student forwards (each one all-gathers the weights)
+            one = select_condition(rows, torch.zeros(1, dtype=torch.long))
+            for _ in range(pad):
+                fn(states[:1, 0], torch.ones(1), *one)
         return _Adversarial(start, s_from, s_to, real, rows, self.student.discriminator_condition(rows))
 
     def _generator_part(self, adv: _Adversarial, v_fake, stats) -> tuple[torch.Tensor, torch.Tensor]:
@@ -498,7 +582,7 @@ class Trainer:
         n = fake.shape[0]
         sig = adv.sigma_to_B.to(device)
         dcond = tuple(None if c is None else torch.cat([c, c]).to(device) for c in adv.disc_cond)
-        with contextlib.nullcontext() if sync or self.world == 1 else acc.no_sync(self.disc):
+        with contextlib.nullcontext() if sync or self.world == 1 or self.fsdp else acc.no_sync(self.disc):
             with acc.autocast():
                 logits, _ = self.disc(torch.cat([adv.real_BX.to(device), fake]), torch.cat([sig, sig]), *dcond)
             logits = logits.float()
@@ -605,17 +689,27 @@ class Trainer:
             self._metrics.write(json.dumps({"step": self.step, "time": time.time(), "eval": True, **row}) + "\n")
             self._metrics.flush()
         if stage == self.cfg.stages[-1] and (self.best is None or res["coupling_error"] < self.best["coupling_error"]):
-            weights = {k: v.detach().to("cpu", copy=True) for k, v in (ema or self.student.trainable_state_dict()).items()}
+            weights = self._host_weights(ema or self.student.trainable_state_dict())
             self.best = {"step": self.step, "steps": stage, "coupling_error": res["coupling_error"], "swd": res["swd"],
                          "window_errors": res["window_errors"], "weights": weights}
-            self.ckpt.write(BEST_WEIGHTS, st_save({k: v.contiguous() for k, v in weights.items()}))
-            self.ckpt.write(BEST_META, json.dumps({k: v for k, v in self.best.items() if k != "weights"},
-                                                  sort_keys=True).encode())
+            if self.accelerator.is_main_process:  # (FSDP2: every rank evaluates)
+                self.ckpt.write(BEST_WEIGHTS, st_save({k: v.contiguous() for k, v in weights.items()}))
+                self.ckpt.write(BEST_META, json.dumps({k: v for k, v in self.best.items() if k != "weights"},
+                                                      sort_keys=True).encode())
         return res
+
+    def _host_weights(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Full CPU copies of ``tensors`` on the main process. FSDP2: gathered from the shards (a collective: every
+        rank calls it; the other ranks get {})."""
+        if self.fsdp is not None:
+            return self.fsdp.full_tensors(tensors, keep=self.accelerator.is_main_process)
+        return {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
 
     # -- checkpoints and export -----------------------------------------------------------------------
     def save_checkpoint(self) -> None:
         acc = self.accelerator
+        if self.fsdp is not None:
+            return self._save_sharded()
         acc.wait_for_everyone()
         if acc.is_main_process:
             self.ckpt.save(self.step, model=self.student.trainable_state_dict(),
@@ -629,21 +723,64 @@ class Trainer:
                            extra_optimizers={} if self.disc is None else {"disc": self.disc_optimizer.state_dict()})
         acc.wait_for_everyone()
 
+    def _save_sharded(self) -> None:
+        """A sharded checkpoint (FSDP2): every rank writes its chunks of the weights, EMA and optimizer state
+        through torch.distributed.checkpoint's safetensors storage (``trainer.fsdp``), then the main process
+        writes rng.safetensors and state.json (with the optimizer's scalars) and commits latest.json."""
+        from trainer.fsdp import SHARDED_FORMAT, SHARDS_DIR, save_sharded
+
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        rel = f"checkpoints/step-{self.step:08d}"
+        tensors, scalars, _ = self._sharded_tensors()
+        with self.ckpt.local_folder(f"{rel}/{SHARDS_DIR}", "w") as folder:
+            save_sharded(tensors, folder)
+        acc.wait_for_everyone()  # every rank's shards are written before the commit
+        if acc.is_main_process:
+            self.ckpt.commit(self.step, rel, rng={"torch_cpu": torch.get_rng_state()}, state={
+                "format": SHARDED_FORMAT, "world_size": self.world, "net_config": self.student.net_config(),
+                "data": self.stream.state_dict(), "skipped_samples": self.skipped_samples,
+                "stage": self.stage_at(max(0, self.step - 1)), "optimizer_scalars": scalars,
+                "extra": [] if self.disc is None else ["disc"],
+                "train_config": public_config(self.cfg.to_dict())})  # no secrets at rest
+        acc.wait_for_everyone()
+
     def export_student(self) -> str | None:
         """The EMA (or raw) weights plus what evaluation and the stock pipelines need, under out/student/
-        (``student.safetensors`` for flow nets; a folder a stock diffusers pipeline loads otherwise)."""
-        if not self.accelerator.is_main_process:
+        (``student.safetensors`` for flow nets; a folder a stock diffusers pipeline loads otherwise).
+
+        FSDP2: the exported weights are gathered from the shards onto the main process (a collective: every rank
+        calls this), which builds the student unsharded on the CPU from the card (the teacher's frozen weights,
+        the same LoRA adapters) and exports it with those weights exactly as a DDP run does."""
+        acc = self.accelerator
+        best = self.cfg.export == "best" and self.best is not None  # the weights that did best on the validation split
+        if best:
+            weights = self.best["weights"]
+        elif self.fsdp is not None:
+            weights = self._host_weights(self.ema.state_dict() if self.ema is not None
+                                         else self.student.trainable_state_dict())
+        else:
+            weights = self.ema.state_dict() if self.ema is not None else self.student.trainable_state_dict()
+        if not acc.is_main_process:
+            if self.fsdp is not None:
+                acc.wait_for_everyone()
             return None
-        weights = self.ema.state_dict() if self.ema is not None else self.student.trainable_state_dict()
+        student = self.student
+        if self.fsdp is not None:
+            from dataclasses import replace
+
+            student = type(self.student).build(self.card, replace(self.cfg, adv_weight=0.0, gradient_checkpointing=False),
+                                               device="cpu")
         run = {"data": redact_url(self.cfg.data), "steps": self.step, "stages": list(self.cfg.stages), "alpha": self.cfg.alpha,
                "window_points": self.cfg.window_points, "ema": self.ema is not None, "selected": "last"}
-        if self.cfg.export == "best" and self.best is not None:  # the weights that did best on the validation split
-            weights = self.best["weights"]
+        if best:
             run.update(selected="best", best_step=self.best["step"],
                        validation={k: self.best[k] for k in ("steps", "coupling_error", "swd", "window_errors")})
         with tempfile.TemporaryDirectory() as tmp:
-            for rel in self.student.export(weights, tmp, run):
+            for rel in student.export(weights, tmp, run):
                 self.ckpt.write(f"student/{rel}", Path(tmp, rel).read_bytes())
+        if self.fsdp is not None:
+            acc.wait_for_everyone()
         entry = type(self.student).export_entry
         return f"{self.cfg.out}/student" + (f"/{entry}" if entry else "")
 
@@ -660,3 +797,5 @@ class Trainer:
             self.stream.close()
         if self.accelerator is not None:
             self.accelerator.end_training()
+        if self.fsdp is not None:
+            self.fsdp.close()

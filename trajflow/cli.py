@@ -129,7 +129,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             "teacher_fit_steps", "student_arch", "student_width", "student_depth", "mixed_precision", "on_corrupt",
             "num_workers", "shuffle_buffer", "cache_dir", "storage_options", "consumed_log", "ota_ratio", "ota_mode",
             "ota_prefetch", "ota_timeout", "adv_weight", "fm_weight", "adv_step_probs", "disc_lr", "disc_blocks",
-            "lora_rank", "lora_alpha", "gradient_checkpointing", "prompt_cache_size", "gradient_accumulation_steps", "stream_order", "stream_partitions", "eval_every", "export", "report_to")
+            "lora_rank", "lora_alpha", "gradient_checkpointing", "prompt_cache_size", "gradient_accumulation_steps", "stream_order", "stream_partitions", "eval_every", "export", "report_to",
+            "parallelism", "fsdp_mixed_precision")
     values = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     values["allow_teacher_locations"] = tuple(args.allow_teacher_locations or ())
     try:
@@ -298,6 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
                    help="autocast of the student's forward (default: bf16 for diffusers students on a GPU with bf16, "
                    "else no)")
+    p.add_argument("--parallelism", choices=["ddp", "fsdp2"],
+                   help="ddp (default): every process holds the whole student; fsdp2: parameters, gradients and "
+                        "optimizer state sharded over the processes (torch fully_shard; diffusers students and "
+                        "their discriminator), sharded checkpoints that resume at any process count")
+    p.add_argument("--fsdp-mixed-precision", metavar="POLICY",
+                   help="fsdp2 mixed precision: fp32 (default), bf16 (bf16 parameters in forward/backward, fp32 "
+                        "gradient reduction; fp32 master weights and optimizer state), or param=DTYPE,reduce=DTYPE "
+                        "(fp32|bf16|fp16)")
     p.add_argument("--on-corrupt", choices=["error", "skip"], help="corrupt shard: stop (default) or skip and count")
     p.add_argument("--report-to", metavar="TRACKERS",
                    help="experiment trackers for the logged scalars: tensorboard (default), wandb, mlflow, all, none, "

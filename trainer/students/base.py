@@ -23,7 +23,7 @@ Condition = tuple[torch.Tensor | None, ...]
 Sampler = Callable[..., torch.Tensor]
 
 #: what a family can do; refusals are checked against these in one place (``check_run``)
-CAPABILITIES = ("ota:fresh", "ota:student", "ota:perflow", "ota:online_only", "adversarial")
+CAPABILITIES = ("ota:fresh", "ota:student", "ota:perflow", "ota:online_only", "adversarial", "fsdp2")
 
 
 class Student(Protocol):
@@ -91,6 +91,9 @@ def check_capabilities(cls, cfg) -> None:
                          f"{' or '.join(modes)}")
     if cfg.adv_weight > 0 and "adversarial" not in caps:
         raise ValueError(f"--adv-weight (adversarial distillation) is not supported for {name} yet")
+    if getattr(cfg, "parallelism", "ddp") == "fsdp2" and "fsdp2" not in caps:
+        raise ValueError(f"--parallelism fsdp2 shards diffusers students (SD3, SD1.5/SDXL UNet); {name} train with "
+                         "DDP: drop --parallelism (or pass --parallelism ddp)")
 
 
 def cat_conditions(conds: Sequence[Condition]) -> Condition:

@@ -88,14 +88,26 @@ class DiffusersStudentNet(torch.nn.Module):
             for n, p in own.items():
                 p.copy_(tensors[n].to(p.dtype))
 
+    def reshard(self) -> None:
+        """FSDP2 (``--parallelism fsdp2``): free the all-gathered parameters of every unit, so the module's
+        parameters are the (sharded) ones the optimizer and the EMA see. After a forward without backward the
+        root unit keeps its gathered parameters, which would go stale once the sharded ones change."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in self.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+
     @contextlib.contextmanager
     def swapped_in(self, tensors: dict[str, torch.Tensor]):
         """Context manager: the trainable weights replaced by ``tensors`` (e.g. the EMA), restored after."""
+        self.reshard()
         saved = {n: p.detach().clone() for n, p in self.trainable_state_dict().items()}
         self.load_trainable_state_dict(tensors)
         try:
             yield self
         finally:
+            self.reshard()  # the swapped-in weights gathered by the forwards are dropped
             self.load_trainable_state_dict(saved)
 
 

@@ -56,6 +56,11 @@ class SD3StudentNet(DiffusersStudentNet):
             pooled_projections=pooled_prompt_embeds.to(dt),
             timestep=sigma_B.float() * self.num_train_timesteps, return_dict=False)[0]
 
+    def fsdp_units(self) -> list[torch.nn.Module]:
+        """The joint transformer blocks: each is one FSDP2 unit (all-gathered just before it runs)."""
+        tr = self.transformer
+        return [*tr.transformer_blocks, *getattr(tr, "single_transformer_blocks", [])]
+
     def config(self) -> dict[str, Any]:
         return {"kind": "sd3", "lora_rank": self.lora_rank, "num_train_timesteps": self.num_train_timesteps,
                 "lora_targets": self.lora_targets}
@@ -109,7 +114,7 @@ class SD3Student(DiffusersStudent):
     adversarial distillation (``SD3TrajectoryDiscriminator`` on copies of the teacher's first blocks)."""
 
     kind: ClassVar[str] = "sd3"
-    capabilities: ClassVar[frozenset[str]] = frozenset({"ota:fresh", "adversarial"})
+    capabilities: ClassVar[frozenset[str]] = frozenset({"ota:fresh", "adversarial", "fsdp2"})
     model_classes: ClassVar[tuple[str, ...]] = ("SD3Transformer2DModel",)
 
     @classmethod

@@ -58,12 +58,18 @@ class SD3TrajectoryDiscriminator(nn.Module):
         self.head = nn.Sequential(nn.LayerNorm(d), nn.SiLU(), nn.Linear(d, 1))
         self.proj = nn.Linear(d, d, bias=False)
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """The trunk blocks: each is one FSDP2 unit (``--parallelism fsdp2``); the embedders and head are the root's."""
+        return list(self.blocks)
+
     def forward(self, x: torch.Tensor, sigma_B: torch.Tensor, prompt_embeds: torch.Tensor,
                 pooled_prompt_embeds: torch.Tensor):
         B = x.shape[0]
-        h = self.pos_embed(x.float()).contiguous()  # [B, N, D]
-        temb = self.time_text_embed(sigma_B.float() * self.num_train_timesteps, pooled_prompt_embeds.float())
-        enc = self.context_embedder(prompt_embeds.float())  # [B, L, D]
+        # the trunk's compute dtype: float32, or the all-gathered dtype of an FSDP2 mixed precision policy
+        dt = self.pos_embed.proj.weight.dtype
+        h = self.pos_embed(x.to(dt)).contiguous()  # [B, N, D]
+        temb = self.time_text_embed(sigma_B.float() * self.num_train_timesteps, pooled_prompt_embeds.to(dt))
+        enc = self.context_embedder(prompt_embeds.to(dt))  # [B, L, D]
         feats = []
         for blk in self.blocks:
             enc, h = blk(hidden_states=h, encoder_hidden_states=enc, temb=temb)  # enc is None after a last block

@@ -72,6 +72,11 @@ class UNetStudentNet(DiffusersStudentNet):
         out = self.unet(z.to(dt), t_B, encoder_hidden_states=prompt_embeds.to(dt), return_dict=False, **kwargs)[0]
         return self.conversion.velocity(out, x, sigma_B)
 
+    def fsdp_units(self) -> list[torch.nn.Module]:
+        """The UNet's down, mid and up blocks: each is one FSDP2 unit."""
+        u = self.unet
+        return [*u.down_blocks, *([u.mid_block] if u.mid_block is not None else []), *u.up_blocks]
+
     def config(self) -> dict[str, Any]:
         return {"kind": "unet", "lora_rank": self.lora_rank, "lora_targets": self.lora_targets,
                 "sdxl": self.is_sdxl, "prediction_type": self.conversion.prediction_type}
@@ -116,7 +121,7 @@ class UNetStudent(DiffusersStudent):
 
     kind: ClassVar[str] = "unet"
     display_name: ClassVar[str] = "diffusers students with a UNet (SD1.5/SDXL)"
-    capabilities: ClassVar[frozenset[str]] = frozenset({"ota:fresh"})
+    capabilities: ClassVar[frozenset[str]] = frozenset({"ota:fresh", "fsdp2"})
     model_classes: ClassVar[tuple[str, ...]] = ("UNet2DConditionModel",)
 
     @classmethod
