@@ -75,7 +75,10 @@ class GMMSpec:
             raise ValueError("GMM stds must be > 0")
         if bool(torch.any(w <= 0)) or not bool(torch.all(torch.isfinite(w))):
             raise ValueError("GMM weights must be finite and > 0")
-        self.weights_M = w / w.sum()
+        # weights that already sum to 1 are kept bit for bit: renormalising them moves their last bits, and a
+        # spec written out by to_json_dict (the card, the pool's spec file, a student's base_gmm) must rebuild
+        # the teacher with the fingerprint it was recorded with
+        self.weights_M = w if abs(float(w.sum()) - 1.0) <= 1e-12 else w / w.sum()
         if self.classes_M is not None:
             c = torch.as_tensor(self.classes_M, dtype=torch.long).reshape(-1)
             if c.shape[0] != M:

@@ -123,3 +123,18 @@ def test_windows_objective_still_trains_the_solver_student(tmp_path):
         assert float(t.student.network.solver.abs().sum()) > 0
     finally:
         t.close()
+
+
+def test_a_spec_written_back_out_rebuilds_the_same_teacher(tmp_path):
+    """Weights that need renormalising in their last bits ([.4, .3, .2, .1] sums to 1 + 2e-16): the card and the
+    pool's spec file hold the normalised floats, and rebuilding from them must give the recorded fingerprint."""
+    spec = GMMSpec.from_json_dict({"name": "four", "sample_shape": [2], "means": [[0, 0], [1, 1], [2, 0], [0, 3]], "stds": [0.3] * 4,
+                                   "weights": [0.4, 0.3, 0.2, 0.1]})
+    fp = GMMTeacher(spec).fingerprint()
+    again = GMMSpec.from_json_dict(json.loads(json.dumps(spec.to_json_dict())))
+    assert torch.equal(again.weights_M, spec.weights_M) and GMMTeacher(again).fingerprint() == fp
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(again.to_json_dict()))
+    assert GMMTeacher(GMMSpec.load(path)).fingerprint() == fp
+    assert float(GMMSpec.from_json_dict({"sample_shape": [1], "means": [[0], [1]], "stds": [1, 1],
+                                         "weights": [3, 1]}).weights_M[0]) == 0.75  # unnormalised: normalised
