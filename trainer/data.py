@@ -1206,7 +1206,7 @@ class CorpusStream(IterableDataset):
         return self.iter_worker(worker, num_workers, epochs=1)
 
     def iter_worker(self, worker: int = 0, num_workers: int = 1, *, epochs: int | None = 1,
-                    pack: bool = False) -> Iterator[dict[str, Any]]:
+                    pack: bool | _SlotRing = False) -> Iterator[dict[str, Any]]:
         """What DataLoader worker ``worker`` of ``num_workers`` yields for this rank: the rest of the
         current epoch from the cursor, then (``epochs`` > 1, or None: endlessly) the following epochs
         from cursor 0. The rank's steps (``batched``) or samples are dealt round-robin to the workers
@@ -1226,7 +1226,7 @@ class CorpusStream(IterableDataset):
         return self._iter_epochs(worker, num_workers, self._epoch, self._cursor, epochs, pack)
 
     def _iter_epochs(self, worker: int, num_workers: int, epoch: int, cursor: int,
-                     epochs: int | None, pack: bool = False) -> Iterator[dict[str, Any]]:
+                     epochs: int | None, pack: bool | _SlotRing = False) -> Iterator[dict[str, Any]]:
         b, g = self.cfg.batch_size, self.global_batch
         done = 0  # this rank's units (steps when batched, else samples) in the epochs before
         e = epoch
@@ -1254,7 +1254,7 @@ class CorpusStream(IterableDataset):
             else:
                 mine = itertools.islice(tagged(range(steps)), first, None, num_workers)
                 items = self._iter_items(order, mine, e)
-                yield from (map(pack_item, items) if pack else items)
+                yield from (map(pack_item, items) if pack is not False else items)
                 done += steps * b
             e, cursor = e + 1, 0
 
@@ -1310,7 +1310,7 @@ class CorpusStream(IterableDataset):
                 yield item
 
     def _iter_batches(self, order: EpochOrder | PartitionedOrder, tagged: Iterable[tuple[int, int]],
-                      epoch: int, pack: bool) -> Iterator[dict[str, Any]]:
+                      epoch: int, pack: bool | _SlotRing) -> Iterator[dict[str, Any]]:
         """The rank's batches, each gathered from the decoded rows of its block(s) straight into one
         buffer (shared memory when ``pack``), without a dict per sample."""
         b = self.cfg.batch_size
@@ -1332,13 +1332,18 @@ class CorpusStream(IterableDataset):
         if pieces:  # not reached: a rank's positions are whole steps
             yield self._gather(pieces, epoch, pack)
 
-    def _gather(self, pieces: Sequence[tuple[_Block, int, int]], epoch: int, pack: bool) -> dict[str, Any]:
+    def _gather(self, pieces: Sequence[tuple[_Block, int, int]], epoch: int, pack: bool | _SlotRing) -> dict[str, Any]:
         n = sum(j1 - j0 for _, j0, j1 in pieces)
         card = self.card
         specs = _batch_specs(n, card)
-        if self._pool is None or self._pool_pid != os.getpid():
-            self._pool, self._pool_pid = _BufferPool(), os.getpid()
-        buffer, views = _alloc_views(specs, shared=pack, pool=self._pool)
+        slot = None
+        if isinstance(pack, _SlotRing):  # a worker of make_dataloader: a shared buffer the main process returned
+            buffer, slot, fresh = pack.get(max(1, _buffer_size(specs)))
+            views = _views(buffer, specs)
+        else:
+            if self._pool is None or self._pool_pid != os.getpid():
+                self._pool, self._pool_pid = _BufferPool(), os.getpid()
+            buffer, views = _alloc_views(specs, shared=pack, pool=self._pool)
         offset = 0
         for block, j0, j1 in pieces:
             rows = block.rows_t[j0:j1]
@@ -1353,6 +1358,12 @@ class CorpusStream(IterableDataset):
         if card.conditioning.kind == "prompt":
             extra["prompt"] = [block.prompt[r] for block, j0, j1 in pieces for r in block.rows[j0:j1]]  # type: ignore[index]
             extra["prompt_id"] = [block.prompt_id[r] for block, j0, j1 in pieces for r in block.rows[j0:j1]]  # type: ignore[index]
+        if slot is not None:  # the buffer travels once per slot; afterwards only the slot's number
+            assert isinstance(pack, _SlotRing)
+            message = {_SLOT: [pack.worker, slot], _LAYOUT: [list(spec) for spec in specs], **extra}
+            if fresh:
+                message[_PACKED] = buffer
+            return message
         if pack:
             return {_PACKED: buffer, _LAYOUT: [list(spec) for spec in specs], **extra}
         return {**views, **extra}
@@ -1384,6 +1395,9 @@ class CorpusStream(IterableDataset):
 
 _PACKED = "_trajflow_packed"
 _LAYOUT = "_trajflow_layout"
+_SLOT = "_trajflow_slot"
+RING_SLOTS = 6
+"""Batch buffers per loader worker that go back and forth with the main process (see :class:`_SlotRing`)."""
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.int64,
                                                        torch.int32, torch.bool, torch.uint8)}
 _ALIGN = 64
@@ -1477,12 +1491,43 @@ def _alloc_views(specs: Sequence[tuple[str, str, tuple[int, ...], int]], *, shar
     without a copy; else from ``pool`` when given) and the typed views of its tensors."""
     size = max(1, _buffer_size(specs))
     if shared:
-        buffer = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))
+        buffer = _new_shared(size)
     elif pool is not None:
         buffer = pool.get(size)
     else:
         buffer = torch.empty(size, dtype=torch.uint8)
     return buffer, _views(buffer, specs)
+
+
+def _new_shared(size: int) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))
+
+
+class _SlotRing:
+    """A loader worker's batch buffers, in shared memory, reused once the main process is done with them.
+
+    A fresh shared buffer per batch costs the worker a page fault per 4 KiB it writes and the main
+    process a file-descriptor hand-over (a socket round trip) and a fault per 4 KiB it reads. Instead,
+    each of :data:`RING_SLOTS` buffers crosses once; later batches in it travel as its number. The
+    main process (:class:`_Unpacked`) keeps the buffers and sets a slot's flag in ``flags`` (shared,
+    1 = free) once no tensor of the batch it gave out is alive (the storage's use count); the worker
+    writes only into a free slot, and into a fresh buffer when none is (it never waits)."""
+
+    def __init__(self, flags: torch.Tensor, worker: int) -> None:
+        self.flags, self.worker = flags, worker
+        self.buffers: list[torch.Tensor | None] = [None] * len(flags)
+
+    def get(self, size: int) -> tuple[torch.Tensor, int | None, bool]:
+        """(buffer, slot or None, whether the buffer is new to the main process)."""
+        for k, free in enumerate(self.flags.tolist()):
+            if free:
+                buffer = self.buffers[k]
+                fresh = buffer is None or buffer.numel() < size
+                if fresh:
+                    buffer = self.buffers[k] = _new_shared(size)
+                self.flags[k] = 0
+                return buffer, k, fresh  # type: ignore[return-value]
+        return _new_shared(size), None, True
 
 
 def pack_item(item: dict[str, Any]) -> dict[str, Any]:
@@ -1531,25 +1576,55 @@ class _Epochs(IterableDataset):
     def __init__(self, stream: CorpusStream, epochs: int | None) -> None:
         super().__init__()
         self.stream, self.epochs = stream, epochs
+        self.ring_flags: torch.Tensor | None = None
+        """``[num_workers, RING_SLOTS]`` shared flags of the current iterator's slot rings (None: no rings)."""
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        return self.stream.iter_worker(worker, num_workers, epochs=self.epochs, pack=info is not None)
+        pack: bool | _SlotRing = info is not None
+        if info is not None and self.ring_flags is not None and self.stream.batched:
+            pack = _SlotRing(self.ring_flags[worker], worker)
+        return self.stream.iter_worker(worker, num_workers, epochs=self.epochs, pack=pack)
 
 
 class _Unpacked:
     """A DataLoader iterator whose items come packed from its workers (:func:`pack_item`): yields
     them unpacked; everything else (``_shutdown_workers``, ...) is the DataLoader iterator's."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, ring_flags: torch.Tensor | None = None) -> None:
         self._inner = inner
+        self._ring_flags = ring_flags
+        self._slots: dict[tuple[int, int], torch.Tensor] = {}
+        self._given: list[tuple[int, int]] = []
 
     def __iter__(self) -> _Unpacked:
         return self
 
     def __next__(self) -> Any:
-        return unpack_item(next(self._inner))
+        self._release()
+        obj = next(self._inner)
+        if not (isinstance(obj, dict) and _SLOT in obj):
+            return unpack_item(obj)
+        where = (int(obj[_SLOT][0]), int(obj[_SLOT][1]))
+        if _PACKED in obj:
+            self._slots[where] = obj[_PACKED]
+        self._given.append(where)
+        out: dict[str, Any] = _views(self._slots[where], obj[_LAYOUT])
+        out.update((k, v) for k, v in obj.items() if k not in (_PACKED, _LAYOUT, _SLOT))
+        return out
+
+    def _release(self) -> None:
+        """Hand back to their workers the slots whose batches nothing uses any more."""
+        if not self._given or self._ring_flags is None or _USERS is None:
+            return
+        kept = []
+        for where in self._given:
+            if _USERS(self._slots[where]) == 1:  # only this cache's tensor: every view was dropped
+                self._ring_flags[where] = 1
+            else:
+                kept.append(where)
+        self._given = kept
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -1560,8 +1635,16 @@ class _StreamLoader(DataLoader):
     (one tensor to pass between processes, not ten), unpacked into the usual dict here."""
 
     def __iter__(self) -> Any:
+        if self.num_workers == 0:
+            return super().__iter__()
+        dataset = self.dataset
+        flags = None
+        # slot rings when the batches are read here as they come (pinned copies would not be the slots)
+        if isinstance(dataset, _Epochs) and not self.pin_memory and _USERS is not None:
+            flags = torch.ones(self.num_workers, RING_SLOTS, dtype=torch.uint8).share_memory_()
+            dataset.ring_flags = flags  # before the workers start: they inherit (fork) or receive (spawn) it
         inner = super().__iter__()
-        return inner if self.num_workers == 0 else _Unpacked(inner)
+        return _Unpacked(inner, flags)
 
 
 def make_dataloader(stream: CorpusStream, *, num_workers: int = 0, pin_memory: bool = False,
