@@ -121,21 +121,22 @@ def test_pool_stopped_mid_run_training_finishes_on_the_corpus_with_shortfall(ray
     pool.pool_up("gmm:latent10", name="p-stop", replicas=1, cpus_per_replica=0.5)
     client = pool.PoolClient("p-stop", timeout_s=5)
     out = tmp_path / "stop"
-    # steps long enough (~15 ms) that the run outlasts the pool's shutdown by many steps
     t = Trainer(_train_cfg(corpus, str(out), max_steps=400, batch_size=64, student_width=256), client).build()
+    # the pool goes down right after the first step that mixed in rollouts, inside the run (a thread racing the
+    # loop lost whenever the 400 steps finished before the shutdown reached the trainer)
+    after_step, stopped = t._after_step, []
 
-    def stop():
-        while t.ota.stats["ota_samples"] == 0:
-            time.sleep(0.05)
-        pool.pool_down("p-stop")
+    def stop_after_first_rollouts(last, bar, samples):
+        after_step(last, bar, samples)
+        if not stopped and last.get("ota_samples", 0) > 0:
+            pool.pool_down("p-stop")
+            stopped.append(t.step)
 
-    stopper = threading.Thread(target=stop, daemon=True)
-    stopper.start()
+    t._after_step = stop_after_first_rollouts
     with pytest.warns(UserWarning, match="training continues on the corpus"):
         last = t.train()
     t.close()
-    stopper.join(10)
-    assert t.step == 400
+    assert stopped and stopped[0] < 400 and t.step == 400
     assert last["ota_samples"] > 0 and last["ota_shortfall"] > 0
     assert last["ota_failures"] + last["ota_timeouts"] >= 1
     client.close()
