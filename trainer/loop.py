@@ -174,6 +174,7 @@ class Trainer:
         if self.online_only and cfg.adv_weight > 0:
             raise ValueError("adversarial training judges against corpus states; use ota-ratio < 1 with adv-weight")
         self.ckpt = CheckpointStore(cfg.out, cfg.storage_options)
+        self._check_checkpoint_format()  # a sharded checkpoint needs an fsdp2 run, a full one a ddp run
         order = cfg.stream_order or self._checkpoint_stream_order() or "partitioned"
         self.stream_cfg = StreamConfig(url=cfg.data, batch_size=max(1, cfg.corpus_batch_size),
                                        storage_options=cfg.storage_options, seed=cfg.seed,
@@ -295,6 +296,21 @@ class Trainer:
         return ValueError(f"the checkpoint under {self.cfg.out} has no discriminator; it was trained without "
                           "--adv-weight (start a new --out, or keep the run's settings)")
 
+    def _check_checkpoint_format(self) -> None:
+        """Before the student is built: the checkpoint this run resumes from was written with its parallelism."""
+        from trainer.fsdp import SHARDED_FORMAT
+
+        latest = self.ckpt.latest() if self.cfg.resume else None
+        if latest is None:
+            return
+        st = json.loads(self.ckpt.read(f"{latest['path']}/state.json"))
+        sharded = st.get("format") == SHARDED_FORMAT
+        if sharded != (self.cfg.parallelism == "fsdp2"):
+            written = "--parallelism fsdp2 (sharded)" if sharded else "--parallelism ddp (full weights)"
+            raise ValueError(f"the checkpoint under {redact_url(self.cfg.out)} ({latest['path']}) was written by a "
+                             f"{written} run; resume it with --parallelism {'fsdp2' if sharded else 'ddp'} (any number "
+                             "of processes), or use a new --out / --no-resume")
+
     def _resume(self) -> None:
         from trainer.fsdp import SHARDED_FORMAT
 
@@ -302,13 +318,7 @@ class Trainer:
         if latest is None:
             return
         st = json.loads(self.ckpt.read(f"{latest['path']}/state.json"))
-        sharded = st.get("format") == SHARDED_FORMAT
-        if sharded != (self.fsdp is not None):
-            written = "--parallelism fsdp2 (sharded)" if sharded else "--parallelism ddp (full weights)"
-            raise ValueError(f"the checkpoint under {redact_url(self.cfg.out)} ({latest['path']}) was written by a "
-                             f"{written} run; resume it with --parallelism {'fsdp2' if sharded else 'ddp'} (any number "
-                             "of processes), or use a new --out / --no-resume")
-        if sharded:
+        if st.get("format") == SHARDED_FORMAT:
             rng = self._resume_sharded(latest, st)
         else:
             rng = self._resume_full(latest)
