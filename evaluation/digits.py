@@ -168,6 +168,22 @@ def write_sample_grid(rows: list[tuple[str, torch.Tensor]], path: str | os.PathL
     return str(path)
 
 
+#: the teachers' reference endpoints by (fingerprint, samples, steps, shift, guidance): a comparison evaluates
+#: many students against the same reference, which costs more than all their few-step solves together
+_REFERENCES: dict[tuple, torch.Tensor] = {}
+
+
+def _reference(teacher, noise, cls, g, reference_steps: int, shift: float) -> torch.Tensor:
+    """The teacher's ``reference_steps`` Heun endpoint from ``noise`` (cached in this process, 4 entries)."""
+    key = (teacher.fingerprint(), tuple(noise.shape), int(reference_steps), float(shift), float(g[0]))
+    if key not in _REFERENCES:
+        if len(_REFERENCES) >= 4:
+            _REFERENCES.pop(next(iter(_REFERENCES)))
+        _REFERENCES[key] = solve_teacher(teacher, noise, shifted_sigmas(reference_steps, shift), cond=cls,
+                                         guidance=g, method="heun", capture_sigmas=[0.0]).final
+    return _REFERENCES[key].clone()
+
+
 def evaluate_digits(student, teacher, *, shift: float, guidance: float, steps=(1, 2, 4), num_samples: int = 1000,
                     reference_steps: int = 256, teacher_steps=None, default_grid_steps=None,
                     keep_samples: bool = True) -> dict[str, Any]:
@@ -189,8 +205,7 @@ def evaluate_digits(student, teacher, *, shift: float, guidance: float, steps=(1
     noise = seeded_noise([EVAL_SEED_BASE + i for i in range(num_samples)], shape, torch.float32)
     cls = torch.arange(num_samples) % NUM_CLASSES
     g = torch.full((num_samples,), float(guidance))
-    ref = solve_teacher(teacher, noise, shifted_sigmas(reference_steps, shift), cond=cls, guidance=g,
-                        method="heun", capture_sigmas=[0.0]).final
+    ref = _reference(teacher, noise, cls, g, reference_steps, shift)
     n_grid = GRID_PER_CLASS * NUM_CLASSES
     order = torch.argsort(cls[:n_grid], stable=True)  # the grid's columns: class 0, 0, 1, 1, ...
     grid: dict[str, torch.Tensor] = {}

@@ -209,6 +209,11 @@ def test_bad_fsdp_settings_are_clear_one_line_errors(corpus, tmp_path):
                        ({"parallelism": "fsdp2", "mixed_precision": "fp16"}, "not supported with --parallelism fsdp2")]:
         with pytest.raises(ValueError, match=match):
             TrainConfig(data="d", out="o", **bad)
+    from trainer.loop import Trainer
+
+    # the unrolled objective is the flow-net students' (a diffusers student's k-step solve holds k forwards)
+    with pytest.raises(ValueError, match="--objective unrolled .* is for flow-net students; diffusers"):
+        Trainer(TrainConfig(data=corpus, out=str(tmp_path / "u"), objective="unrolled", stages=(4,))).build()
     trajflow = str(BIN / "trajflow")
     r = subprocess.run([trajflow, "train", "--data", corpus, "--out", str(tmp_path / "x"), "--parallelism", "fsdp2",
                         "--fsdp-mixed-precision", "fp8"], capture_output=True, text=True, timeout=300)

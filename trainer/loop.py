@@ -156,6 +156,10 @@ class Trainer:
         self.cfg = cfg = self.cfg.resolved(card.teacher.kind, cuda=cuda,
                                            bf16_supported=cuda and torch.cuda.is_bf16_supported())
         student_cls = check_run(card, cfg)  # every refusal of this family, before anything is built
+        if cfg.objective == "unrolled" and student_cls.kind != "flownet":
+            raise ValueError(f"--objective unrolled (the student's whole few-step solve, gradients through every "
+                             f"step) is for flow-net students; {student_cls.display_name} train windows (drop "
+                             "--objective, or --objective windows)")
         CheckpointStore(cfg.out, cfg.storage_options).check_writable()  # an unwritable --out fails before training
         # TensorBoard writes local files: next to the checkpoints for a local --out, else under ./runs/<hash>
         if "://" not in cfg.out or cfg.out.startswith("file://"):

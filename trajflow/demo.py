@@ -1,15 +1,17 @@
 """`trajflow demo`: the main job on embedded defaults (local Ray, local files, built-in teachers).
 
-1. generate authentic teacher trajectory corpora for the built-in ``latent10`` and ``ring2d`` GMM
-   teachers on an embedded Ray cluster (WebDataset shards, commit records, Parquet manifest);
-2. audit them against their manifests (deep decode + replayed trajectories);
-3. start the live teacher pool (Ray Serve) on the same embedded cluster;
-4. distil 4-step ring2d students at an equal budget: trajflow's full recipe (progressive stages,
-   aligned-v, OTA mixing from the pool with student-started windows, adversarial distillation, the
-   corrected few-step schedule) and the 2-rectified-flow and PeRFlow-style baselines;
-5. evaluate every student and the teacher (corrected and diffusers-default grids) at 1/2/4 steps
-   against the exact mixture, plot samples, loss curves and per-window straightness, and write
-   ``DIR/report.md`` and ``DIR/metrics.json``.
+1. generate authentic teacher trajectory corpora for the digits testbed (``digits:8x8``, a class-conditional
+   flow-matching net fitted once to scikit-learn's 8x8 digits: curved trajectories) and the built-in
+   ``latent10`` and ``ring2d`` GMM teachers on an embedded Ray cluster (WebDataset shards, commit records,
+   Parquet manifest);
+2. audit them against their manifests (deep decode + replayed trajectories, straightness per window);
+3. the digits testbed at an equal budget, one seed: trajflow's 2-step and 4-step students against
+   2-rectified flow and PeRFlow-style, and the teacher's own 2 and 4 steps on both grids (coupling error,
+   Frechet distance in a classifier's features, class accuracy, a grid of samples);
+4. start the live teacher pool (Ray Serve) on the same embedded cluster and distil ring2d students
+   (trajflow's students take their online rollouts from the pool);
+5. evaluate the ring2d students against the exact mixture, plot samples, loss curves and per-window
+   straightness, and write ``DIR/report.md`` (the digits table first) and ``DIR/metrics.json``.
 
 Re-running reuses what is done (generation resumes, finished training runs are kept).
 """
@@ -23,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 DEMO_CORPORA = {
-    # name: generate settings (beyond --out)
+    # name: generate settings (beyond --out); digits as benchmarks/quality.py generates it
+    "digits": dict(teacher="digits:8x8", shard_size=512, num_steps=32, stages=(8, 4), guidance=2.0),
     "latent10": dict(teacher="gmm:latent10", shard_size=256, num_steps=32, stages=(8, 4, 2), guidance="1.5:4.5"),
     "ring2d": dict(teacher="gmm:ring2d", shard_size=256, num_steps=32, stages=(8, 4, 2), guidance=1.0),
 }
@@ -183,13 +186,13 @@ def run_demo(args) -> int:
     progress = not args.no_progress
     metrics: dict[str, Any] = {"corpora": {}}
     print(f"trajflow demo -> {out}")
-    print("[1/5] starting an embedded local Ray cluster")
+    print("[1/6] starting an embedded local Ray cluster")
     ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
              logging_level="ERROR")
     try:
         for i, (name, settings) in enumerate(DEMO_CORPORA.items(), 1):
-            n = args.num_trajectories if name == "latent10" else max(256, args.num_trajectories // 2)
-            print(f"[2/5] generating corpus {i}/{len(DEMO_CORPORA)}: {name} ({n} trajectories, {settings['teacher']})")
+            n = args.num_trajectories if name != "ring2d" else max(256, args.num_trajectories // 2)
+            print(f"[2/6] generating corpus {i}/{len(DEMO_CORPORA)}: {name} ({n} trajectories, {settings['teacher']})")
             cfg = GenerateConfig(out=str(out / "corpora" / name), num_trajectories=n, progress=progress, **settings)
             try:
                 summary = run_generation(cfg)
@@ -200,7 +203,7 @@ def run_demo(args) -> int:
             metrics["corpora"][name] = {"url": cfg.out, "shards": summary.num_shards, "trajectories": summary.num_samples,
                                         "generate_seconds": round(summary.seconds, 2),
                                         "steady_traj_per_s": round(summary.steady_trajectories_per_second, 1)}
-        print("[3/5] auditing the corpora (deep checks, 8 replayed trajectories)")
+        print("[3/6] auditing the corpora (deep checks, 8 replayed trajectories)")
         from trajflow.demo_audit import audit_corpus
 
         all_ok = True
@@ -208,13 +211,17 @@ def run_demo(args) -> int:
             report = audit_corpus(info["url"])
             info["audit"] = report
             all_ok &= bool(report["ok"])
+            info["path_over_chord"] = _worst_path_over_chord(report)
             print(f"      {name}: {'clean' if report['ok'] else 'PROBLEMS'} ({report['num_shards']} shards, "
-                  f"{report['num_samples']} samples, {len(report['problems'])} problems)")
+                  f"{report['num_samples']} samples, {len(report['problems'])} problems; worst window's "
+                  f"path/chord {info['path_over_chord']:.3f})")
         if not all_ok:
             print("trajflow demo: the audit found problems; see metrics.json")
         png_traj = out / "ring2d_trajectories.png"
         _plot_ring2d(out / "corpora" / "ring2d", png_traj)
-        print("[4/5] starting the live teacher pool (Ray Serve) for online trajectory alignment")
+        print("[4/6] the digits testbed: 2- and 4-step students at an equal budget (one seed)")
+        digits = _compare_digits(out, str(out / "corpora" / "digits"), progress)
+        print("[5/6] starting the live teacher pool (Ray Serve) for online trajectory alignment")
         import tempfile
 
         from models.registry import teacher_spec_for_card
@@ -234,25 +241,51 @@ def run_demo(args) -> int:
                 pool.pool_down("trajflow-demo-pool")
     finally:
         ray.shutdown()
+    metrics["digits"] = {k: v for k, v in digits.items() if k != "grid_samples"}
     metrics["ring2d"] = {k: v for k, v in result.items() if k not in ("students", "teacher_obj")}
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     from trajflow.compare import markdown_table
 
     table = markdown_table(result)
+    digits_table = markdown_table(digits)
+    dprof = digits["profile"]
     lines = ["# trajflow demo report", "",
+             "## The digits testbed: few-step students vs the teacher's own few steps", "",
+             f"A class-conditional flow-matching teacher fitted to scikit-learn's 8x8 digits, sampled with "
+             f"classifier-free guidance {digits['guidance']}; its trajectories are curved (worst window's "
+             f"path/chord {metrics['corpora']['digits']['path_over_chord']:.3f}, ring2d's "
+             f"{metrics['corpora']['ring2d']['path_over_chord']:.3f}). Every student: {dprof['steps']} optimizer "
+             f"steps x {dprof['batch_size']} samples, the teacher's architecture started from its weights. "
+             "trajflow's 2-step and 4-step students are two students, each trained for its own step count "
+             "(the student's unrolled solve from the stored noise to the teacher's endpoint, plus 25% online "
+             "rollouts started at its own states) and reported at that count; 2-rectified flow and "
+             "PeRFlow-style are trained once and sampled at every count. Metrics on 1000 samples: coupling "
+             "error vs the teacher's 256-step Heun endpoint from the same noise, Frechet distance (FD) in the "
+             "features of a small classifier trained on the same images (held-out accuracy "
+             f"{digits['classifier']['held_out_accuracy']:.3f}), class accuracy under it. **One training seed** "
+             "(`benchmarks/quality.py --teacher digits:8x8` runs 3 and reports intervals; docs/benchmarks.md).",
+             "", digits_table, "",
+             "Targets: " + ", ".join(f"{k}: {v}" for k, v in digits["targets"].items()), "",
+             f"![digits samples]({Path(digits['grid_png']).name})", "",
+             "## Corpora", "",
              "Authentic teacher ODE trajectories generated on an embedded Ray cluster, committed as WebDataset "
              "shards with a Parquet manifest, then audited.", "",
-             "| corpus | shards | trajectories | audit | steady traj/s |", "|---|---|---|---|---|"]
+             "| corpus | shards | trajectories | audit | worst window path/chord | steady traj/s |",
+             "|---|---|---|---|---|---|"]
     for name, info in metrics["corpora"].items():
         lines.append(f"| {name} | {info['shards']} | {info['trajectories']} | "
-                     f"{'clean' if info['audit']['ok'] else 'problems'} | {info['steady_traj_per_s']} |")
+                     f"{'clean' if info['audit']['ok'] else 'problems'} | {info['path_over_chord']:.3f} | "
+                     f"{info['steady_traj_per_s']} |")
     prof = result["profile"]
     lines += ["", "## ring2d: few-step students vs the exact teacher", "",
               f"Every student: {prof['steps']} optimizer steps x {prof['batch_size']} samples, MLP width "
-              f"{prof['student_width']}, initialised from a flow net fitted to the GMM. trajflow = progressive "
-              "stages 8->4, aligned-v, 25% online rollouts from the live pool (student-started windows), "
-              "adversarial distillation on trajectory states, sampled on `few_step_sigmas`. Metrics against the "
+              f"{prof['student_width']}, started as the exact mixture (the GMM solver student: a few numbers per "
+              "step on top of the teacher's velocity). trajflow's students (2 and 4 steps, each at its own step "
+              "count) train their unrolled solve and take 25% online rollouts from the live pool "
+              "(student-started windows), sampled on `few_step_sigmas`. ring2d's trajectories are nearly "
+              "straight, so one global window (2-rectified flow) is already close to enough here; the digits "
+              "testbed above is where the windows matter. Metrics against the "
               "exact mixture: coupling error vs the teacher's 256-step Heun endpoint from the same noise, sliced "
               "Wasserstein distance, NLL per dimension, class accuracy.", "", table, "",
               "Targets: " + ", ".join(f"{k}: {v if isinstance(v, bool) else round(v, 3)}"
@@ -261,10 +294,47 @@ def run_demo(args) -> int:
               "![loss curves](loss_curves.png)", "", "![straightness](straightness.png)", "",
               f"Total time: {metrics['seconds']} s."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    print("[5/5] summary (ring2d, metrics vs the exact mixture)")
+    print("[6/6] summary")
+    print("digits testbed (one seed; each trajflow student at its own step count):")
+    print(digits_table)
+    print(f"samples: {digits['grid_png']}")
+    print("ring2d (metrics vs the exact mixture):")
     print(table)
     print(f"done in {metrics['seconds']} s: {out / 'report.md'}, {out / 'metrics.json'}, PNGs in {out}")
     return 0 if all_ok else 1
+
+
+def _worst_path_over_chord(report: dict[str, Any]) -> float:
+    """The audit's straightness: the largest mean path length / chord over the windows of the corpus's coarsest
+    stage (1 = straight; the whole trajectory's curvature shows at the fewest windows)."""
+    stages = report.get("stats", {}).get("straightness") or []
+    if not stages:
+        return float("nan")
+    coarsest = min(stages, key=lambda st: st["windows"])
+    return max(w["length_ratio_mean"] for w in coarsest["per_window"] if w["length_ratio_mean"] is not None)
+
+
+def _compare_digits(out: Path, corpus: str, progress: bool) -> dict[str, Any]:
+    """The testbed's comparison (``trajflow.compare``, one seed; online rollouts from an in-process teacher) and
+    its sample grid (``DIR/digits_samples.png``)."""
+    from evaluation.digits import write_sample_grid
+    from flowcore.rollout import LocalRollout
+    from trainer.data import open_corpus
+    from trainer.teacher import teacher_from_card
+    from trajflow.compare import METHOD_SETS, PROFILES, check_targets, compare
+
+    rollout = LocalRollout(teacher_from_card(open_corpus(corpus).card, root=corpus))
+    try:
+        result = compare(corpus, out / "runs" / "digits", METHOD_SETS["demo"], PROFILES["digits"], shift=1.0,
+                         guidance=2.0, rollout_teacher=rollout, num_samples=1000, steps=(2, 4), progress=progress,
+                         log=lambda m: print("      " + m.strip(), flush=True))
+    finally:
+        rollout.close()
+    result["targets"] = check_targets(result)
+    grids = result.pop("grid_samples", {})
+    result["grid_png"] = write_sample_grid(list(grids.items()), out / "digits_samples.png",
+                                           title="digits testbed: samples per method and step count (seed 0)")
+    return result
 
 
 def _compare_ring2d(out: Path, corpus: str, rollout_teacher, progress: bool) -> dict[str, Any]:

@@ -118,12 +118,17 @@ class FlowNetStudent:
     capabilities: ClassVar[frozenset[str]] = frozenset(
         {"ota:fresh", "ota:student", "ota:perflow", "ota:online_only", "adversarial"})
 
-    def __init__(self, card: DatasetCard, network: FlowNet, net_cfg: FlowNetConfig, teacher):
+    def __init__(self, card: DatasetCard, network: FlowNet, net_cfg: FlowNetConfig, teacher,
+                 starts_from_teacher: bool | None = None):
         self.card, self.network, self.net_cfg, self.teacher = card, network, net_cfg, teacher
-        #: the GMM solver student has a few numbers per step: trained through its whole unrolled solve, they
-        #: learn how the steps' errors cancel (window by window they make the composed solve worse)
-        self.default_objective = "unrolled" if net_cfg.base_gmm is not None and net_cfg.residual == "solver" \
-            else "windows"
+        if starts_from_teacher is None:  # the GMM solver student is the exact teacher at step 0
+            starts_from_teacher = net_cfg.base_gmm is not None
+        #: a student that starts as its teacher already has the teacher's windows; what it lacks is a few-step
+        #: solve, so by default it trains that solve end to end (the GMM solver student: a few numbers per step
+        #: that learn how the steps' errors cancel; window by window they make the composed solve worse). On
+        #: the digits testbed this beat window training at 2 and 4 steps (docs/benchmarks.md). A fitted or
+        #: scratch start first has to learn the teacher's field: windows.
+        self.default_objective = "unrolled" if starts_from_teacher else "windows"
         self._shadow: FlowNet | None = None  # the EMA's network, made by ema_tensors()
         self.real_sampler = None
         # perflow: noised real samples, drawn from the exact mixture (GMM) or the real images (digits testbed)
@@ -144,7 +149,7 @@ class FlowNetStudent:
         with main_process_first():  # rank 0 fits (and caches) the GMM teacher's net first
             network = init_flow_net_student(card, net_cfg, cfg.init, teacher, cfg.teacher_fit_steps, seed=cfg.seed,
                                             progress=progress)
-        return cls(card, network, network.cfg, teacher)
+        return cls(card, network, network.cfg, teacher, starts_from_teacher=cfg.init == "teacher")
 
     # -- conditions --------------------------------------------------------------------------------
     def _cond(self, class_B, guidance_B) -> Condition:
