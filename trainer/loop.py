@@ -52,6 +52,7 @@ from trainer.config import WARN_EPOCHS, TrainConfig
 from trainer.data import CorpusStream, StreamConfig, make_dataloader, open_corpus
 from trainer.ema import EMA
 from trainer.ota import OTAMixer, load_card_prompts
+from trainer.samples import GRID_SAMPLES, encode_png, log_to_trackers, sample_grid, sample_png_path
 from trainer.students import Student, check_run
 from trainer.students.base import Condition, cat_conditions, condition_to, select_condition
 from trainer.validation import evaluate_student, load_validation
@@ -141,6 +142,7 @@ class Trainer:
         # what close() releases, so that a build() that fails part-way can still be closed
         self.accelerator = self.ota = self._metrics = self._consumed = self.stream = self._batches = None
         self.fsdp = None  # trainer.fsdp.FSDP2 with --parallelism fsdp2
+        self._no_grids = False  # set when a validation sample grid failed (training goes on without them)
         if cfg.ota_ratio > 0 and rollout_teacher is None:
             raise ValueError("ota-ratio > 0 needs a teacher pool: `trajflow train` connects to one (see --address), "
                              "Python callers pass rollout_teacher=")
@@ -686,16 +688,26 @@ class Trainer:
 
     def evaluate(self) -> dict[str, Any]:
         """The EMA student on the validation split at the current stage's step count (``trainer.validation``):
-        logged as val_* (metrics.jsonl, trackers); at the final stage's step count, the lowest coupling error so
-        far makes these weights the best (kept in memory and under checkpoints/best/)."""
+        logged as val_* (metrics.jsonl, trackers); diffusers students also show the first validation samples as
+        an image grid (``_sample_grid``); at the final stage's step count, the lowest coupling error so far makes
+        these weights the best (kept in memory and under checkpoints/best/)."""
         stage = self.stage_at(max(0, self.step - 1))
         ema = None if self.ema is None else self.ema.state_dict()
         self.model.eval()
         try:
             with self.student.ema_sampler(ema, self.accelerator.autocast, self.accelerator.device) as fn:
-                res = evaluate_student(fn, self.student.corpus_condition, self.validation, stage)
+                res = evaluate_student(fn, self.student.corpus_condition, self.validation, stage,
+                                       keep_samples=GRID_SAMPLES)
         finally:
             self.model.train()
+        references, samples = res.pop("references"), res.pop("samples")
+        if self.accelerator.is_main_process and not self._no_grids:
+            try:
+                self._sample_grid(references, samples, stage)
+            except (RuntimeError, OSError, ValueError) as e:  # a failed picture must not end a long run
+                self._no_grids = True
+                print(f"warning: the validation sample grid failed at step {self.step} ({' '.join(str(e).split())[:200]}); "
+                      "training goes on without grids", file=sys.stderr)
         row = {"val_steps": stage, "val_coupling_error": res["coupling_error"], "val_swd": res["swd"],
                **{f"val_window_{w}_error": e for w, e in enumerate(res["window_errors"])}}
         self.accelerator.log(row, step=self.step)
@@ -711,6 +723,22 @@ class Trainer:
                 self.ckpt.write(BEST_META, json.dumps({k: v for k, v in self.best.items() if k != "weights"},
                                                       sort_keys=True).encode())
         return res
+
+    def _sample_grid(self, references: torch.Tensor, samples: torch.Tensor, stage: int) -> None:
+        """The validation sample grid (``trainer.samples``): the teacher's stored endpoints | the EMA student's
+        ``stage``-step samples, as images where the family makes them (diffusers students), written under
+        <out>/logs/samples/ and sent to the trackers. Main process; no collective (the samples are at hand)."""
+        preview = getattr(self.student, "preview_images", None)  # optional: flow nets show no images
+        made = None if preview is None else preview(torch.cat([references, samples]), self.accelerator.device)
+        if made is None:
+            return
+        images, how = made
+        n = references.shape[0]
+        grid = sample_grid(images[:n], images[n:])
+        self.ckpt.write(sample_png_path(self.step), encode_png(grid))
+        caption = (f"step {self.step}: left the teacher's endpoint, right the EMA student's {stage}-step sample "
+                   f"({how}); the first {n} validation trajectories")
+        log_to_trackers(self.accelerator.trackers, grid, self.step, caption)
 
     def _host_weights(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Full CPU copies of ``tensors`` on the main process. FSDP2: gathered from the shards (a collective: every

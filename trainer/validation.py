@@ -85,10 +85,12 @@ def _rows(batch: dict[str, Any], sl: slice) -> dict[str, Any]:
 
 @torch.no_grad()
 def evaluate_student(sampler: Callable[..., torch.Tensor], condition: Callable[[dict[str, Any]], tuple],
-                     val: ValidationSet, num_steps: int, *, chunk: int = 128) -> dict[str, Any]:
+                     val: ValidationSet, num_steps: int, *, chunk: int = 128, keep_samples: int = 0) -> dict[str, Any]:
     """The student's ``num_steps``-step metrics on ``val`` (module docstring).
 
-    sampler(x_BX, sigma_B, *cond) -> v_BX; condition(batch rows) -> cond (``Student.corpus_condition``)."""
+    sampler(x_BX, sigma_B, *cond) -> v_BX; condition(batch rows) -> cond (``Student.corpus_condition``).
+    ``keep_samples`` > 0: also "samples", the student's samples of the first ``keep_samples`` trajectories, and
+    "references", the teacher's stored endpoints of the same ones (the validation sample grid)."""
     states = val.batch["states"]
     K = states.shape[1]
     bounds = stage_boundary_indices(K, num_steps)
@@ -111,5 +113,8 @@ def evaluate_student(sampler: Callable[..., torch.Tensor], condition: Callable[[
         finals.append(x)
     x_end = torch.cat(finals)
     ref = states[:, bounds[-1]]
-    return {"steps": num_steps, "coupling_error": coupling_error(x_end, ref), "swd": sliced_wasserstein(x_end, ref),
-            "window_errors": [float(torch.sqrt(e / val.size)) for e in jump_sq], "num_samples": val.size}
+    out = {"steps": num_steps, "coupling_error": coupling_error(x_end, ref), "swd": sliced_wasserstein(x_end, ref),
+           "window_errors": [float(torch.sqrt(e / val.size)) for e in jump_sq], "num_samples": val.size}
+    if keep_samples > 0:
+        out["samples"], out["references"] = x_end[:keep_samples].clone(), ref[:keep_samples].clone()
+    return out

@@ -78,6 +78,11 @@ class Student(Protocol):
     def step_metrics(self) -> dict[str, float]:
         """Family-specific counters logged with every step (e.g. prompt-cache hits)."""
 
+    def preview_images(self, x_BX: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, str] | None:
+        """Optional (the Trainer treats a family without it as showing none: flow nets, whose samples are
+        vectors): (RGB images [B, 3, H, W] in [0, 1], how they were made) of samples ``x_BX`` for the validation
+        sample grid (``trainer.samples``); None: no images."""
+
 
 def check_capabilities(cls, cfg) -> None:
     """The refusals of settings a family does not support, with the flag to change (before any pool starts)."""

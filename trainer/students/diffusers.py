@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import sys
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -229,6 +230,7 @@ class DiffusersStudent:
                  discriminator: torch.nn.Module | None = None):
         self.card, self.network, self.prompts, self.device = card, network, prompts, device
         self._disc = discriminator
+        self._decoder, self._decoder_loaded = None, False  # the VAE of the sample grids, loaded at first use
 
     @classmethod
     def check_corpus(cls, card, cfg) -> None:
@@ -329,3 +331,25 @@ class DiffusersStudent:
 
     def step_metrics(self) -> dict[str, float]:
         return {"prompt_cache_hits": self.prompts.hits, "prompt_cache_misses": self.prompts.misses}
+
+    # -- the validation sample grid -------------------------------------------------------------------
+    def preview_images(self, x_BX: torch.Tensor, device) -> tuple[torch.Tensor, str]:
+        """Latents decoded by the VAE of the card's base pipeline folder ("vae"), or, when that folder has no
+        VAE, each latent channel as a grey image ("latent channels"; ``trainer.samples``). The VAE is loaded at
+        the first call (float32, bf16 on a GPU with bf16) and kept on the CPU between calls."""
+        from trainer.samples import latent_channel_images
+
+        if not self._decoder_loaded:
+            from models.diffusers.vae import LatentDecoder
+
+            base = base_pipeline_of(self.card)
+            cuda = torch.device(device).type == "cuda"
+            dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+            self._decoder = LatentDecoder.from_pipeline(base, dtype) if base and os.path.isdir(base) else None
+            self._decoder_loaded = True
+            if self._decoder is None:
+                where = f"at {base}/vae (config.json and .safetensors weights)" if base else "named by the card"
+                print(f"note: no VAE {where}: the validation sample grids show the latent channels", file=sys.stderr)
+        if self._decoder is None:
+            return latent_channel_images(x_BX), "latent channels"
+        return self._decoder.decode(x_BX, device), "vae"
