@@ -28,7 +28,6 @@ Teachers are reported on the corrected grid (``few_step_sigmas``) and on diffuse
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from dataclasses import dataclass
@@ -137,7 +136,8 @@ def train_method(name: str, corpus: str, run_dir: Path, profile: Profile, *, rol
     try:
         last = trainer.train()
         trainer.export_student()
-        net = copy.deepcopy(trainer.student.sampling_network())
+        # the exported student (the best validation weights by default), as a re-run that reuses this run loads it
+        net, _ = load_flow_net(run_dir / "student" / "student.safetensors")
         teacher = trainer.teacher
         ota = dict(trainer.ota.stats) if trainer.ota is not None else {}
     finally:
