@@ -202,7 +202,8 @@ def run_demo(args) -> int:
             print("      " + summary.line())
             metrics["corpora"][name] = {"url": cfg.out, "shards": summary.num_shards, "trajectories": summary.num_samples,
                                         "generate_seconds": round(summary.seconds, 2),
-                                        "steady_traj_per_s": round(summary.steady_trajectories_per_second, 1)}
+                                        "steady_traj_per_s": round(summary.steady_trajectories_per_second, 1)
+                                        if summary.committed_now else "reused"}
         print("[3/6] auditing the corpora (deep checks, 8 replayed trajectories)")
         from trajflow.demo_audit import audit_corpus
 
