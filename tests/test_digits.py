@@ -147,6 +147,13 @@ def test_spec_round_trip_generate_audit_replay_train_eval(cache, tmp_path):
              "--batch-size", "16", "--num-workers", "0", "--no-progress", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (run / "student" / "student.safetensors").is_file()
+    from models.flownet import load_flow_net
+
+    # a student that starts as its (flow-net) teacher trains its own unrolled solve by default
+    assert load_flow_net(run / "student" / "student.safetensors")[1]["objective"] == "unrolled"
+    from trajflow.demo import _corpus_straightness
+
+    assert 0.5 < _corpus_straightness(corpus) < 0.99  # the stored trajectories are curved (the demo prints it)
 
     png = tmp_path / "grid.png"
     r = _cli("eval", "--student", str(run), "--steps", "1,2,4", "--num-samples", "60", "--json", "--grid", str(png),

@@ -814,7 +814,8 @@ class Trainer:
             student = type(self.student).build(self.card, replace(self.cfg, adv_weight=0.0, gradient_checkpointing=False),
                                                device="cpu")
         run = {"data": redact_url(self.cfg.data), "steps": self.step, "stages": list(self.cfg.stages), "alpha": self.cfg.alpha,
-               "window_points": self.cfg.window_points, "ema": self.ema is not None, "selected": "last"}
+               "window_points": self.cfg.window_points, "objective": self.objective, "ema": self.ema is not None,
+               "selected": "last"}
         if best:
             run.update(selected="best", best_step=self.best["step"],
                        validation={k: self.best[k] for k in ("steps", "coupling_error", "swd", "window_errors")})

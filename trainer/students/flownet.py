@@ -208,7 +208,7 @@ class FlowNetStudent:
             "stages": list(run["stages"]), "final_stage": run["stages"][-1],
             "shift": float(self.card.run.get("shift", 1.0)), "alpha": run["alpha"],
             "window_points": run["window_points"], "num_inference_steps": run["stages"][-1],
-            **{k: run[k] for k in ("selected", "best_step", "validation") if k in run}})
+            **{k: run[k] for k in ("objective", "selected", "best_step", "validation") if k in run}})
         return ["student.safetensors"]
 
     def step_metrics(self) -> dict[str, float]:
