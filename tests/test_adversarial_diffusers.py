@@ -1,9 +1,12 @@
 """Adversarial distillation for SD3 students: the transformer-block discriminator
-(trainer.students.sd3_discriminator) and `trajflow train --adv-weight` on a tiny SD3 corpus
-(metrics, exact resume of the discriminator, the exported LoRA in a stock pipeline)."""
+(trainer.students.sd3_discriminator; a trunk that stops before the transformer's last block computes only
+the image stream, so every parameter trains, and states saved before that load) and `trajflow train
+--adv-weight` on a tiny SD3 corpus (metrics, exact resume of the discriminator, the exported LoRA in a stock
+pipeline)."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -14,6 +17,7 @@ from safetensors.torch import load_file
 
 from flowcore.adversarial import discriminator_hinge_loss
 from models.diffusers.sd3 import DiffusersFlowTeacher
+from trainer.students import sd3_discriminator
 from trainer.students.sd3 import build_sd3_student
 from trainer.students.sd3_discriminator import SD3TrajectoryDiscriminator
 
@@ -54,6 +58,75 @@ def test_discriminator_shapes_and_its_blocks_are_copies(sd3_dir):
     torch.testing.assert_close(d(x, sigma, cond.prompt_embeds, cond.pooled_prompt_embeds)[0], logit, rtol=0, atol=0)
     frozen = SD3TrajectoryDiscriminator(tr, num_blocks=1, freeze_trunk=True)
     assert {n.split(".")[0] for n, q in frozen.named_parameters() if q.requires_grad} == {"head", "proj"}
+
+
+TEXT_OUTPUT = ("attn.to_add_out.", "ff_context.")  # a joint block's modules that feed only its text-stream output
+
+
+def _d_step(d, opt, x, sigma, pe, pooled):
+    logits, _ = d(torch.cat([x, x + 0.5]), torch.cat([sigma, sigma]), pe.repeat(2, 1, 1), pooled.repeat(2, 1))
+    opt.zero_grad(set_to_none=True)
+    discriminator_hinge_loss(logits[:2], logits[2:]).backward()
+    opt.step()
+
+
+def test_a_trunk_that_stops_before_the_last_block_trains_every_parameter_and_loads_old_states(sd3_dir,
+                                                                                              monkeypatch):
+    """--disc-blocks 1 of the 2-block tiny SD3: the trunk's last block is not the transformer's (context_pre_only)
+    last block, so its text-stream output would feed nothing (DDP: "Expected to have finished reduction")."""
+    teacher = DiffusersFlowTeacher.from_pretrained(sd3_dir, text_encoders=False)
+    tr, cfg = teacher.transformer, teacher.transformer.config
+    assert len(tr.transformer_blocks) == 2 and not tr.transformer_blocks[0].context_pre_only
+    torch.manual_seed(0)
+    d = SD3TrajectoryDiscriminator(tr, num_blocks=1)
+    teacher_block = {f"blocks.0.{k}": v for k, v in tr.transformer_blocks[0].state_dict().items()}
+    # the block's weights minus the text-stream output's modules, under the teacher's names and shapes
+    assert {k: v.shape for k, v in d.state_dict().items() if k.startswith("blocks.")} == {
+        k: v.shape for k, v in teacher_block.items() if not k.startswith(tuple(f"blocks.0.{m}" for m in TEXT_OUTPUT))}
+    g = torch.Generator().manual_seed(3)
+    x, sigma = torch.randn(2, *teacher.sample_shape, generator=g), torch.rand(2, generator=g)
+    pe = torch.randn(2, 7, cfg.joint_attention_dim, generator=g)
+    pooled = torch.randn(2, cfg.pooled_projection_dim, generator=g)
+    logit, feats = d(x, sigma, pe, pooled)
+    # the image stream is exactly the full block's
+    h, temb = d.pos_embed(x), d.time_text_embed(sigma * d.num_train_timesteps, pooled)
+    _, ref = copy.deepcopy(tr.transformer_blocks[0]).float()(hidden_states=h, encoder_hidden_states=d.context_embedder(pe),
+                                                              temb=temb)
+    torch.testing.assert_close(feats[0], ref, rtol=0, atol=0)
+    # every trainable parameter takes part in the logit: what DDP needs, and FSDP2 for a full optimizer state
+    logit.sum().backward()
+    assert [n for n, p in d.named_parameters() if p.requires_grad and p.grad is None] == []
+
+    # a discriminator as it was before the pruning (the full copied block), trained a step on one process, saved
+    monkeypatch.setattr(sd3_discriminator, "prune_text_output", lambda block: block)
+    torch.manual_seed(0)
+    old = SD3TrajectoryDiscriminator(tr, num_blocks=1)
+    monkeypatch.undo()
+    old_opt = torch.optim.AdamW(old.parameters(), lr=1e-3, betas=(0.0, 0.99))
+    _d_step(old, old_opt, x, sigma, pe, pooled)
+    saved, saved_opt = copy.deepcopy(old.state_dict()), copy.deepcopy(old_opt.state_dict())
+    assert any(k.startswith("blocks.0.ff_context.") for k in saved)
+    # ... loads into today's (the dropped modules' weights are the teacher's: they never had a gradient)
+    for k, v in saved.items():
+        if k.startswith(tuple(f"blocks.0.{m}" for m in TEXT_OUTPUT)):
+            torch.testing.assert_close(v, teacher_block[k].float(), rtol=0, atol=0)
+    torch.manual_seed(0)
+    new = SD3TrajectoryDiscriminator(tr, num_blocks=1)
+    new.load_state_dict(saved)
+    new_opt = torch.optim.AdamW(new.parameters(), lr=1e-3, betas=(0.0, 0.99))
+    new_opt.load_state_dict(new.upgrade_optimizer_state_dict(saved_opt))
+    # and both train on exactly alike
+    _d_step(old, old_opt, x, sigma, pe, pooled)
+    _d_step(new, new_opt, x, sigma, pe, pooled)
+    want = old.state_dict()
+    for k, v in new.state_dict().items():
+        torch.testing.assert_close(v, want[k], rtol=0, atol=0, msg=k)
+    # an optimizer state of today's layout is left as it is; any other unknown layout is for load_state_dict to judge
+    assert new.upgrade_optimizer_state_dict(new_opt.state_dict())["state"].keys() == new_opt.state_dict()["state"].keys()
+    # a trunk that ends with the transformer's own last block has nothing to drop
+    full = SD3TrajectoryDiscriminator(tr, num_blocks=2)
+    assert {k[len("blocks."):] for k in full.state_dict() if k.startswith("blocks.")} == {
+        k[len("transformer_blocks."):] for k in tr.state_dict() if k.startswith("transformer_blocks.")}
 
 
 def test_discriminator_loss_decreases_on_fixed_real_and_fake(sd3_dir):

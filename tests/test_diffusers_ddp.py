@@ -83,3 +83,35 @@ def test_two_process_lora_training_of_an_sd3_student(sd3_dir, tmp_path):
     assert sorted(i for row in rows for i in row["indices"]) == list(range(16))  # each sample once, across ranks
     student = Path(run, "student")
     assert (student / "pytorch_lora_weights.safetensors").exists() and (student / "trajflow_student.json").exists()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_adversarial_training_with_a_trunk_that_stops_before_the_last_block(sd3_dir, tmp_path):
+    """--disc-blocks 1 of the 2-block tiny SD3 (as the default 2 of SD3-Medium's 24): the trunk's last block is not
+    the transformer's context_pre_only last block. Its text-stream output used to feed nothing, and DDP stopped at
+    the second step ("Expected to have finished reduction in the prior iteration")."""
+    from safetensors.torch import load_file
+
+    prompts = tmp_path / "prompts.jsonl"
+    write_prompt_file(prompts)
+    corpus = _corpus(sd3_dir, str(tmp_path / "corpus"), prompts)
+    run = tmp_path / "run"
+    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trajflow", "train", "--data", corpus,
+           "--out", str(run), "--stages", "4", "--lora-rank", "2", "--max-steps", "3", "--batch-size", "4",
+           "--adv-weight", "0.1", "--disc-blocks", "1", "--num-workers", "0", "--no-progress", "--log-every", "1",
+           "--eval-every", "0", "--checkpoint-every", "3"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(row["adv_d_loss"])) for row in rows)
+    # the discriminator trained: every trunk weight moved away from the teacher block it was copied from
+    disc = load_file(run / "checkpoints" / "step-00000003" / "extra-disc.safetensors")
+    teacher = DiffusersFlowTeacher.from_pretrained(sd3_dir, text_encoders=False).transformer
+    trunk = {k: v for k, v in teacher.named_parameters()
+             if not k.startswith(("transformer_blocks.1.", "norm_out.", "proj_out."))}
+    trunk = {k.replace("transformer_blocks.", "blocks.", 1): v for k, v in trunk.items()
+             if not k.startswith(("transformer_blocks.0.attn.to_add_out.", "transformer_blocks.0.ff_context."))}
+    assert set(trunk) <= set(disc)
+    assert [k for k, v in trunk.items() if torch.equal(disc[k], v.detach().float())] == []

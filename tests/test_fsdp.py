@@ -1,8 +1,9 @@
 """FSDP2 (`train --parallelism fsdp2`) of a tiny SD3 student and its discriminator, in real `accelerate launch`
 processes (2 gloo processes on CPU) and in this process (1 rank): the loss of 20 steps matches DDP's, a run
-"killed" after a sharded checkpoint resumes bit-exactly (full fine-tune and LoRA, both with --adv-weight), the
-checkpoint loads exactly on 1 process and that process completes the epoch with every sample once; the sharded
-checkpoint is safetensors + JSON only; bad flags are one-line errors."""
+"killed" after a sharded checkpoint resumes bit-exactly (full fine-tune and LoRA, both with --adv-weight; the LoRA
+run's discriminator trunk stops before the transformer's last block), the checkpoint loads exactly on 1 process
+and that process completes the epoch with every sample once; the sharded checkpoint is safetensors + JSON only;
+bad flags are one-line errors."""
 
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ def _consumed(folder: Path) -> list[int]:
             for i in json.loads(line)["indices"]]
 
 
-def _resume_in_this_process(corpus, run, max_steps, consumed, *, adv: bool, lora: int | None):
+def _resume_in_this_process(corpus, run, max_steps, consumed, *, adv: bool, lora: int | None, disc_blocks: int = 2):
     """A 1-process FSDP2 Trainer (its own 1-rank gloo group) that resumes ``run``'s latest sharded checkpoint;
     checks that the weights, EMA, optimizer state and the discriminator are exactly the checkpoint's, then trains
     on to ``max_steps`` and exports."""
@@ -103,7 +104,8 @@ def _resume_in_this_process(corpus, run, max_steps, consumed, *, adv: bool, lora
     saved = read_sharded(Path(run, latest["path"], "sharded"))
     cfg = TrainConfig(data=corpus, out=str(run), stages=(4,), batch_size=4, max_steps=max_steps, num_workers=0,
                       progress=False, log_every=1, checkpoint_every=2, prompt_cache_size=0, eval_every=2,
-                      parallelism="fsdp2", adv_weight=0.1 if adv else 0.0, lora_rank=lora, consumed_log=str(consumed))
+                      parallelism="fsdp2", adv_weight=0.1 if adv else 0.0, lora_rank=lora, consumed_log=str(consumed),
+                      disc_blocks=disc_blocks)
     trainer = Trainer(cfg).build()
     try:
         assert trainer.world == 1 and trainer.step == latest["step"]
@@ -135,7 +137,11 @@ def _resume_in_this_process(corpus, run, max_steps, consumed, *, adv: bool, lora
 @pytest.mark.slow
 @pytest.mark.parametrize("lora", [None, 2], ids=["full", "lora"])
 def test_fsdp2_with_discriminator_resumes_exactly_also_on_one_process(corpus, tmp_path, lora):
-    flags = ["--parallelism", "fsdp2", "--adv-weight", "0.1"] + (["--lora-rank", str(lora)] if lora else [])
+    # LoRA: also a discriminator whose trunk (1 block) stops before the 2-block transformer's context_pre_only last
+    # block; its last trunk block keeps no text-stream output modules, so every parameter has optimizer state
+    disc_blocks = 1 if lora else 2
+    flags = ["--parallelism", "fsdp2", "--adv-weight", "0.1", "--disc-blocks", str(disc_blocks)] + (
+        ["--lora-rank", str(lora)] if lora else [])
     a, b = tmp_path / "a", tmp_path / "b"
     _launch(corpus, a, 4, *flags)
     _launch(corpus, b, 2, *flags, "--consumed-log", str(tmp_path / "consumed-2"))
@@ -147,6 +153,8 @@ def test_fsdp2_with_discriminator_resumes_exactly_also_on_one_process(corpus, tm
     ta, tb = read_sharded(Path(a, step4)), read_sharded(Path(b, step4))
     groups = {k.split(".")[0] for k in ta}
     assert groups == {"model", "ema", "optimizer", "disc"}, groups
+    if disc_blocks == 1:  # the trunk's last block: no text-stream output modules, in weights or optimizer state
+        assert not [k for k in ta if k.startswith("disc.") and (".to_add_out." in k or ".ff_context." in k)]
     if lora:  # only the adapters train, and only they are saved
         assert all("lora" in k for k in ta if k.startswith("model."))
     _assert_same(ta, tb, "step 4")
@@ -158,7 +166,7 @@ def test_fsdp2_with_discriminator_resumes_exactly_also_on_one_process(corpus, tm
 
     # the step-2 checkpoint of 2 processes on 1 process: state exactly the checkpoint's; steps 3-4 finish the epoch
     c = tmp_path / "c"
-    _resume_in_this_process(corpus, c, 4, tmp_path / "consumed-1", adv=True, lora=lora)
+    _resume_in_this_process(corpus, c, 4, tmp_path / "consumed-1", adv=True, lora=lora, disc_blocks=disc_blocks)
     first, rest = _consumed(tmp_path / "consumed-2"), _consumed(tmp_path / "consumed-1")
     assert len(first) == 16 and len(rest) == 8
     assert len(set(first + rest)) == N_TRAIN  # every training sample of epoch 0 once, across the world sizes

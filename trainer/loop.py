@@ -349,8 +349,12 @@ class Trainer:
         if self.disc is not None:
             if "disc" not in ck["extra"]:
                 raise self._no_disc_error()
-            self.accelerator.unwrap_model(self.disc).load_state_dict(ck["extra"]["disc"])
-            self.disc_optimizer.load_state_dict(ck["extra_optimizers"]["disc"])
+            disc = self.accelerator.unwrap_model(self.disc)
+            disc.load_state_dict(ck["extra"]["disc"])
+            d_osd = ck["extra_optimizers"]["disc"]
+            if hasattr(disc, "upgrade_optimizer_state_dict"):  # saved before D's parameters changed (the SD3 one's)
+                d_osd = disc.upgrade_optimizer_state_dict(d_osd)
+            self.disc_optimizer.load_state_dict(d_osd)
         return ck["rng"]
 
     def _sharded_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor] | None]:
