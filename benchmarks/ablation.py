@@ -1,7 +1,9 @@
 """Ablation at equal student training samples (the quality harness with the ablation set), several seeds.
 
     python benchmarks/ablation.py                       # latent10: perflow -> OTA windows -> +progressive ->
-                                                        # +aligned-v -> +online fresh / student -> +adversarial
+                                                        # +aligned-v -> +online fresh / student -> +adversarial;
+                                                        # OTA windows -> unrolled (the student's own 4-step
+                                                        # solve) -> +progressive-unrolled / trajflow (+OTA)
     python benchmarks/ablation.py --teacher digits:8x8  # the same on the digits testbed
     python benchmarks/ablation.py --steps 800 --seeds 5 # another budget / more seeds
 
