@@ -127,7 +127,7 @@ def main() -> None:
     ap.add_argument("--light-batch-size", type=int, default=128)
     ap.add_argument("--light-width", type=int, default=256)
     ap.add_argument("--light-steps", type=int, default=200, help="timed light steps (25 epochs of 8 steps)")
-    ap.add_argument("--train-trials", type=int, default=3,
+    ap.add_argument("--train-trials", type=int, default=5,
                     help="alternating trials per side of each training comparison (medians are compared)")
     ap.add_argument("--loader-trials", type=int, default=5,
                     help="alternating trials per side of the loader comparison (medians are compared)")
