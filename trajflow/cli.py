@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "students and the 2-rectified-flow and PeRFlow-style baselines at an equal budget "
                                    "(one seed) and compare them with the teacher's own few steps; start the live "
                                    "teacher pool and distil ring2d students with its rollouts; write DIR/report.md "
-                                   "(the digits table first), DIR/metrics.json and plots. About 10 minutes on 2 CPU "
+                                   "(the digits table first), DIR/metrics.json and plots. About 5 minutes on 2 CPU "
                                    "cores; re-running reuses what is done.")
     p.add_argument("--out", default="demo_out", help="output directory (default ./demo_out)")
     p.add_argument("--num-trajectories", type=int, default=2048, help="corpus size (default 2048)")
