@@ -237,3 +237,22 @@ def test_aggregate_and_ablation_effects_on_constructed_rows():
     assert effects[("progressive", "class_accuracy")]["verdict"] == "no measurable effect"  # zero-width at zero
     assert all(e["seeds"] == 3 for e in effects.values())
     assert "±" in markdown_table(result) and "helps" in markdown_effects(list(effects.values()))
+
+
+def test_targets_take_each_trajflow_student_at_its_own_step_count():
+    """check_targets compares trajflow's 2-step student at 2 steps and its 4-step student at 4 (never another
+    unrolled method's row), against the teacher's own steps and each baseline that was run."""
+    from trajflow.compare import check_targets
+
+    def row(method, steps, ce, fd):
+        return {"method": method, "steps": steps, "coupling_error": ce, "frechet_distance": fd}
+
+    rows = [row("teacher (corrected grid)", 2, 0.5, 20.0), row("teacher (corrected grid)", 4, 0.3, 6.0),
+            row("unrolled", 4, 0.9, 90.0), row("trajflow", 4, 0.2, 5.0), row("trajflow-2step", 2, 0.25, 4.0),
+            row("2-rectified-flow", 2, 0.3, 3.0), row("2-rectified-flow", 4, 0.25, 6.0)]
+    t = check_targets({"rows": rows, "testbed": "digits"})
+    assert t["trajflow_4_beats_teacher_4_coupling"] and t["trajflow_4_beats_teacher_4_fd"]
+    assert t["trajflow_2_beats_teacher_2_coupling"] and t["trajflow_2_beats_teacher_2_fd"]
+    assert t["trajflow_beats_2-rectified-flow_coupling_at_2"] and not t["trajflow_beats_2-rectified-flow_fd_at_2"]
+    assert t["trajflow_beats_2-rectified-flow_fd_at_4"]
+    assert not any("perflow" in k for k in t)  # not run: no target

@@ -326,12 +326,13 @@ def compare(corpus: str, run_root: Path, methods: list[str], profile: Profile, *
     return out
 
 
+#: trajflow's student for each step count
+TRAJFLOW_STUDENTS: dict[int, str] = {4: "trajflow", 2: "trajflow-2step"}
+
+
 def _trajflow_row(by: dict, n: int):
-    """trajflow's row at ``n`` steps: its student trained for n steps where one was run, else the 4-step one."""
-    for name, own in STUDENT_STEPS.items():
-        if own == n and (name, n) in by:
-            return by[(name, n)]
-    return by.get(("trajflow", n))
+    """trajflow's row at ``n`` steps: its student trained for n steps where one was run, else trajflow's."""
+    return by.get((TRAJFLOW_STUDENTS.get(n, "trajflow"), n)) or by.get(("trajflow", n))
 
 
 def check_targets(result: dict[str, Any]) -> dict[str, Any]:
