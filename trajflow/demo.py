@@ -9,7 +9,7 @@
    2-rectified flow and PeRFlow-style, and the teacher's own 2 and 4 steps on both grids (coupling error,
    Frechet distance in a classifier's features, class accuracy, a grid of samples);
 4. start the live teacher pool (Ray Serve) on the same embedded cluster and distil ring2d students
-   (trajflow's students take their online rollouts from the pool);
+   (PeRFlow-style takes its windows online from the pool);
 5. evaluate the ring2d students against the exact mixture, plot samples, loss curves and per-window
    straightness, and write ``DIR/report.md`` (the digits table first) and ``DIR/metrics.json``.
 
@@ -260,8 +260,8 @@ def run_demo(args) -> int:
              f"{metrics['corpora']['ring2d']['chord_over_path']:.3f}). Every student: {dprof['steps']} optimizer "
              f"steps x {dprof['batch_size']} samples, the teacher's architecture started from its weights. "
              "trajflow's 2-step and 4-step students are two students, each trained for its own step count "
-             "(the student's unrolled solve from the stored noise to the teacher's endpoint, plus 25% online "
-             "rollouts started at its own states) and reported at that count; 2-rectified flow and "
+             "(the student's own unrolled solve from the stored noise to the teacher's stored endpoint) and "
+             "reported at that count; 2-rectified flow and "
              "PeRFlow-style are trained once and sampled at every count. Metrics on 1000 samples: coupling "
              "error vs the teacher's 256-step Heun endpoint from the same noise, Frechet distance (FD) in the "
              "features of a small classifier trained on the same images (held-out accuracy "
@@ -284,8 +284,8 @@ def run_demo(args) -> int:
               f"Every student: {prof['steps']} optimizer steps x {prof['batch_size']} samples, MLP width "
               f"{prof['student_width']}, started as the exact mixture (the GMM solver student: a few numbers per "
               "step on top of the teacher's velocity). trajflow's students (2 and 4 steps, each at its own step "
-              "count) train their unrolled solve and take 25% online rollouts from the live pool "
-              "(student-started windows), sampled on `few_step_sigmas`. ring2d's trajectories are nearly "
+              "count) train their unrolled solve; PeRFlow-style takes all its windows online from the live "
+              "pool; all are sampled on `few_step_sigmas`. ring2d's trajectories are nearly "
               "straight, so one global window (2-rectified flow) is already close to enough here; the digits "
               "testbed above is where the windows matter. Metrics against the "
               "exact mixture: coupling error vs the teacher's 256-step Heun endpoint from the same noise, sliced "
@@ -327,8 +327,8 @@ def _corpus_straightness(corpus: Path, max_samples: int = 256) -> float:
 
 
 def _compare_digits(out: Path, corpus: str, progress: bool) -> dict[str, Any]:
-    """The testbed's comparison (``trajflow.compare``, one seed; online rollouts from an in-process teacher) and
-    its sample grid (``DIR/digits_samples.png``)."""
+    """The testbed's comparison (``trajflow.compare``, one seed; PeRFlow-style's online windows from an
+    in-process teacher) and its sample grid (``DIR/digits_samples.png``)."""
     from evaluation.digits import write_sample_grid
     from flowcore.rollout import LocalRollout
     from trainer.data import open_corpus
