@@ -143,6 +143,8 @@ class Trainer:
         self.accelerator = self.ota = self._metrics = self._consumed = self.stream = self._batches = None
         self.fsdp = None  # trainer.fsdp.FSDP2 with --parallelism fsdp2
         self._no_grids = False  # set when a validation sample grid failed (training goes on without them)
+        self._resume_from: tuple[dict[str, Any], dict[str, Any]] | None = None  # _resume_point(), read once
+        self._resume_read = False
         if cfg.ota_ratio > 0 and rollout_teacher is None:
             raise ValueError("ota-ratio > 0 needs a teacher pool: `trajflow train` connects to one (see --address), "
                              "Python callers pass rollout_teacher=")
@@ -268,15 +270,24 @@ class Trainer:
             if meta.get("step", 0) <= self.step:
                 self.best = {**meta, "weights": st_load(self.ckpt.read(BEST_WEIGHTS)) if acc.is_main_process else {}}
 
+    def _resume_point(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """(``CheckpointStore.latest()``, its state.json) of the checkpoint this run resumes from; None for a new
+        run or an empty --out. Read once: the format check, the stream order and the resume all use it (on object
+        storage each read is a round trip, and an unusable latest.json would warn each time)."""
+        if not self._resume_read:
+            self._resume_read = True
+            latest = self.ckpt.latest() if self.cfg.resume else None
+            if latest is not None:
+                self._resume_from = (latest, json.loads(self.ckpt.read(f"{latest['path']}/state.json")))
+        return self._resume_from
+
     def _checkpoint_stream_order(self) -> str | None:
         """The sample order of the checkpoint this run resumes from (runs saved before partitioned streaming
         used the global order: their state has version 1 and no "order"), None for a new run."""
-        if not self.cfg.resume:
+        point = self._resume_point()
+        if point is None:
             return None
-        latest = self.ckpt.latest()
-        if latest is None:
-            return None
-        data = json.loads(self.ckpt.read(f"{latest['path']}/state.json")).get("data") or {}
+        data = point[1].get("data") or {}
         return str(data.get("order", "global"))
 
     @property
@@ -306,10 +317,10 @@ class Trainer:
         """Before the student is built: the checkpoint this run resumes from was written with its parallelism."""
         from trainer.fsdp import SHARDED_FORMAT
 
-        latest = self.ckpt.latest() if self.cfg.resume else None
-        if latest is None:
+        point = self._resume_point()
+        if point is None:
             return
-        st = json.loads(self.ckpt.read(f"{latest['path']}/state.json"))
+        latest, st = point
         sharded = st.get("format") == SHARDED_FORMAT
         if sharded != (self.cfg.parallelism == "fsdp2"):
             written = "--parallelism fsdp2 (sharded)" if sharded else "--parallelism ddp (full weights)"
@@ -320,10 +331,10 @@ class Trainer:
     def _resume(self) -> None:
         from trainer.fsdp import SHARDED_FORMAT
 
-        latest = self.ckpt.latest()
-        if latest is None:
+        point = self._resume_point()
+        if point is None:
             return
-        st = json.loads(self.ckpt.read(f"{latest['path']}/state.json"))
+        latest, st = point
         if st.get("format") == SHARDED_FORMAT:
             rng = self._resume_sharded(latest, st)
         else:
