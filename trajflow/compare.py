@@ -60,8 +60,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "+online-unrolled": dict(stages=(4,), window_points="start", alpha=1.0, objective="unrolled", ota_ratio=0.25,
                              ota_mode="student"),
 }
-#: methods whose student is trained for one step count (its last stage): evaluated at that count only
-STUDENT_STEPS: dict[str, int] = {"trajflow": 4, "trajflow-2step": 2, "+progressive-unrolled": 4, "+online-unrolled": 4}
+#: methods whose student is trained for one step count (its last stage, the solve the unrolled objective trains):
+#: evaluated at that count only
+STUDENT_STEPS: dict[str, int] = {name: r["stages"][-1] for name, r in METHODS.items() if r.get("objective") == "unrolled"}
 METHOD_SETS = {
     "all": list(METHODS),
     "ablation": ["perflow", "ota-windows", "+progressive", "+aligned-v", "+online-fresh", "+online-student",

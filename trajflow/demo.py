@@ -32,25 +32,28 @@ DEMO_CORPORA = {
 }
 
 
+def _stored_records(corpus: Path, max_samples: int):
+    """(card, the first ``max_samples`` records of a local corpus in manifest order)."""
+    from itertools import islice
+
+    from storage_schemas import DatasetCard, iter_shard_samples, manifest_from_parquet_bytes
+
+    card = DatasetCard.from_json((corpus / "dataset.json").read_text())
+    rows = manifest_from_parquet_bytes((corpus / "manifest.parquet").read_bytes())
+    records = (rec for row in rows
+               for rec in iter_shard_samples((corpus / row.path).read_bytes(), row.shard_id, card))
+    return card, list(islice(records, max_samples))
+
+
 def _plot_ring2d(corpus: Path, png: Path, max_samples: int = 400) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from storage_schemas import DatasetCard, iter_shard_samples, manifest_from_parquet_bytes
-
-    card = DatasetCard.from_json((corpus / "dataset.json").read_text())
-    rows = manifest_from_parquet_bytes((corpus / "manifest.parquet").read_bytes())
-    states, classes = [], []
-    for row in rows:
-        for rec in iter_shard_samples((corpus / row.path).read_bytes(), row.shard_id, card):
-            states.append(rec.states.float())
-            classes.append(rec.meta.get("class_id", 0))
-            if len(states) >= max_samples:
-                break
-        if len(states) >= max_samples:
-            break
+    card, records = _stored_records(corpus, max_samples)
+    states = [rec.states.float() for rec in records]
+    classes = [rec.meta.get("class_id", 0) for rec in records]
     fig, ax = plt.subplots(figsize=(6, 6))
     cmap = plt.get_cmap("tab10")
     for s, c in zip(states, classes):
@@ -311,18 +314,12 @@ def _corpus_straightness(corpus: Path, max_samples: int = 256) -> float:
     the curvature of the whole noise -> sample path, which a few-step student has to make up for."""
     import torch
 
-    from storage_schemas import DatasetCard, iter_shard_samples, manifest_from_parquet_bytes
-
-    card = DatasetCard.from_json((corpus / "dataset.json").read_text())
     ratios: list[float] = []
-    for row in manifest_from_parquet_bytes((corpus / "manifest.parquet").read_bytes()):
-        for rec in iter_shard_samples((corpus / row.path).read_bytes(), row.shard_id, card):
-            x = rec.states.double().flatten(1)  # [K, D]: the saved states, noise first
-            path = float((x[1:] - x[:-1]).norm(dim=1).sum())
-            if path > 0:
-                ratios.append(float((x[-1] - x[0]).norm()) / path)
-            if len(ratios) >= max_samples:
-                return float(torch.tensor(ratios).mean())
+    for rec in _stored_records(corpus, max_samples)[1]:
+        x = rec.states.double().flatten(1)  # [K, D]: the saved states, noise first
+        path = float((x[1:] - x[:-1]).norm(dim=1).sum())
+        if path > 0:
+            ratios.append(float((x[-1] - x[0]).norm()) / path)
     return float(torch.tensor(ratios).mean()) if ratios else float("nan")
 
 
