@@ -82,9 +82,9 @@ def worker(args) -> None:
 
     try:
         nets = {"student": (trainer.model, trainer.optimizer, trainer.trainable)}
-        if trainer.disc is not None:
-            nets["discriminator"] = (trainer.disc, trainer.disc_optimizer,
-                                     [p for p in trainer.disc.parameters() if p.requires_grad])
+        adv = trainer.part("adversarial")
+        if adv is not None:
+            nets["discriminator"] = (adv.disc, adv.disc_optimizer, [p for p in adv.disc.parameters() if p.requires_grad])
         for name, (_, opt, _) in nets.items():  # accelerate's AcceleratedOptimizer wraps the AdamW (DDP)
             getattr(opt, "optimizer", opt).register_step_pre_hook(count_grads(name))
         trainer.train()

@@ -33,7 +33,7 @@ def timed_run(corpus: str, out: str, args, ratio: float, mode: str, client) -> d
     t = Trainer(cfg, client if ratio > 0 else None).build()
     try:
         t.train()
-        stats = dict(t.ota.stats) if t.ota is not None else {}
+        stats = dict(t.part("online").stats) if t.part("online") is not None else {}
     finally:
         t.close()
     rows = [json.loads(line) for line in (Path(out) / "logs" / "metrics.jsonl").read_text().splitlines()]

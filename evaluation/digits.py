@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from evaluation.gmm import EVAL_SEED_BASE, student_velocity_fn
@@ -36,7 +35,7 @@ from flowcore.metrics import coupling_error
 from flowcore.schedules import few_step_sigmas, shifted_sigmas
 from flowcore.solvers import seeded_noise, solve, solve_teacher
 from models.diffusers.schedulers import diffusers_default_sigmas
-from models.digits import NUM_CLASSES, cache_root, digits_data
+from models.digits import NUM_CLASSES, cache_root, digits_data, read_cache_entry, write_cache_entry
 
 __all__ = ["DigitsClassifier", "digits_classifier", "evaluate_digits", "write_sample_grid", "GRID_PER_CLASS"]
 
@@ -45,6 +44,7 @@ CLASSIFIER_STEPS = 1500
 HELD_OUT_FRACTION = 0.2
 GRID_PER_CLASS = 2
 _META = "trajflow_digits_classifier"
+log = logging.getLogger(__name__)
 
 
 class DigitsClassifier(nn.Module):
@@ -102,20 +102,25 @@ def digits_classifier() -> tuple[DigitsClassifier, dict[str, Any]]:
                                      "arch": "mlp-256-128"}, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_root() / "pretrained" / f"digits8x8-classifier-{key}.safetensors"
     net = DigitsClassifier()
-    if path.exists():
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            info = json.loads((f.metadata() or {})[_META])
-            net.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
-        return net.eval(), info
+    # used only when its digest matches (models.digits.read_cache_entry): a changed, forged or pre-digest entry,
+    # or one that is not a regular file, is trained again and rewritten (a warning names it)
+    entry = read_cache_entry(path)
+    if entry is not None:
+        tensors, meta = entry
+        try:
+            info = json.loads(meta[_META])
+            if not isinstance(info, dict):
+                raise ValueError("its info is not a JSON object")
+            net.load_state_dict(tensors)
+            return net.eval(), info
+        except (KeyError, ValueError, RuntimeError) as exc:
+            log.warning("cache entry %s cannot be used (%s): training the classifier again", path,
+                        " ".join(str(exc).split())[:200])
     trained, acc = _train_classifier()
     te = _split(len(digits_data()[1]))[1]
     info = {"held_out_accuracy": acc, "held_out_images": int(len(te)), "train_images": int(1797 - len(te)),
             "seed": CLASSIFIER_SEED, "steps": CLASSIFIER_STEPS, "arch": "MLP 64-256-128-10", "features": 128}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.part{os.getpid()}")
-    save_file({k: v.detach().contiguous() for k, v in trained.state_dict().items()}, str(tmp),
-              metadata={_META: json.dumps(info)})
-    os.replace(tmp, path)
+    write_cache_entry(path, trained.state_dict(), {_META: json.dumps(info)})
     net.load_state_dict(trained.state_dict())
     return net.eval(), info
 

@@ -1,12 +1,9 @@
-"""Adversarial distillation on ODE trajectory states (FlowSteer).
+"""Adversarial distillation on ODE trajectory states (FlowSteer): the losses and the student's judged step.
 
-A discriminator D(x, sigma, class) tells *teacher* states at the student's sigmas (real: the
-authentic states of the same noise) from the *student's* rollout states at the same sigmas (fake).
-Its trunk is the first blocks of a flow-net backbone (optionally initialised from the teacher's
-or the student's pretrained weights, so it starts with features of the velocity field) plus a
-small head; it returns the logit and the trunk's per-block features for feature matching.
-
-Losses (all scalars, averaged over the batch):
+A discriminator D(x, sigma, condition) tells *teacher* states at the student's sigmas (real: the
+authentic states of the same noise) from the *student's* rollout states at the same sigmas (fake), and
+returns its logit and per-block features for feature matching. The networks are the families' own
+(``trainer/students/*_discriminator.py``); this module holds only the math they share:
 
     discriminator (hinge):  E[relu(1 - D(real))] + E[relu(1 + D(fake))]
     generator:              adv_weight * E[-D(fake)] + fm_weight * sum_l mean((f_l(fake) - f_l(real))^2)
@@ -14,7 +11,8 @@ Losses (all scalars, averaged over the batch):
 Which state the student is judged at: the output of one of its N steps, drawn per sample with
 ``step_probs`` (first step's output ... final sample). FlowSteer's weighting for 4 steps puts 0.4
 on one step and 0.2 on the others; we put it on the final sample, the one users see
-(``DEFAULT_STEP_PROBS``); other step counts default to uniform.
+(``DEFAULT_STEP_PROBS``); other step counts default to uniform. ``student_last_step_inputs`` walks the
+student (``flowcore.solvers.euler_walk``) to where that judged step starts.
 """
 
 from __future__ import annotations
@@ -22,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+from flowcore.solvers import euler_walk
 
 #: probabilities of judging the output of step 1..4 of a 4-step student (final sample last)
 DEFAULT_STEP_PROBS = (0.2, 0.2, 0.2, 0.4)
@@ -75,11 +75,6 @@ def student_last_step_inputs(
     n = steps_B.to(noise_BX.device)
     if B and (int(n.min()) < 1 or int(n.max()) > len(boundary_sigmas) - 1):
         raise ValueError(f"steps must lie in 1..{len(boundary_sigmas) - 1}")
-    x = noise_BX
-    start = noise_BX.clone()
-    for k in range(int(n.max()) - 1 if B else 0):
-        s, s_next = float(boundary_sigmas[k]), float(boundary_sigmas[k + 1])
-        x = x + (s_next - s) * student_fn(x, torch.full((B,), s, device=x.device, dtype=x.dtype))
-        start = torch.where((n == k + 2).reshape(-1, *([1] * (x.ndim - 1))), x, start)
+    start = euler_walk(student_fn, noise_BX, boundary_sigmas, stop_B=n - 1)
     sig = torch.tensor([float(s) for s in boundary_sigmas], device=noise_BX.device, dtype=noise_BX.dtype)
     return start, sig[n - 1], sig[n]

@@ -11,10 +11,12 @@ from collections.abc import Callable
 
 import torch
 
+from flowcore.tensors import expand_like
+
 
 def combine_cfg(v_uncond: torch.Tensor, v_cond: torch.Tensor, guidance_B: torch.Tensor) -> torch.Tensor:
     """v_uncond, v_cond: [B, ...]; guidance_B: [B] -> guided velocity [B, ...]."""
-    w = guidance_B.to(v_cond.dtype).reshape(-1, *([1] * (v_cond.ndim - 1)))
+    w = expand_like(guidance_B.to(v_cond.dtype), v_cond)
     return v_uncond + w * (v_cond - v_uncond)
 
 

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _bcast(t_B: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t_B.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+from flowcore.tensors import expand_like
 
 
 def window_target(
@@ -30,14 +28,14 @@ def window_target(
     d = sigma_end_B - sigma_start_B
     if bool(torch.any(d == 0)):
         raise ValueError("window has zero width (sigma_end == sigma_start)")
-    return (x_end - x_start) / _bcast(d, x_start)
+    return (x_end - x_start) / expand_like(d.to(x_start.dtype), x_start)
 
 
 def point_on_segment(
     x_start: torch.Tensor, v_target: torch.Tensor, sigma_start_B: torch.Tensor, sigma_B: torch.Tensor
 ) -> torch.Tensor:
     """x_BX on the straight window segment at sigma_B: x_start + (sigma - sigma_start) * v*."""
-    return x_start + _bcast(sigma_B - sigma_start_B, x_start) * v_target
+    return x_start + expand_like((sigma_B - sigma_start_B).to(x_start.dtype), x_start) * v_target
 
 
 def velocity_mse(v_pred: torch.Tensor, v_target: torch.Tensor) -> torch.Tensor:

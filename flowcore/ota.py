@@ -21,6 +21,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from flowcore.solvers import euler_walk
+from flowcore.tensors import expand_like
+
 OTA_MODES = ("fresh", "student", "perflow")
 
 
@@ -67,20 +70,10 @@ def student_window_starts(
     velocity_fn(x_BX, sigma_B) -> v_BX is the student; boundary_sigmas: the stage's W + 1 sigmas
     (1 ... 0); window_B: [B] window index w, the student takes w steps from noise.
     """
-    x = noise_BX.clone()
-    out = noise_BX.clone()
-    B = noise_BX.shape[0]
-    w = window_B.to(noise_BX.device)
-    for k in range(int(w.max()) if B else 0):
-        s, s_next = float(boundary_sigmas[k]), float(boundary_sigmas[k + 1])
-        v = velocity_fn(x, torch.full((B,), s, device=x.device, dtype=x.dtype))
-        x = x + (s_next - s) * v
-        reached = (w == k + 1).reshape(-1, *([1] * (x.ndim - 1)))
-        out = torch.where(reached, x, out)
-    return out
+    return euler_walk(velocity_fn, noise_BX, boundary_sigmas, stop_B=window_B)
 
 
 def interpolated_starts(x0_BX: torch.Tensor, noise_BX: torch.Tensor, sigma_B: torch.Tensor) -> torch.Tensor:
     """PeRFlow's window start: (1 - sigma) x0 + sigma eps, x0 a real sample. [B, *X]."""
-    s = sigma_B.to(x0_BX.dtype).reshape(-1, *([1] * (x0_BX.ndim - 1)))
+    s = expand_like(sigma_B.to(x0_BX.dtype), x0_BX)
     return (1 - s) * x0_BX + s * noise_BX

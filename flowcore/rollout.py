@@ -30,10 +30,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from flowcore.solvers import SOLVERS
-
-
-def _bcast(t_B: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t_B.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+from flowcore.tensors import expand_like
 
 
 def check_grids(sigmas_BS: torch.Tensor, batch: int) -> None:
@@ -106,7 +103,7 @@ def teacher_rollout(
         s = sigmas_BS[:, i].to(x.device)
         s_next = sigmas_BS[:, i + 1].to(x.device)
         v = teacher.velocity(x, s.to(x.dtype), cond, guidance)
-        h = _bcast(s_next - s, x)
+        h = expand_like((s_next - s).to(x.dtype), x)
         if method == "heun" and bool((s_next > 0).all()):
             v2 = teacher.velocity(x + h * v, s_next.to(x.dtype), cond, guidance)
             x = x + h * 0.5 * (v + v2)

@@ -5,6 +5,9 @@ sigma = 1 (noise) to sigma = 0 (data) over a grid ``sigmas`` [S+1] with Euler or
 teacher's trajectory; ``capture_sigmas`` picks the grid points whose states are returned: these
 are the *authentic* states the pipeline stores (solver states, never interpolations).
 
+``euler_walk`` is the one Euler walk of the project: the teacher's Euler solve here, and every student's
+few-step walk (OTA window starts, the adversarial judged step, the unrolled objective, validation).
+
 Noise is drawn per sample from its own seed (``seeded_noise``), so a sample's trajectory depends
 only on its seed and condition, not on which batch or worker solved it.
 """
@@ -18,6 +21,7 @@ from typing import Any
 import torch
 
 from flowcore.teacher import as_sigma_batch
+from flowcore.tensors import expand_like
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -53,6 +57,46 @@ def seeded_noise(seeds: Sequence[int], sample_shape: Sequence[int], dtype=torch.
     if not rows:
         return torch.empty((0, *sample_shape), dtype=dtype, device=device)
     return torch.stack(rows).to(device=device, dtype=dtype)
+
+
+def euler_walk(
+    v: VelocityFn,
+    x: torch.Tensor,
+    sigmas: Sequence[float],
+    *,
+    stop_B: torch.Tensor | None = None,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
+    sigma_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Euler steps ``x <- x + (s1 - s0) * v(x, sigma_B)`` over ``sigmas`` [N+1] (1 ... 0), from x_BX.
+
+    v(x_BX, sigma_B) -> v_BX: whatever casts or autocast the caller needs belong in ``v``; the step itself is
+    exactly ``x + (s1 - s0) * v(x, sigma_B)`` with s0, s1 Python floats (``float(sigmas[k])``) and
+    sigma_B = ``torch.full((B,), s0, device=x.device, dtype=sigma_dtype or x.dtype)`` (x the current
+    state). No ``no_grad`` here: gradients flow through every step unless the caller turns them off.
+
+    stop_B: [B] integer steps per row, in 0..N. Given, the walk takes max(stop_B) steps and returns each
+        row's state after its own stop_B steps (a row with 0 steps gets a copy of its x); None: all N
+        steps, and the final state.
+    on_step(k, x_BX): called after step k (0-based) with the state it reached.
+    """
+    B = x.shape[0]
+    n = len(sigmas) - 1
+    out = None
+    if stop_B is not None:
+        stop = stop_B.to(x.device)
+        if B and (int(stop.min()) < 0 or int(stop.max()) > n):
+            raise ValueError(f"stop steps must lie in 0..{n}")
+        n = int(stop.max()) if B else 0
+        out = x.clone()
+    for k in range(n):
+        s0, s1 = float(sigmas[k]), float(sigmas[k + 1])
+        x = x + (s1 - s0) * v(x, torch.full((B,), s0, device=x.device, dtype=sigma_dtype or x.dtype))
+        if out is not None:
+            out = torch.where(expand_like(stop == k + 1, x), x, out)
+        if on_step is not None:
+            on_step(k, x)
+    return x if out is None else out
 
 
 def _capture_indices(sigmas: Sequence[float], capture_sigmas: Sequence[float] | None) -> list[int]:
@@ -116,18 +160,24 @@ def solve(
     captured: list[torch.Tensor] = []
     if 0 in capture_set:
         captured.append(x)
-    for i in range(len(sigmas) - 1):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        sig = as_sigma_batch(s, B, x.device, x.dtype)
-        v = velocity_fn(x, sig)
-        if method == "heun" and s_next > 0:
-            x_pred = x + (s_next - s) * v
-            v_next = velocity_fn(x_pred, as_sigma_batch(s_next, B, x.device, x.dtype))
-            x = x + (s_next - s) * 0.5 * (v + v_next)
-        else:
-            x = x + (s_next - s) * v
-        if i + 1 in capture_set:
-            captured.append(x)
+
+    def keep(k: int, x_k: torch.Tensor) -> None:
+        if k + 1 in capture_set:
+            captured.append(x_k)
+
+    if method == "euler":
+        x = euler_walk(velocity_fn, x, sigmas, on_step=keep)
+    else:  # heun
+        for i in range(len(sigmas) - 1):
+            s, s_next = sigmas[i], sigmas[i + 1]
+            v = velocity_fn(x, as_sigma_batch(s, B, x.device, x.dtype))
+            if s_next > 0:
+                x_pred = x + (s_next - s) * v
+                v_next = velocity_fn(x_pred, as_sigma_batch(s_next, B, x.device, x.dtype))
+                x = x + (s_next - s) * 0.5 * (v + v_next)
+            else:
+                x = x + (s_next - s) * v
+            keep(i, x)
     states = torch.stack(captured, dim=1) if captured else x.new_empty((B, 0, *x.shape[1:]))
     return Trajectory(states, torch.tensor([sigmas[i] for i in capture], dtype=torch.float64))
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from flowcore.teacher import as_sigma_batch
+from flowcore.tensors import expand_like
 
 __all__ = ["VPFlowConversion", "PREDICTION_TYPES", "SCHEDULE_KEYS", "sigma_of_alpha_cumprod", "vp_scale",
            "schedule_config"]
@@ -195,7 +196,7 @@ class VPFlowConversion:
         differentiable in x) and its fractional float32 timesteps ``t(sigma)`` [B] on x's device."""
         s = self.sigma_array(sigma, x.shape[0])
         work = self._work_dtype(x)
-        c = torch.as_tensor(vp_scale(s), dtype=work).to(x.device).reshape(-1, *([1] * (x.ndim - 1)))
+        c = expand_like(torch.as_tensor(vp_scale(s), dtype=work).to(x.device), x)
         t_B = torch.as_tensor(self.timestep_of_sigma(s), dtype=torch.float32).to(x.device)
         return x.to(work) / c, t_B
 
@@ -209,7 +210,7 @@ class VPFlowConversion:
         work, dev = self._work_dtype(x), x.device
 
         def col(a: np.ndarray) -> torch.Tensor:
-            return torch.as_tensor(a, dtype=work).to(dev).reshape(-1, *([1] * (x.ndim - 1)))
+            return expand_like(torch.as_tensor(a, dtype=work).to(dev), x)
 
         a_t, b_t = col(np.sqrt(abar_t)), col(np.sqrt(1.0 - abar_t))
         sig = col(s)
@@ -223,8 +224,8 @@ class VPFlowConversion:
             x0_hat = a_t * z - b_t * out
             eps_hat = a_t * out + b_t * z
         v = eps_hat - x0_hat
-        above = torch.as_tensor(s > self.sigma_max, device=dev).reshape(-1, *([1] * (x.ndim - 1)))
-        below = torch.as_tensor(s < self.sigma_min, device=dev).reshape(-1, *([1] * (x.ndim - 1)))
+        above = expand_like(torch.as_tensor(s > self.sigma_max, device=dev), x)
+        below = expand_like(torch.as_tensor(s < self.sigma_min, device=dev), x)
         # the unselected rows get a harmless denominator: no inf/nan in values or gradients
         if bool(above.any()):
             v = torch.where(above, (xw - x0_hat) / torch.where(above, sig, 1.0), v)

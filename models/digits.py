@@ -31,19 +31,36 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import stat
+import uuid
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
+from safetensors.torch import save as st_save
 
-from models.flownet import FlowNet, FlowNetConfig, FlowNetTeacher, fit_flow_net, load_flow_net, save_flow_net
+from models.cache import cache_root
+from models.flownet import (
+    META_KEY,
+    FlowNet,
+    FlowNetConfig,
+    FlowNetTeacher,
+    canonical_safetensors,
+    fit_flow_net,
+)
 from models.spec import TeacherSpec, parse_teacher_spec
 
 __all__ = ["DIGITS_SPEC", "DEFAULT_FIT_STEPS", "SAMPLE_SHAPE", "NUM_CLASSES", "DigitsTeacher", "digits_data",
-           "digits_teacher", "digits_codes", "DigitsCodec", "digits_fit_steps", "cache_root", "is_digits_spec"]
+           "digits_teacher", "digits_codes", "DigitsCodec", "digits_fit_steps", "cache_root", "is_digits_spec",
+           "CACHE_DIGEST_KEY", "CacheEntryError", "cache_entry_digest", "read_cache_entry", "write_cache_entry"]
+
+log = logging.getLogger(__name__)
 
 DIGITS_SPEC = "digits:8x8"
 TARGETS = ("8x8",)
@@ -60,11 +77,6 @@ WHITEN_FLOOR = 0.05
 SAMPLE_SHAPE = (1, 8, 8)
 NUM_CLASSES = 10
 NET = FlowNetConfig("mlp", SAMPLE_SHAPE, NUM_CLASSES, width=256, depth=3)
-
-
-def cache_root() -> Path:
-    """``$TRAJFLOW_CACHE`` (default ``~/.cache/trajflow``), read at call time."""
-    return Path(os.environ.get("TRAJFLOW_CACHE", os.path.expanduser("~/.cache/trajflow")))
 
 
 def is_digits_spec(spec: str | TeacherSpec) -> bool:
@@ -187,6 +199,131 @@ def _fit(fit_steps: int) -> FlowNet:
     return net
 
 
+# --- verified cache entries (the fitted teacher here, the evaluation classifier in evaluation.digits) ----------
+
+#: safetensors metadata key of a cache entry's digest: sha256 over its other metadata and its tensors' bytes
+CACHE_DIGEST_KEY = "trajflow_sha256"
+
+
+class CacheEntryError(OSError):
+    """A cache entry that can be neither used nor replaced (a directory in its place); one line naming it."""
+
+
+def cache_entry_digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    """sha256 over ``metadata`` (less ``CACHE_DIGEST_KEY``), the tensors' names, dtypes and shapes, and their
+    bytes in name order: what a cache entry holds, independent of how its safetensors header is laid out."""
+    h = hashlib.sha256()
+    head = {"metadata": {k: v for k, v in metadata.items() if k != CACHE_DIGEST_KEY},
+            "tensors": {k: [str(t.dtype), list(t.shape)] for k, t in tensors.items()}}
+    h.update(json.dumps(head, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(name.encode() + b"\0")
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def write_cache_entry(path: str | Path, tensors: Mapping[str, torch.Tensor],
+                      metadata: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """Write a cache entry: the tensors and ``metadata`` plus their digest (``CACHE_DIGEST_KEY``) in one
+    safetensors file (canonical header), to a temporary name then renamed, so a reader sees the old entry or
+    the whole new one. Returns the tensors as stored (read back from the bytes written)."""
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    meta = {**metadata, CACHE_DIGEST_KEY: cache_entry_digest(state, metadata)}
+    data = canonical_safetensors(st_save(state, metadata=meta))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.part{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.replace(tmp, path)
+        except (IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+            raise CacheEntryError(f"cannot write the cache entry {path}: {exc.strerror or exc}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return safetensors.torch.load(data)
+
+
+def _read_regular(path: Path) -> bytes:
+    """The bytes of ``path`` if it is a regular file (a symlink is not followed; opened non-blocking, so a
+    FIFO swapped in cannot hang the open or the read); else OSError."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def read_cache_entry(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """(tensors, metadata) of a cache entry whose digest matches; None for a miss: no entry, or one that is
+    not a regular file (a FIFO, a symlink, a device: never opened), not a safetensors file, written before
+    digests were kept (no ``CACHE_DIGEST_KEY``), or changed since it was written. Every miss but an absent
+    entry logs a warning naming the file; the caller fits again and rewrites it. A directory in the entry's place
+    raises ``CacheEntryError`` (one line naming it)."""
+    path = Path(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("cache entry %s cannot be used (%s): fitting it again", path, exc)
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        raise CacheEntryError(f"the cache entry {path} is a directory, not a file: remove it")
+    if not stat.S_ISREG(st.st_mode):
+        log.warning("cache entry %s is not a regular file (a symlink, FIFO or device): not opened; fitting it "
+                    "again", path)
+        return None
+    try:
+        data = _read_regular(path)
+        n = int.from_bytes(data[:8], "little")
+        if len(data) < 8 or n > len(data) - 8:
+            raise ValueError("not a safetensors file (truncated header)")
+        header = json.loads(data[8:8 + n])
+        meta = header.get("__metadata__") or {} if isinstance(header, dict) else {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise ValueError("its metadata is not a map of strings")
+        if CACHE_DIGEST_KEY not in meta:
+            log.warning("cache entry %s has no digest (written before digests were kept): fitting it again", path)
+            return None
+        tensors = safetensors.torch.load(data)
+    except Exception as exc:  # noqa: BLE001 - OSError, bad JSON, safetensors' own errors: all a miss
+        log.warning("cache entry %s cannot be used (%s): fitting it again", path, " ".join(str(exc).split())[:200])
+        return None
+    if cache_entry_digest(tensors, meta) != meta[CACHE_DIGEST_KEY]:
+        log.warning("cache entry %s does not match its digest (changed since it was written): fitting it again",
+                    path)
+        return None
+    return tensors, meta
+
+
+def _net_from_entry(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> FlowNet | None:
+    """The flow net a verified entry holds (as ``load_flow_net`` builds it), None when it is not the
+    testbed's architecture."""
+    try:
+        cfg = FlowNetConfig(**json.loads(meta[META_KEY]))
+        if json.dumps(cfg.to_dict(), sort_keys=True) != json.dumps(NET.to_dict(), sort_keys=True):
+            raise ValueError(f"config {cfg.to_dict()} is not the testbed's")
+        net = FlowNet(cfg)
+        missing, unexpected = net.load_state_dict(dict(tensors), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        log.warning("cache entry %s cannot be used (%s): fitting it again", path, " ".join(str(exc).split())[:200])
+        return None
+    return net.eval()
+
+
 def cached_net_path(fit_steps: int) -> Path:
     x, y = digits_data()
     key = hashlib.sha256(json.dumps({"data": _data_digest(x, y), "code": f"pca-whiten-{WHITEN_FLOOR}", "net": asdict(NET), "steps": fit_steps,
@@ -197,19 +334,25 @@ def cached_net_path(fit_steps: int) -> Path:
 
 def digits_teacher(spec: str | TeacherSpec = DIGITS_SPEC, device: str | torch.device = "cpu",
                    dtype: torch.dtype | None = None) -> DigitsTeacher:
-    """The testbed teacher a digits SPEC names: loaded from the cache, or fitted (deterministically) and cached."""
+    """The testbed teacher a digits SPEC names: loaded from the cache, or fitted (deterministically) and cached.
+
+    The entry is used only when its digest matches (``read_cache_entry``); otherwise (changed, truncated, not
+    a regular file, or written before digests were kept) the teacher is fitted again and the entry rewritten,
+    so a damaged cache cannot change the teacher's fingerprint."""
     s = parse_teacher_spec(spec) if isinstance(spec, str) else spec
     steps = digits_fit_steps(s)
     path = cached_net_path(steps)
-    if path.exists():
-        net, _ = load_flow_net(path)
-    else:
+    entry = read_cache_entry(path)
+    net = _net_from_entry(path, *entry) if entry is not None else None
+    if net is None:
         net = _fit(steps)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.part{os.getpid()}")
-        save_flow_net(net, tmp, extra={"testbed": str(s), "fit_steps": steps, "seed": FIT_SEED})
-        os.replace(tmp, path)
-        net, _ = load_flow_net(path)  # what every later process loads: bit-identical weights
+        # the metadata save_flow_net writes (config, extra), plus the digest
+        meta = {META_KEY: json.dumps(net.cfg.to_dict(), sort_keys=True),
+                "trajflow_extra": json.dumps({"testbed": str(s), "fit_steps": steps, "seed": FIT_SEED}, sort_keys=True)}
+        stored = write_cache_entry(path, net.state_dict(), meta)
+        net = _net_from_entry(path, stored, meta)  # what every later process loads: bit-identical weights
+        if net is None:
+            raise CacheEntryError(f"the cache entry {path} just written cannot be read back")
     net = net.to(device)
     if dtype is not None:
         net = net.to(dtype)

@@ -27,6 +27,7 @@ from torch import nn
 
 from flowcore.guidance import cfg_velocity
 from flowcore.teacher import as_guidance_batch, as_sigma_batch, fingerprint_of
+from flowcore.tensors import expand_like
 from models.gmm import GMMSpec, GMMTeacher
 
 ARCHS = ("mlp", "conv")
@@ -39,7 +40,7 @@ SOLVER_KNOTS = 65
 #: (2e-4 by default, sized for networks) moves these few O(0.1) numbers at a useful pace (Adam's step scales
 #: with it: an effective 1e-2)
 SOLVER_PARAM_SCALE = 50.0
-_META_KEY = "trajflow_flownet_config"
+META_KEY = "trajflow_flownet_config"
 
 
 @dataclass
@@ -216,8 +217,7 @@ class FlowNet(nn.Module):
         lo = pos.floor().long().clamp(max=SOLVER_KNOTS - 2)
         frac = (pos - lo)[:, None]
         coef = (self.solver[lo] * (1 - frac) + self.solver[lo + 1] * frac) * SOLVER_PARAM_SCALE  # [B, 3]
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        a, tau, b = (coef[:, i].to(x.dtype).reshape(shape) for i in range(3))
+        a, tau, b = (expand_like(coef[:, i].to(x.dtype), x) for i in range(3))
         sigma_eval = (sigma_B.to(x.dtype) + tau.reshape(-1)).clamp(0, 1)
         return (1 + a) * self.base_velocity(x, sigma_eval, class_B, guidance_B) + b * x
 
@@ -260,7 +260,7 @@ def fit_flow_net(
         if cls is not None and cond_dropout > 0:
             drop = torch.rand(batch_size, generator=g) < cond_dropout
             cls = torch.where(drop, torch.full_like(cls, -1), cls)
-        s = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
+        s = expand_like(sigma, x0)
         x = (1 - s) * x0 + s * eps
         x, sigma, target = x.to(device), sigma.to(device), (eps - x0).to(device)
         pred = net(x, sigma, None if cls is None else cls.to(device))
@@ -292,7 +292,7 @@ def canonical_safetensors(data: bytes) -> bytes:
 def save_flow_net(net: FlowNet, path: str | Path, extra: dict[str, Any] | None = None) -> None:
     """Weights + config (JSON in the safetensors metadata) in one file; byte-reproducible (the same tensors and
     metadata give the same bytes in every process: sorted JSON, canonical header)."""
-    meta = {_META_KEY: json.dumps(net.cfg.to_dict(), sort_keys=True),
+    meta = {META_KEY: json.dumps(net.cfg.to_dict(), sort_keys=True),
             "trajflow_extra": json.dumps(extra or {}, sort_keys=True)}
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     Path(path).write_bytes(canonical_safetensors(st_save(state, metadata=meta)))
@@ -309,9 +309,9 @@ def load_flow_net(path: str | Path, device: str | torch.device = "cpu") -> tuple
             state = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for truncated / non-safetensors files
         raise ValueError(f"{p} is not a valid safetensors file: {e}") from None
-    if _META_KEY not in meta:
+    if META_KEY not in meta:
         raise ValueError(f"{p} has no trajflow flow-net config in its metadata")
-    raw = json.loads(meta[_META_KEY])
+    raw = json.loads(meta[META_KEY])
     cfg = FlowNetConfig(**raw)
     net = FlowNet(cfg)
     missing, unexpected = net.load_state_dict(state, strict=False)

@@ -51,8 +51,6 @@ def local_target(target: str, fetch: Fetch | None, *, what: str) -> str:
     return target
 
 
-
-
 def build_teacher(spec: str | TeacherSpec, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                   resolution: int | None = None, sample_shape=None, fetch: Fetch | None = None):
     """Build a Teacher from a SPEC whose target is a preset or a path.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tomllib
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -17,11 +18,22 @@ DTYPES = ("float32", "float16", "bfloat16")
 #: the default validation split holds at most this many trajectories (rounded up to whole shards)
 DEFAULT_MAX_VALIDATION = 256
 
+#: ceilings of the counts (the same as the `trajflow generate` flags', ``trajflow.args.INT_BOUNDS``): far above
+#: any real run, low enough that planning and solving allocate little for them. The run's shards are bounded too:
+#: the driver plans ~100 bytes per shard (~110 MB at MAX_SHARDS), before any shard is solved.
+MAX_SHARD_SIZE = 2**16
+MAX_SHARDS = 2**20
+MAX_TRAJECTORIES = MAX_SHARDS * MAX_SHARD_SIZE
+MAX_SOLVER_STEPS = 10_000
+LIMITS = {"num_trajectories": MAX_TRAJECTORIES, "shard_size": MAX_SHARD_SIZE, "validation_trajectories":
+          MAX_TRAJECTORIES, "num_steps": MAX_SOLVER_STEPS, "batch_size": 2**16, "num_workers": 4096,
+          "max_retries": 1000, "resolution": 2**14}
+
 
 def parse_guidance(value: Any) -> float | tuple[float, float]:
     """'3' -> 3.0; '1.5:4.5' or [1.5, 4.5] -> (1.5, 4.5): a range sampled per trajectory."""
     if isinstance(value, (int, float)):
-        return float(value)
+        return _finite_guidance(float(value), value)
     if isinstance(value, (list, tuple)) and len(value) == 2:
         lo, hi = float(value[0]), float(value[1])
     elif isinstance(value, dict) and set(value) == {"min", "max"}:
@@ -29,18 +41,42 @@ def parse_guidance(value: Any) -> float | tuple[float, float]:
     elif isinstance(value, str):
         parts = value.split(":")
         try:
-            if len(parts) == 1:
-                return float(parts[0])
-            if len(parts) != 2:
+            if len(parts) not in (1, 2):
                 raise ValueError
-            lo, hi = float(parts[0]), float(parts[1])
+            numbers = [float(p) for p in parts]
         except ValueError:
             raise ValueError(f"guidance must be a number like 3.0 or a range like 1.5:4.5, got {value!r}") from None
+        if len(numbers) == 1:
+            return _finite_guidance(numbers[0], value)
+        lo, hi = numbers
     else:
         raise ValueError(f"guidance must be a number or a [min, max] range, got {value!r}")
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"guidance must be finite numbers, got {value!r}")
     if lo > hi:
         raise ValueError(f"guidance range needs min <= max, got {lo}:{hi}")
     return (lo, hi)
+
+
+def _finite_guidance(g: float, value: Any) -> float:
+    if not math.isfinite(g):
+        raise ValueError(f"guidance must be a finite number, got {value!r}")
+    return g
+
+
+def check_numbers(cfg: Any, limits: dict[str, int]) -> None:
+    """Every float of a config (tuples included) finite and every integer field of ``limits`` at most its
+    limit; ValueError naming the setting (as its flag) otherwise."""
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        flag = f.name.replace("_", "-")
+        items = v if isinstance(v, (tuple, list)) else (v,)
+        if any(isinstance(x, float) and not math.isfinite(x) for x in items):
+            raise ValueError(f"{flag} must be {'finite numbers' if items is v else 'a finite number'}, got {v!r}")
+        limit = limits.get(f.name)
+        if limit is not None and any(isinstance(x, (int, float)) and not isinstance(x, bool) and x > limit
+                                     for x in items):
+            raise ValueError(f"{flag} must be at most {limit}, got {v!r}")
 
 
 @dataclass
@@ -106,6 +142,14 @@ class GenerateConfig:
     verify_sha256: bool = False
 
     def __post_init__(self):
+        # numbers first: finite floats, bounded counts and a bounded plan, before anything is read or planned
+        check_numbers(self, {**LIMITS, "stages": MAX_SOLVER_STEPS, "classes": 2**31 - 1})
+        if isinstance(self.num_trajectories, int) and isinstance(self.shard_size, int) and self.shard_size >= 1:
+            shards = -(-self.num_trajectories // self.shard_size)
+            if shards > MAX_SHARDS:
+                raise ValueError(f"num-trajectories {self.num_trajectories} in shards of {self.shard_size} make {shards} "
+                                 f"shards; a corpus has at most {MAX_SHARDS} (2**20): raise --shard-size (at most "
+                                 f"{MAX_SHARD_SIZE})")
         spec = parse_teacher_spec(self.teacher)
         if spec.kind == "diffusers" and "://" not in spec.target and not os.path.isabs(spec.target):
             # workers (and the card's source.path, read by audit and trainer) need a path valid from any cwd

@@ -6,22 +6,15 @@ time and produce the same bytes: at-least-once execution yields exactly-once dat
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 from storage_schemas import shard_id as format_shard_id
-
-MAX_SEED = 2**63 - 1
-
-
-def _hash64(*parts) -> int:
-    h = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(h[:8], "big")
+from storage_schemas._fields import hash64, seed63
 
 
 def sample_seed(base_seed: int, index: int) -> int:
     """Noise seed of sample ``index``: a 63-bit hash of (base_seed, index), unique in practice."""
-    return _hash64("trajflow-seed", base_seed, index) & MAX_SEED
+    return seed63("trajflow-seed", base_seed, index)
 
 
 def sample_guidance(guidance: float | tuple[float, float], base_seed: int, index: int) -> float:
@@ -30,7 +23,7 @@ def sample_guidance(guidance: float | tuple[float, float], base_seed: int, index
     if isinstance(guidance, (int, float)):
         return float(guidance)
     lo, hi = guidance
-    u = _hash64("trajflow-guidance", base_seed, index) / 2**64
+    u = hash64("trajflow-guidance", base_seed, index) / 2**64
     return round(lo + (hi - lo) * u, 6)
 
 

@@ -8,10 +8,10 @@ Credentials are never printed: ``describe_options`` masks them for logs and erro
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -20,7 +20,7 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from storage_schemas.limits import refuse_local_symlink
-from storage_schemas.retry import is_transient as _is_transient
+from storage_schemas.retry import is_transient  # noqa: F401 - re-exported (failed verifications are OSErrors)
 from storage_schemas.retry import with_retries as _with_retries
 
 log = logging.getLogger(__name__)
@@ -50,16 +50,8 @@ def describe_options(options: dict[str, Any] | None) -> dict[str, Any]:
     return {k: mask(k, v) for k, v in (options or {}).items()}
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Transient storage errors and failed read-back verifications (an OSError) are worth retrying."""
-    return _is_transient(exc)
-
-
-def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 6, base_delay: float = 0.2,
-                 max_delay: float = 8.0, sleep: Callable[[float], None] = time.sleep) -> T:
-    """``storage_schemas.retry.with_retries`` raising :class:`StorageError` naming ``what``."""
-    return _with_retries(fn, what=what, attempts=attempts, base_delay=base_delay, max_delay=max_delay,
-                         sleep=sleep, error=StorageError)
+#: ``storage_schemas.retry.with_retries`` (its policy and defaults) raising :class:`StorageError` naming ``what``
+with_retries = functools.partial(_with_retries, error=StorageError)
 
 
 def sha256_hex(data: bytes) -> str:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from flowcore.solvers import seeded_noise, solve_teacher
+from models.cache import cache_root
 from models.registry import build_teacher
 from pipeline.config import GenerateConfig
 from pipeline.plan import ShardPlan
@@ -39,8 +40,6 @@ from storage_schemas import (
 from storage_schemas.fetch import fetch_to_local
 from storage_schemas.shard import write_shard_arrays
 
-CACHE_DIR = os.environ.get("TRAJFLOW_CACHE", os.path.expanduser("~/.cache/trajflow"))
-
 
 def resolve_teacher(spec: str, storage_options: dict[str, Any] | None, device: str, dtype: str | None = None,
                     resolution: int | None = None):
@@ -48,7 +47,7 @@ def resolve_teacher(spec: str, storage_options: dict[str, Any] | None, device: s
     ``dtype`` (a name: bfloat16, ...) is the teacher network's dtype, ``resolution`` a diffusers
     teacher's image size in pixels."""
     def fetch(url: str) -> str:
-        return fetch_to_local(url, os.path.join(CACHE_DIR, "teachers"), storage_options)
+        return fetch_to_local(url, str(cache_root() / "teachers"), storage_options)
 
     return build_teacher(spec, device=device, dtype=None if dtype is None else TORCH_DTYPES[dtype],
                          resolution=resolution, fetch=fetch)

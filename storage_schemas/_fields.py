@@ -6,6 +6,7 @@ path inside it (e.g. ``"solver.num_steps"``); both appear in every message.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -17,6 +18,18 @@ from .version import SUPPORTED_SCHEMA_VERSIONS
 
 MAX_SEED = 2**63 - 1
 """Seeds are stored as Parquet int64, so they live in [0, 2**63 - 1]."""
+
+
+def hash64(*parts: object) -> int:
+    """The first 8 bytes (big-endian) of sha256(":".join(map(str, parts))): a 64-bit hash of ``parts``."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big")
+
+
+def seed63(*parts: object) -> int:
+    """``hash64(*parts) & MAX_SEED``: the project's one seed hash (a stored contract: the generator's sample
+    seeds, ``sha256('trajflow-seed:{base_seed}:{index}')[:8] & (2**63-1)``, are ``seed63("trajflow-seed",
+    base_seed, index)``; the trainer's order and rollout seeds are seed63 of their own parts)."""
+    return hash64(*parts) & MAX_SEED
 
 
 def _type_name(value: object) -> str:

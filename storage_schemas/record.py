@@ -515,124 +515,6 @@ def _safetensors_layout(payload: bytes) -> bytes | None:
     return payload[: 8 + size] if size <= len(payload) - 8 else None
 
 
-def decode_samples(
-    samples: Sequence[tuple[str, Mapping[str, bytes]]],
-    card: DatasetCard | None = None,
-    *,
-    shard_id: str | None = None,
-) -> list[SampleRecord | CorpusFormatError]:
-    """:func:`decode_sample` for many samples at once, with the tensor work vectorised.
-
-    Samples whose safetensors buffers have the same header bytes and length (all samples of a
-    shard the pipeline wrote) share one layout: the first of them is decoded by
-    :func:`decode_sample`, which validates the layout (tensor names, dtypes, shapes, offsets, and
-    against ``card``); for the others only what depends on their bytes is checked, in one pass
-    over all of them (non-finite states; sigma values: finite, in [0, 1], strictly decreasing, the
-    card's), plus each one's metadata. A sample that fails any of these, or has a layout of its
-    own, is decoded by :func:`decode_sample` alone, so the records and errors are exactly those of
-    :func:`decode_sample`.
-
-    Returns:
-        Per sample, in order: its :class:`SampleRecord`, or the :class:`CorpusFormatError` (or
-        subclass) :func:`decode_sample` raises for it. Errors are returned, not raised.
-    """
-
-    def one(i: int) -> SampleRecord | CorpusFormatError:
-        key, members = samples[i]
-        try:
-            return decode_sample(key, members, card, shard_id=shard_id)
-        except CorpusFormatError as exc:
-            return exc
-
-    results: list[SampleRecord | CorpusFormatError | None] = [None] * len(samples)
-    groups: dict[tuple[bytes, int], list[int]] = {}
-    for i, (_, members) in enumerate(samples):
-        payload = members.get(TRAJ_MEMBER) if len(members) == 2 and META_MEMBER in members else None
-        layout = _safetensors_layout(payload) if isinstance(payload, bytes) else None
-        if layout is None or sys.byteorder != "little":
-            results[i] = one(i)
-        else:
-            groups.setdefault((layout, len(payload)), []).append(i)
-    for (layout, length), indices in groups.items():
-        first = one(indices[0])
-        results[indices[0]] = first
-        rest = indices[1:]
-        if not rest:
-            continue
-        if not isinstance(first, SampleRecord):  # the layout itself may be bad: decode one by one
-            for i in rest:
-                results[i] = one(i)
-            continue
-        decoded = _decode_same_layout([samples[i] for i in indices], first, layout, length, card, shard_id)
-        for i, record in zip(rest, decoded):
-            results[i] = record if record is not None else one(i)
-    return results  # type: ignore[return-value]
-
-
-def _decode_same_layout(
-    samples: list[tuple[str, Mapping[str, bytes]]],
-    template: SampleRecord,
-    layout: bytes,
-    length: int,
-    card: DatasetCard | None,
-    shard_id: str | None,
-) -> list[SampleRecord | None]:
-    """Records for ``samples[1:]``, whose safetensors buffers share the layout of ``samples[0]``
-    (decoded by :func:`decode_sample` as ``template``); None for a sample that needs
-    :func:`decode_sample` (a check failed)."""
-    count = len(samples)
-    try:
-        header = json.loads(layout[8:], object_pairs_hook=_unique_keys)
-        base = len(layout)
-        raw = torch.frombuffer(bytearray(b"".join(m[TRAJ_MEMBER] for _, m in samples)), dtype=torch.uint8)
-        raw = raw.view(count, length)
-
-        def tensor(name: str, like: torch.Tensor) -> torch.Tensor:
-            begin, end = header[name]["data_offsets"]
-            return raw[:, base + begin : base + end].contiguous().view(like.dtype).view(count, *like.shape)
-
-        states = tensor(STATES_TENSOR, template.states)
-        sigmas = tensor(SIGMAS_TENSOR, template.sigmas)
-    except (ValueError, TypeError, KeyError, RuntimeError):  # not the layout safetensors read: no shortcut
-        return [None] * (count - 1)
-    # the layout must give the template exactly the tensors safetensors gave it
-    if not (torch.equal(states[0], template.states) and torch.equal(sigmas[0], template.sigmas)):
-        return [None] * (count - 1)
-    # what decode_sample checks on the values (the layout was checked on the template)
-    sig = sigmas.to(torch.float64)
-    ok = (sig.isfinite() & (sig >= 0.0) & (sig <= 1.0)).all(dim=1)
-    ok &= (sig[:, 1:] < sig[:, :-1]).all(dim=1)
-    if card is not None:
-        expected = torch.tensor(card.saved_sigmas, dtype=torch.float64)
-        ok &= ((sig - expected).abs() <= SIGMA_TOLERANCE).all(dim=1)
-    if states.numel():
-        # a finite sum means finite values (NaN and +-Inf propagate); a row whose sum is not finite
-        # (a non-finite value, or an overflow) is left to decode_sample, which tells them apart
-        ok &= states.view(count, -1).sum(dim=1, dtype=torch.float32).isfinite()
-    ok_rows = ok.tolist()
-    state_rows, sigma_rows = states.unbind(0), sigmas.unbind(0)
-    new, setattr_ = object.__new__, object.__setattr__
-    class_card = card is not None and card.conditioning.kind == "class"
-    out: list[SampleRecord | None] = []
-    for j, (key, members) in enumerate(samples):
-        if j == 0:
-            continue
-        if not ok_rows[j]:
-            out.append(None)
-            continue
-        meta = _fast_meta(key, members[META_MEMBER], card, class_card)
-        if meta is None:
-            out.append(None)  # decode_sample raises the precise error
-            continue
-        record = new(SampleRecord)
-        setattr_(record, "key", key)
-        setattr_(record, "states", state_rows[j].clone())
-        setattr_(record, "sigmas", sigma_rows[j].clone())
-        setattr_(record, "meta", meta)
-        out.append(record)
-    return out
-
-
 def _fast_meta(key: str, text: bytes, card: DatasetCard | None, class_card: bool) -> dict[str, Any] | None:
     """A sample's metadata with every check :func:`decode_sample` makes on it, or None when any
     fails or the text is unusual (then :func:`decode_sample` gives the precise error)."""
@@ -692,9 +574,10 @@ def decode_spans_into(
     *,
     shard_id: str | None = None,
 ) -> list[dict[str, Any] | CorpusFormatError]:
-    """:func:`decode_samples` for samples whose payloads lie in one buffer (a shard's bytes and the
-    spans :func:`storage_schemas.shard.index_shard_members` found in it), writing the tensors
-    straight into preallocated rows instead of making one record per sample.
+    """:func:`decode_sample` for many samples whose payloads lie in one buffer (a shard's bytes and the
+    spans :func:`storage_schemas.shard.index_shard_members` found in it), with the tensor work
+    vectorised, writing the tensors straight into preallocated rows instead of making one record per
+    sample (the loader's decoder).
 
     Args:
         data: the buffer; ``samples[j] = (key, {suffix: (offset, size)})`` locates sample j's members.
@@ -706,10 +589,13 @@ def decode_spans_into(
     Returns:
         Per sample, in order: its validated metadata, or the :class:`CorpusFormatError` that
         :func:`decode_sample` raises for it (its rows are then unspecified). The same checks, records
-        and errors as :func:`decode_samples`: samples sharing a safetensors layout (header bytes and
-        length) have the first decoded by :func:`decode_sample`; the others are checked vectorised
-        (values of the sigmas, finite states) plus their metadata, and any that fails is decoded
-        alone by :func:`decode_sample`. The payloads are copied once, from ``data`` into the rows.
+        and errors as :func:`decode_sample`: samples sharing a safetensors layout (header bytes and
+        length; all samples of a shard the pipeline wrote) have the first decoded by
+        :func:`decode_sample`, which validates the layout (tensor names, dtypes, shapes, offsets, and
+        against ``card``); the others are checked vectorised (values of the sigmas: finite, in [0, 1],
+        strictly decreasing, the card's; finite states) plus their metadata, and any that fails, or
+        has a layout of its own, is decoded alone by :func:`decode_sample`. The payloads are copied
+        once, from ``data`` into the rows.
     """
     count = len(samples)
     results: list[dict[str, Any] | CorpusFormatError | None] = [None] * count

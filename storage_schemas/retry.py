@@ -3,6 +3,10 @@
 Throttling, 5xx, timeouts, dropped connections (s3fs/gcsfs map most of them to OSError) and failed
 verifications are retried with jittered exponential backoff; missing objects, permissions and bad
 arguments are not. ``FileNotFoundError`` always propagates unchanged, so callers can test for absence.
+
+``with_retries`` is the one entry point. A layer that surfaces its own error type binds it (and, if it
+must, its own budget) with ``functools.partial`` rather than wrapping it: ``pipeline.storage.with_retries``
+raises ``StorageError``, the audit's (``storage_schemas.audit._io``) ``StorageReadError``.
 """
 
 from __future__ import annotations

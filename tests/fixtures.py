@@ -44,7 +44,8 @@ def allow_location(prefix: str | Path) -> None:
 
     from storage_schemas.locations import ALLOW_ENV
 
-    os.environ[ALLOW_ENV] = " ".join(dict.fromkeys([*os.environ.get(ALLOW_ENV, "").split(), str(prefix)]))
+    entries = [e for e in os.environ.get(ALLOW_ENV, "").split(os.pathsep) if e]
+    os.environ[ALLOW_ENV] = os.pathsep.join(dict.fromkeys([*entries, str(prefix)]))
 
 
 def generate_args(teacher_dir: str, prompts: str | Path, out: str, **flags) -> list[str]:
@@ -55,3 +56,16 @@ def generate_args(teacher_dir: str, prompts: str | Path, out: str, **flags) -> l
         if v is not None:
             args += [f"--{k.replace('_', '-')}", str(v)]
     return args
+
+
+def make_gmm_corpus(out: str, n: int, shard_size: int, *, guidance=2.0, stages=(8, 4), num_steps=16,
+                    validation: int = 0) -> str:
+    """A real latent10 (GMM) corpus written by the generation worker and committer (no Ray needed);
+    ``validation``: its validation split in trajectories (0: every shard trains)."""
+    from pipeline.config import GenerateConfig
+    from pipeline.driver import generate_in_process
+
+    return generate_in_process(GenerateConfig(teacher="gmm:latent10", out=out, num_trajectories=n,
+                                              shard_size=shard_size, num_steps=num_steps, stages=stages,
+                                              guidance=guidance, progress=False,
+                                              validation_trajectories=validation))

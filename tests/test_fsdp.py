@@ -115,7 +115,7 @@ def _resume_in_this_process(corpus, run, max_steps, consumed, *, adv: bool, lora
         _assert_same(ema, {k[4:]: v for k, v in saved.items() if k.startswith("ema.")}, "EMA")
         opts = StateDictOptions(flatten_optimizer_state_dict=True)
         for prefix, model, opt in [("", trainer.model, trainer.optimizer)] + (
-                [("disc.", trainer.disc, trainer.disc_optimizer)] if adv else []):
+                [("disc.", trainer.part("adversarial").disc, trainer.part("adversarial").disc_optimizer)] if adv else []):
             osd = get_optimizer_state_dict(model, opt, options=opts)
             got = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in osd.items()
                    if isinstance(v, torch.Tensor)}
@@ -123,7 +123,7 @@ def _resume_in_this_process(corpus, run, max_steps, consumed, *, adv: bool, lora
             assert got and any(k.endswith("exp_avg_sq") for k in got)
             _assert_same(got, want, f"{prefix}optimizer")
         if adv:
-            disc = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in trainer.disc.state_dict().items()}
+            disc = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in trainer.part("adversarial").disc.state_dict().items()}
             _assert_same(disc, {k[11:]: v for k, v in saved.items() if k.startswith("disc.model.")}, "discriminator")
         trainer.train()
         trainer.export_student()

@@ -95,7 +95,7 @@ def test_unrolled_loss_is_the_few_step_endpoint_error_and_reaches_every_step(tmp
         batch = next(gen)
         gen.close()
         cond = t.student.corpus_condition(batch)
-        loss = t._unrolled_loss(batch, cond, batch["valid"].bool(), 4)
+        loss = t.part("unrolled").solve_loss(batch, cond, batch["valid"].bool(), 4)
         # at init the student is the teacher: the loss is the teacher's own 4-step Euler error, computed here
         teacher = GMMTeacher(load_preset("latent10"))
         states, sig = batch["states"].double(), batch["sigmas"][0].double()

@@ -89,9 +89,9 @@ def test_training_mixes_rollouts_in_both_modes_and_survives_a_killed_replica(ray
         killed = {}
         if mode == "fresh":
             def kill_one(t=t, killed=killed):  # once rollouts flow, kill a replica under the running trainer
-                while t.ota.stats["ota_samples"] == 0:
+                while t.part("online").stats["ota_samples"] == 0:
                     time.sleep(0.05)
-                killed["at_samples"] = t.ota.stats["ota_samples"]
+                killed["at_samples"] = t.part("online").stats["ota_samples"]
                 ray.kill(ray.get_actor(pool.replica_actor_names("p-train")[0], namespace="serve"))
 
             killer = threading.Thread(target=kill_one, daemon=True)

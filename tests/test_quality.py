@@ -13,6 +13,7 @@ pytestmark = pytest.mark.slow
 
 def test_four_step_student_beats_four_step_teacher_on_latent10(tmp_path):
     from evaluation.gmm import evaluate_gmm
+    from models.flownet import FlowNet
     from trainer.config import TrainConfig
     from trainer.loop import Trainer
 
@@ -22,7 +23,8 @@ def test_four_step_student_beats_four_step_teacher_on_latent10(tmp_path):
     trainer = Trainer(cfg).build()
     try:
         trainer.train()
-        student = trainer.student.sampling_network()  # the EMA weights
+        student = FlowNet(trainer.student.net_cfg)
+        student.load_state_dict(trainer.ema.state_dict())  # the EMA weights
         report = evaluate_gmm(student, trainer.teacher, shift=1.0, guidance=2.0, steps=(1, 2, 4), num_samples=1000)
     finally:
         trainer.close()

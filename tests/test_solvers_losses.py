@@ -3,7 +3,8 @@ import torch
 
 from flowcore.losses import aligned_v_loss, cosine_per_sample, point_on_segment, velocity_mse, window_target
 from flowcore.schedules import few_step_sigmas, shifted_sigmas
-from flowcore.solvers import seeded_noise, solve
+from flowcore.solvers import euler_walk, seeded_noise, solve
+from flowcore.tensors import expand_like
 
 
 @pytest.mark.parametrize("method", ["euler", "heun"])
@@ -69,3 +70,89 @@ def test_window_target_and_losses():
         aligned_v_loss(v, v, alpha=-1)
     with pytest.raises(ValueError, match="zero width"):
         window_target(x_s, x_e, s0, s0)
+
+
+def _field(w: torch.Tensor):
+    """A nonlinear velocity field with a trainable weight; records the sigma batches it is called with."""
+    seen = []
+
+    def v(x, sigma_B):
+        seen.append(sigma_B)
+        s = sigma_B.reshape(-1, *([1] * (x.ndim - 1)))
+        return torch.sin(x * w) * (1 + s) - 0.3 * x * s**2
+
+    return v, seen
+
+
+def _hand_walk(v, x, sigmas, steps):
+    """The walk as it was written inline (ota, adversarial, the unrolled loss): every state it visits."""
+    out = [x]
+    for k in range(steps):
+        s0, s1 = float(sigmas[k]), float(sigmas[k + 1])
+        x = x + (s1 - s0) * v(x, torch.full((x.shape[0],), s0, device=x.device, dtype=x.dtype))
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_euler_walk_is_the_hand_written_walk_bit_for_bit(dtype):
+    sigmas = few_step_sigmas(4, 3.0)
+    x0 = torch.randn(6, 2, 3, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    w = torch.tensor(1.7, dtype=dtype, requires_grad=True)
+    v, seen = _field(w)
+    steps = []
+    got = euler_walk(v, x0, sigmas, on_step=lambda k, x: steps.append((k, x)))
+    hand = _hand_walk(v, x0, sigmas, 4)
+    assert torch.equal(got, hand[-1])
+    assert [k for k, _ in steps] == [0, 1, 2, 3] and all(torch.equal(x, hand[k + 1]) for k, x in steps)
+    # each step saw a [B] sigma in x's dtype and device, with the grid's value
+    assert [(tuple(s.shape), s.dtype, float(s[0])) for s in seen[:4]] == [((6,), dtype, float(torch.tensor(
+        sig, dtype=dtype))) for sig in sigmas[:4]]
+    # gradients flow through every step, as through the hand-written walk
+    (g_walk,) = torch.autograd.grad(got.sum(), w)
+    (g_hand,) = torch.autograd.grad(hand[-1].sum(), w)
+    assert torch.equal(g_walk, g_hand) and float(g_walk) != 0.0
+    # sigma_dtype: the sigma batch's own dtype (validation builds float32 sigmas)
+    v2, seen2 = _field(torch.tensor(1.7, dtype=dtype))
+    euler_walk(v2, x0, sigmas, sigma_dtype=torch.float32)
+    assert {s.dtype for s in seen2} == {torch.float32}
+
+
+def test_euler_walk_stops_each_row_at_its_own_step():
+    sigmas = few_step_sigmas(4, 3.0)
+    x0 = torch.randn(7, 5, generator=torch.Generator().manual_seed(1))
+    v, seen = _field(torch.tensor(0.9))
+    stop = torch.tensor([0, 1, 2, 3, 4, 2, 0])
+    got = euler_walk(v, x0, sigmas, stop_B=stop)
+    hand = _hand_walk(v, x0, sigmas, 4)
+    for b, n in enumerate(stop.tolist()):
+        assert torch.equal(got[b], hand[n][b])
+    assert got.data_ptr() != x0.data_ptr()  # rows that take no step get a copy
+    seen.clear()
+    short = torch.tensor([2, 1, 0, 0, 0, 0, 0])
+    got = euler_walk(v, x0, sigmas, stop_B=short)
+    assert len(seen) == 2  # the walk takes max(stop_B) steps only
+    assert all(torch.equal(got[b], hand[n][b]) for b, n in enumerate(short.tolist()))
+    assert euler_walk(v, x0[:0], sigmas, stop_B=torch.zeros(0, dtype=torch.long)).shape == (0, 5)
+    for bad in ([5, 0, 0, 0, 0, 0, 0], [-1, 0, 0, 0, 0, 0, 0]):
+        with pytest.raises(ValueError, match="stop steps must lie in 0..4"):
+            euler_walk(v, x0, sigmas, stop_B=torch.tensor(bad))
+
+
+def test_solve_euler_is_euler_walk():
+    sigmas = shifted_sigmas(8, 3.0)
+    x0 = torch.randn(4, 3, generator=torch.Generator().manual_seed(2))
+    v, _ = _field(torch.tensor(1.3))
+    traj = solve(v, x0, sigmas)
+    hand = _hand_walk(v, x0, sigmas, 8)
+    assert all(torch.equal(traj.states_BKX[:, k], hand[k]) for k in range(9))
+
+
+def test_expand_like_broadcasts_a_batch_vector_against_any_rank():
+    t = torch.tensor([1.0, 2.0, 3.0])
+    for shape in [(3,), (3, 2), (3, 2, 4), (3, 1, 2, 2)]:
+        x = torch.ones(shape, dtype=torch.float64)
+        e = expand_like(t, x)
+        assert e.shape == (3,) + (1,) * (len(shape) - 1) and e.dtype == t.dtype
+        assert e.data_ptr() == t.data_ptr()  # a view: no copy, no cast
+        assert torch.equal(e * x, torch.stack([x[b] * t[b] for b in range(3)]))

@@ -870,27 +870,46 @@ def test_finite_states_whose_sum_overflows_still_decode_and_nan_is_caught(dtype)
             ss.decode_sample(record.key, members, card)
 
 
-def decoded_like_decode_sample(samples, card, shard_id=SHARD) -> list:
-    """decode_samples' results, checked against decode_sample one by one (records or errors)."""
-    from storage_schemas.record import decode_samples
+def shard_of(samples) -> bytes:
+    """A tar of ``samples`` [(key, {suffix: payload})], members as given (bad ones included)."""
+    buffer = io.BytesIO()
+    with webdataset.TarWriter(buffer, encoder=False, compress=False, mtime=0) as writer:
+        for key, members in samples:
+            writer.write({"__key__": key, **members})
+    return buffer.getvalue()
 
-    got = decode_samples(samples, card, shard_id=shard_id)
-    assert len(got) == len(samples)
-    for (key, members), result in zip(samples, got):
+
+def decoded_like_decode_sample(data: bytes, card, shard_id=SHARD) -> tuple[list, torch.Tensor]:
+    """(results, states rows) of the loader's decoder (decode_spans_into) over the shard ``data``, checked
+    against decode_sample (the reference decoder) sample by sample: the same metadata and tensors, or the
+    same error."""
+    from storage_schemas.record import decode_spans_into
+    from storage_schemas.shard import index_shard_members, iter_shard_members
+
+    spans = index_shard_members(data, shard_id)
+    samples = list(iter_shard_members(data, shard_id))
+    states = torch.full((len(spans), *card.states_shape), 7.0)
+    sigmas = torch.full((len(spans), len(card.saved_sigmas)), 7.0)
+    got = decode_spans_into(data, spans, card, states, sigmas, shard_id=shard_id)
+    assert len(got) == len(samples) == len(spans)
+    for j, ((key, members), result) in enumerate(zip(samples, got)):
         try:
             expected = ss.decode_sample(key, members, card, shard_id=shard_id)
         except CorpusFormatError as exc:
             assert type(result) is type(exc) and str(result) == str(exc)
             continue
-        assert isinstance(result, SampleRecord)
-        assert_same_record(result, expected)
-        assert list(result.meta) == list(expected.meta)
-        assert result.states.untyped_storage().nbytes() == result.states.nbytes  # owns its data
-    return got
+        assert isinstance(result, dict)
+        assert result == expected.meta and list(result) == list(expected.meta)
+        assert torch.equal(states[j], expected.states.float()) and torch.equal(sigmas[j], expected.sigmas)
+    return got, states
+
+
+def decoded_ok(got: list) -> list[bool]:
+    return [not isinstance(r, CorpusFormatError) for r in got]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_decode_samples_equals_decode_sample_for_good_and_bad_samples(dtype):
+def test_decode_spans_into_equals_decode_sample_for_good_and_bad_samples(dtype):
     card = make_card(dtype=dtype)
     records = make_records(card, count=12)
     samples = [(r.key, ss.encode_sample(r)) for r in records]
@@ -912,31 +931,33 @@ def test_decode_samples_equals_decode_sample_for_good_and_bad_samples(dtype):
     samples[9][1]["json"] = b'{"class_id":9,"guidance":2.5,"index":9,"seed":1243,"z":{"b":1,"a":2}}'
     samples[10][1]["traj.safetensors"] = safetensors.torch.save(  # a layout of its own, still valid
         {"states": records[10].states, "sigmas": records[10].sigmas}, metadata={"note": "x"})
-    got = decoded_like_decode_sample(samples, card)
-    assert [isinstance(r, SampleRecord) for r in got] == [True, True, False, False, False, False, False, True,
-                                                          False, True, True, True]
+    got, _ = decoded_like_decode_sample(shard_of(samples), card)
+    assert decoded_ok(got) == [True, True, False, False, False, False, False, True, False, True, True, True]
 
 
-def test_decode_samples_does_not_trust_a_bad_first_sample_of_a_layout():
+def test_decode_spans_into_does_not_trust_a_bad_first_sample_of_a_layout():
     card = make_card()
     records = make_records(card, count=4)
     samples = [(r.key, ss.encode_sample(r)) for r in records]
     samples[0][1]["json"] = b"{oops"
-    got = decoded_like_decode_sample(samples, card)
-    assert [isinstance(r, SampleRecord) for r in got] == [False, True, True, True]
+    got, _ = decoded_like_decode_sample(shard_of(samples), card)
+    assert decoded_ok(got) == [False, True, True, True]
     states = torch.full(card.states_shape, float(torch.finfo(torch.float32).max))  # finite, sum overflows
     samples[2][1]["traj.safetensors"] = safetensors.torch.save({"states": states, "sigmas": records[2].sigmas})
-    got = decoded_like_decode_sample(samples, card)
-    assert torch.equal(got[2].states, states)
+    got, rows = decoded_like_decode_sample(shard_of(samples), card)
+    assert decoded_ok(got)[2] and torch.equal(rows[2], states)
 
 
-def test_decode_samples_without_a_card_and_from_a_real_shard():
+def test_decode_spans_into_from_a_real_shard():
+    from storage_schemas.record import decode_spans_into
+
     card = make_card()
     data = ss.write_shard_bytes(make_records(card, count=9), card)
-    samples = list(ss.iter_shard_members(data, SHARD))
-    assert all(isinstance(r, SampleRecord) for r in decoded_like_decode_sample(samples, card))
-    assert all(isinstance(r, SampleRecord) for r in decoded_like_decode_sample(samples, None))
-    assert decoded_like_decode_sample([], card) == []
+    got, rows = decoded_like_decode_sample(data, card)
+    assert all(decoded_ok(got)) and len(got) == 9
+    assert torch.equal(rows[3], make_record(3, card).states)
+    empty = decode_spans_into(data, [], card, torch.empty((0, *card.states_shape)), torch.empty((0, 5)))
+    assert empty == []
 
 
 @pytest.mark.parametrize(
@@ -956,13 +977,13 @@ def test_decode_samples_without_a_card_and_from_a_real_shard():
         '{"class_id":3,"guidance":NaN,"index":3,"seed":1237}',
     ],
 )
-def test_decode_samples_checks_metadata_like_decode_sample(meta):
+def test_decode_spans_into_checks_metadata_like_decode_sample(meta):
     card = make_card()
     records = make_records(card, count=5)
     samples = [(r.key, ss.encode_sample(r)) for r in records]
     samples[3][1]["json"] = meta.encode()
-    got = decoded_like_decode_sample(samples, card)
-    assert all(isinstance(r, SampleRecord) for i, r in enumerate(got) if i != 3)
+    got, _ = decoded_like_decode_sample(shard_of(samples), card)
+    assert all(ok for i, ok in enumerate(decoded_ok(got)) if i != 3)
 
 
 # --------------------------------------------------------------------------------------------------

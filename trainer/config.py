@@ -2,35 +2,43 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any
 
 from flowcore.ota import OTA_MODES
 from flowcore.windows import WINDOW_POINTS
 
-#: default optimizer steps when neither --max-steps nor --steps-per-stage is given, by teacher kind
+if TYPE_CHECKING:
+    from trainer.students.base import Student
+
 #: what the corpus part of a batch trains (TrainConfig.objective)
 OBJECTIVES = ("windows", "unrolled")
 #: student initialisations (TrainConfig.init)
 INITS = ("teacher", "fitted", "scratch")
-DEFAULT_BUDGET = {"gmm": 1500, "flownet": 1500, "diffusers": 20000, "diffusers_unet": 20000}
 
-#: the default budget makes at most this many epochs over the training split: a small corpus is over-fitted
-#: long before DEFAULT_BUDGET steps (1500 steps x 128 = 187 epochs of 1024 trajectories), and nothing is
-#: gained by passing over it again and again (see docs/benchmarks.md for the measurement)
+#: the default budget (the student family's ``DEFAULT_BUDGET``) makes at most this many epochs over the
+#: training split: a small corpus is over-fitted long before a flow net's 1500 steps (1500 steps x 128 = 187
+#: epochs of 1024 trajectories), and nothing is gained by passing over it again and again (see
+#: docs/benchmarks.md for the measurement)
 DEFAULT_MAX_EPOCHS = 50
-#: ... but it is never below this many steps (or DEFAULT_BUDGET, if smaller)
+#: ... but it is never below this many steps (or the family's DEFAULT_BUDGET, if smaller)
 DEFAULT_MIN_STEPS = 200
 #: a run planned for more epochs than this says so before it starts
 WARN_EPOCHS = 100
 
-#: default samples per rank per step when --batch-size is not given, by teacher kind: flow nets are
-#: small; a diffusers student (an SD3 transformer or an SD/SDXL UNet at 512-1024 px) holds its whole
-#: network, activations and optimizer state on one GPU, so it starts small (measure yours with
-#: benchmarks/sd3_scale.py and raise it)
-DEFAULT_BATCH_SIZE = {"gmm": 128, "flownet": 128, "diffusers": 4, "diffusers_unet": 4}
-#: autocast default on a GPU with bf16, by teacher kind: diffusers students train in bf16, flow nets in full precision
-DEFAULT_MIXED_PRECISION_ON_BF16_GPU = {"gmm": "no", "flownet": "no", "diffusers": "bf16", "diffusers_unet": "bf16"}
+
+def family_defaults(family: type[Student]) -> tuple[int, int, str]:
+    """(DEFAULT_BUDGET, DEFAULT_BATCH_SIZE, DEFAULT_MIXED_PRECISION_ON_BF16_GPU) of the student family ``family``
+    (a class of ``trainer.students``, e.g. ``student_class_for(card)``); ValueError for anything else, such as
+    a teacher kind string (never silently a flow net's defaults)."""
+    try:
+        return (int(family.DEFAULT_BUDGET), int(family.DEFAULT_BATCH_SIZE),
+                str(family.DEFAULT_MIXED_PRECISION_ON_BF16_GPU))
+    except AttributeError:
+        raise ValueError(f"{family!r} is not a student family with training defaults: pass the family class, "
+                         "trainer.students.student_class_for(card) (not the card's teacher kind)") from None
+
 
 #: --parallelism: ddp (every rank holds the whole student, gradients all-reduced; the default and the only
 #: choice for flow-net students) | fsdp2 (``torch.distributed.fsdp.fully_shard``: parameters, gradients and
@@ -56,6 +64,18 @@ def fsdp_precision_dtypes(spec: str) -> tuple[str, str]:
                      f"{', '.join(FSDP_DTYPES)}")
 
 
+#: ceilings of the counts (the same as the `trajflow train` flags', ``trajflow.args.INT_BOUNDS``): far above any
+#: real run, low enough that what they size (the data order's partitions, shuffle blocks, caches, the student)
+#: stays small; the floats must all be finite (a nan or inf learning rate, clip, weight or timeout trains nothing)
+MAX_TRAIN_STEPS = 10**9
+LIMITS = {"max_steps": MAX_TRAIN_STEPS, "steps_per_stage": MAX_TRAIN_STEPS, "warmup_steps": MAX_TRAIN_STEPS,
+          "checkpoint_every": MAX_TRAIN_STEPS, "log_every": MAX_TRAIN_STEPS, "eval_every": MAX_TRAIN_STEPS,
+          "teacher_fit_steps": MAX_TRAIN_STEPS, "stages": 10_000, "batch_size": 2**16,
+          "gradient_accumulation_steps": 2**16, "student_width": 2**13, "student_depth": 128,
+          "stream_partitions": 2**16, "num_workers": 256, "shuffle_buffer": 2**20, "ota_prefetch": 1024,
+          "disc_blocks": 64, "lora_rank": 2**14, "prompt_cache_size": 2**20, "seed": 2**62}
+
+
 @dataclass
 class TrainConfig:
     """Everything `trajflow train` needs."""
@@ -68,7 +88,7 @@ class TrainConfig:
     stages: tuple[int, ...] = (8, 4, 2)
     #: optimizer steps per stage (default: max_steps split equally)
     steps_per_stage: tuple[int, ...] | None = None
-    #: total optimizer steps (default: a budget for the corpus's teacher kind)
+    #: total optimizer steps (default: the student family's budget, DEFAULT_BUDGET)
     max_steps: int | None = None
     #: weight of the direction term of aligned v-prediction (0 = plain MSE)
     alpha: float = 1.0
@@ -97,8 +117,8 @@ class TrainConfig:
     #: discriminator learning rate and number of trunk blocks
     disc_lr: float = 1e-4
     disc_blocks: int = 2
-    #: samples per rank per step (corpus + online); None: by the corpus's teacher (DEFAULT_BATCH_SIZE:
-    #: 128 for flow nets, 4 for diffusers students), set by ``resolve_defaults``
+    #: samples per rank per step (corpus + online); None: by the student family (its DEFAULT_BATCH_SIZE:
+    #: 128 for flow nets, 4 for diffusers students), set by ``resolved``
     batch_size: int | None = None
     #: micro-batches of ``batch_size`` per optimizer step (gradients summed, each loss / K): the global
     #: batch is batch_size x K x world size, independent of what fits in memory
@@ -139,7 +159,7 @@ class TrainConfig:
     student_width: int = 256
     student_depth: int = 3
     #: accelerate mixed precision: no | fp16 | bf16 (GPU); None: bf16 for diffusers students on a GPU
-    #: that supports it, else no (set by ``resolve_defaults``)
+    #: that supports it, else no (the family's DEFAULT_MIXED_PRECISION_ON_BF16_GPU, set by ``resolved``)
     mixed_precision: str | None = None
     #: data parallelism: ddp | fsdp2 (PARALLELISMS; fsdp2 for diffusers students and their discriminator)
     parallelism: str = "ddp"
@@ -180,6 +200,19 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        for f in fields(self):  # numbers first: every float finite, every count at most its LIMITS entry
+            v, flag = getattr(self, f.name), f.name.replace("_", "-")
+            items = v if isinstance(v, (tuple, list)) else (v,)
+            if any(isinstance(x, float) and not math.isfinite(x) for x in items):
+                raise ValueError(f"{flag} must be {'finite numbers' if items is v else 'a finite number'}, got {v!r}")
+            limit = LIMITS.get(f.name)
+            if limit is not None and any(isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) > limit
+                                         for x in items):
+                raise ValueError(f"{flag} must be at most {limit}, got {v!r}")
+        if not str(self.data).strip() or not str(self.out).strip():
+            raise ValueError(f"--{'data' if not str(self.data).strip() else 'out'} must not be empty (a path or URL)")
+        if not self.weight_decay >= 0:
+            raise ValueError("weight-decay must be >= 0")
         self.stages = tuple(int(s) for s in self.stages)
         allow = self.allow_teacher_locations
         self.allow_teacher_locations = (str(allow),) if isinstance(allow, str) else tuple(str(a) for a in allow)
@@ -262,7 +295,7 @@ class TrainConfig:
 
     def _check_batch_split(self) -> None:
         """The corpus/online split of a batch, once the batch size is known (explicit, or resolved from the
-        corpus's teacher kind by ``resolved``): neither part may be empty when it is asked for."""
+        student family by ``resolved``): neither part may be empty when it is asked for."""
         if self.batch_size is None:
             return
         b, r = self.batch_size, self.ota_ratio
@@ -278,7 +311,7 @@ class TrainConfig:
     def ota_samples(self) -> int:
         """Online samples per rank per step (needs ``batch_size``: see ``resolved``)."""
         if self.batch_size is None:
-            raise ValueError("the batch size is not resolved yet (TrainConfig.resolved(teacher_kind, ...))")
+            raise ValueError("the batch size is not resolved yet (TrainConfig.resolved(family, ...))")
         return int(round(self.ota_ratio * self.batch_size))
 
     @property
@@ -286,22 +319,24 @@ class TrainConfig:
         """Corpus samples per rank per step."""
         return self.batch_size - self.ota_samples
 
-    def resolved(self, teacher_kind: str, *, cuda: bool, bf16_supported: bool) -> TrainConfig:
-        """A copy with the settings left None filled by the corpus's teacher kind and the machine
-        (memory-aware defaults): ``batch_size`` from DEFAULT_BATCH_SIZE; ``mixed_precision`` bf16 for
-        diffusers students on a GPU with bf16, else no. Explicit values are kept; the batch split is
-        validated again with the resolved batch size."""
-        batch = self.batch_size or DEFAULT_BATCH_SIZE.get(teacher_kind, DEFAULT_BATCH_SIZE["flownet"])
+    def resolved(self, family: type[Student], *, cuda: bool, bf16_supported: bool) -> TrainConfig:
+        """A copy with the settings left None filled by the student family (``trainer.students``:
+        ``student_class_for(card)``) and the machine (memory-aware defaults): ``batch_size`` the family's
+        DEFAULT_BATCH_SIZE; ``mixed_precision`` its DEFAULT_MIXED_PRECISION_ON_BF16_GPU on a GPU with bf16
+        (bf16 for diffusers students), else no. Explicit values are kept; the batch split is validated again
+        with the resolved batch size. ValueError when ``family`` is not a student family."""
+        _, default_batch, default_mp = family_defaults(family)
+        batch = self.batch_size or default_batch
         mp = self.mixed_precision
         if mp is None:
-            mp = DEFAULT_MIXED_PRECISION_ON_BF16_GPU.get(teacher_kind, "no") if cuda and bf16_supported else "no"
+            mp = default_mp if cuda and bf16_supported else "no"
         return replace(self, batch_size=batch, mixed_precision=mp)  # replace() runs __post_init__
 
-    def default_steps(self, teacher_kind: str, train_samples: int | None = None, world: int = 1) -> int:
-        """The default budget: DEFAULT_BUDGET of the teacher kind, capped at DEFAULT_MAX_EPOCHS epochs over
+    def default_steps(self, family: type[Student], train_samples: int | None = None, world: int = 1) -> int:
+        """The default budget: the student family's DEFAULT_BUDGET, capped at DEFAULT_MAX_EPOCHS epochs over
         ``train_samples`` training trajectories (floor DEFAULT_MIN_STEPS) when the corpus part is known."""
-        budget = DEFAULT_BUDGET.get(teacher_kind, 2000)
-        per_step = (self.batch_size or DEFAULT_BATCH_SIZE.get(teacher_kind, 128)) - (
+        budget, default_batch, _ = family_defaults(family)
+        per_step = (self.batch_size or default_batch) - (
             self.ota_samples if self.batch_size is not None else 0)
         per_step *= world * self.gradient_accumulation_steps
         if not train_samples or per_step <= 0:
@@ -309,11 +344,13 @@ class TrainConfig:
         by_epochs = -(-DEFAULT_MAX_EPOCHS * train_samples // per_step)
         return min(budget, max(DEFAULT_MIN_STEPS, by_epochs))
 
-    def stage_steps(self, teacher_kind: str, train_samples: int | None = None, world: int = 1) -> tuple[int, ...]:
-        """Optimizer steps of each stage (``max_steps`` split equally; default: ``default_steps``)."""
+    def stage_steps(self, family: type[Student], train_samples: int | None = None,
+                    world: int = 1) -> tuple[int, ...]:
+        """Optimizer steps of each stage (``max_steps`` split equally; default: ``default_steps`` of the student
+        family ``family``)."""
         if self.steps_per_stage is not None:
             return self.steps_per_stage
-        total = self.max_steps or self.default_steps(teacher_kind, train_samples, world)
+        total = self.max_steps or self.default_steps(family, train_samples, world)
         base, extra = divmod(total, len(self.stages))
         return tuple(base + (1 if i < extra else 0) for i in range(len(self.stages)))
 

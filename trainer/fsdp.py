@@ -21,16 +21,25 @@ loads on M ranks (any M, 1 included). No pickle: DCP's default ``FileSystemWrite
 (``StateDictOptions(flatten_optimizer_state_dict=True)``: ``state.<param fqn>.exp_avg`` ...); its tensors
 go to the safetensors shards, its scalars (``param_groups.<fqn>.lr``, betas, ...) to the checkpoint's
 ``state.json`` (the HF storage holds tensors only: its writer has no place for bytes items).
+
+``load_sharded`` checks the files before anything reaches the live tensors (``check_sharded``): every file
+whole (its safetensors header against its size), one file per rank of the world that wrote it, every chunk
+where FSDP2's dim-0 sharding over that world puts it (a tampered offset is refused), and every tensor covered
+exactly once. A damaged or missing file is a ``CheckpointCorrupt`` naming it (the caller falls back to an
+older checkpoint); sound files of another student (other names, shapes or dtypes) a ``CheckpointMismatch``,
+one line, raised before torch.distributed.checkpoint is called.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from trainer.checkpoint import CheckpointCorrupt, CheckpointMismatch, parse_json_bounded, safetensors_header
 from trainer.config import fsdp_precision_dtypes
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -38,6 +47,12 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHARDS_DIR = "sharded"
 #: state.json "format" of a sharded checkpoint (DDP checkpoints have no "format")
 SHARDED_FORMAT = "trajflow-fsdp2-dcp/1"
+#: the file torch.distributed.checkpoint's HF storage writes for rank r (``shard-<r+1>-model-00001-of-00001``)
+_SHARD_FILE = re.compile(r"shard-([0-9]{5})-model-([0-9]{5})-of-([0-9]{5})\.safetensors")
+#: safetensors dtype names by torch dtype (the live tensors' dtypes as a checkpoint header writes them)
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
 
 
 def _is_dtensor(t) -> bool:
@@ -173,15 +188,197 @@ def save_sharded(tensors: dict[str, torch.Tensor], folder: str) -> list[str]:
     return sorted(set(os.listdir(folder)) - before)
 
 
-def load_sharded(tensors: dict[str, torch.Tensor], folder: str) -> None:
-    """Fill ``tensors`` in place (DTensors: this rank's chunks, whatever world size wrote them) from the DCP
-    safetensors shards under the LOCAL ``folder``; a collective. KeyError names keys the checkpoint lacks."""
-    import torch.distributed.checkpoint as dcp
+def shard_file_name(rank: int) -> str:
+    """The DCP safetensors file that rank ``rank`` writes."""
+    return f"shard-{rank + 1:05d}-model-00001-of-00001.safetensors"
 
-    reader = dcp.HuggingFaceStorageReader(folder)
-    saved = set(reader.read_metadata().state_dict_metadata)
-    missing = sorted(set(tensors) - saved)
+
+def _layout(n0: int, world: int, rank: int) -> tuple[int, int]:
+    """(offset, length) on dim 0 of rank ``rank``'s chunk of a dim-0 size ``n0`` under FSDP2's ``Shard(0)`` over
+    ``world`` ranks (torch.chunk: chunks of ceil(n0 / world) rows, the last ones shorter or empty)."""
+    c = -(-n0 // world) if n0 else 0
+    start = min(rank * c, n0)
+    return start, max(0, min(c, n0 - start))
+
+
+def _fmt(shape) -> str:
+    return "x".join(str(d) for d in shape) if len(shape) else "scalar"
+
+
+def _cover_problem(chunks: list[tuple[int, list[int], list[int]]], shape: list[int],
+                   world: int) -> tuple[int, str] | None:
+    """Why the chunks (rank, offsets, sizes) do not tile a tensor of ``shape`` written by ``world`` ranks, as
+    (the rank whose file is at fault, the reason): each chunk inside the tensor at the place its rank's dim-0
+    shard has, or one chunk holding the whole tensor (a replicated tensor, saved once), every element exactly
+    once. None when they do."""
+    nd = len(shape)
+    for rank, off, size in chunks:
+        if len(off) != nd or len(size) != nd:
+            return rank, f"rank {rank}'s chunk has {len(size)} dimensions, the tensor {nd}"
+        if any(o + n > d for o, n, d in zip(off, size, shape)):
+            return rank, f"rank {rank}'s chunk at {list(off)} of size {_fmt(size)} lies outside {_fmt(shape)}"
+    whole = [c for c in chunks if list(c[1]) == [0] * nd and list(c[2]) == list(shape)]
+    nonempty = [c for c in chunks if all(n > 0 for n in c[2])]
+    if nd == 0:
+        return None if len(chunks) == 1 else (chunks[1][0], f"{len(chunks)} copies of a scalar")
+    if whole and nonempty and whole[0] in nonempty:
+        others = [c for c in nonempty if c is not whole[0]]
+        return None if not others else (others[0][0], "a chunk overlaps a whole copy of the tensor")
+    rows = 0
+    present = set()
+    for rank, off, size in chunks:
+        start, length = _layout(shape[0], world, rank)
+        if length == 0 and size[0] == 0:
+            continue
+        if off[0] != start or size[0] != length or list(off[1:]) != [0] * (nd - 1) or list(size[1:]) != list(shape[1:]):
+            return rank, (f"rank {rank}'s chunk at {list(off)} of size {_fmt(size)} is not where {world} ranks shard "
+                          f"{_fmt(shape)} (offset {start}, {length} rows)")
+        rows += length
+        present.add(rank)
+    if rows != shape[0]:
+        missing = [r for r in range(world) if _layout(shape[0], world, r)[1] > 0 and r not in present]
+        return missing[0], f"rank {missing[0]}'s rows are missing ({rows} of {shape[0]} rows present)"
+    return None
+
+
+def check_sharded(folder: str, expected: dict[str, torch.Tensor] | None = None, *, world_size: int | None = None,
+                  where: str | None = None) -> dict[str, dict[str, Any]]:
+    """Check the DCP safetensors shards under the LOCAL ``folder`` before anything is loaded; returns
+    ``{key: {"shape", "dtype"}}`` of the tensors they hold.
+
+    - every file is one rank's (``shard-<r+1>-model-00001-of-00001.safetensors``), of ranks 0 .. ``world_size``
+      - 1 (``world_size``: state.json's; None: the highest rank present), none missing;
+    - every file whole: its safetensors header checked against its size (``trainer.checkpoint
+      .safetensors_header``), its ``DCP_SHARDING_INFO`` bounded JSON giving each tensor's offsets;
+    - every tensor's chunks where FSDP2's dim-0 sharding over that world puts them, each element once.
+
+    ``expected`` (the live tensors, DTensors by their global shape): the checkpoint must hold each of its keys
+    with that shape and dtype. Damaged or missing files: :class:`CheckpointCorrupt` naming the file (``where``:
+    how the folder is named in messages, e.g. its URL; default ``folder``). Sound files of another student:
+    :class:`CheckpointMismatch`, one line."""
+    where = (where or folder).rstrip("/")
+    try:
+        names = sorted(os.listdir(folder))
+    except FileNotFoundError:
+        names = []
+    except OSError as e:
+        raise CheckpointCorrupt(where, f"unreadable ({' '.join(str(e).split())[:120]})") from None
+    files: dict[int, str] = {}
+    for name in names:
+        if not name.endswith(".safetensors"):
+            continue  # torch's reader takes *.safetensors only
+        m = _SHARD_FILE.fullmatch(name)
+        if m is None or m.group(2, 3) != ("00001", "00001") or int(m.group(1)) < 1:
+            raise CheckpointCorrupt(f"{where}/{name}", "not a shard file of this format "
+                                                       "(shard-NNNNN-model-00001-of-00001.safetensors)")
+        files[int(m.group(1)) - 1] = name
+    if not files:
+        raise CheckpointCorrupt(where, "holds no shard files")
+    world = world_size if world_size is not None else max(files) + 1
+    if not isinstance(world, int) or isinstance(world, bool) or world < 1:
+        raise CheckpointCorrupt(f"{where}/../state.json", f"its world_size {world!r} is not a positive integer")
+    extra = sorted(r for r in files if r >= world)
+    if extra:
+        raise CheckpointCorrupt(f"{where}/{files[extra[0]]}", f"a shard of rank {extra[0]}, but {world} ranks wrote "
+                                                              "this checkpoint (a leftover of another save)")
+    missing = [r for r in range(world) if r not in files]
     if missing:
-        raise KeyError(f"the sharded checkpoint lacks {missing[:3]}")
-    dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(folder))
+        raise CheckpointCorrupt(f"{where}/{shard_file_name(missing[0])}",
+                                f"missing (rank {missing[0]}'s chunks; {len(files)} of {world} shard files present)")
+    chunks: dict[str, list[tuple[int, list[int], list[int]]]] = {}
+    dtypes: dict[str, str] = {}
+    for rank, name in sorted(files.items()):
+        label = f"{where}/{name}"
+        header = safetensors_header(os.path.join(folder, name), label)
+        meta = header.get("__metadata__", {})
+        info = parse_json_bounded(meta.get("DCP_SHARDING_INFO", "{}").encode(), f"{label} (DCP_SHARDING_INFO)",
+                                  max_bytes=64 << 20, max_depth=8)
+        if not isinstance(info, dict):
+            raise CheckpointCorrupt(label, "its DCP_SHARDING_INFO is not a JSON object")
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            off = (info.get(key) or {}).get("saved_offsets") if isinstance(info.get(key), dict) else None
+            if not (isinstance(off, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in off)
+                    and len(off) == len(entry["shape"])):
+                raise CheckpointCorrupt(label, f"tensor {key!r} has no valid offsets in DCP_SHARDING_INFO")
+            if dtypes.setdefault(key, entry["dtype"]) != entry["dtype"]:
+                raise CheckpointCorrupt(label, f"tensor {key!r} is {entry['dtype']} here, {dtypes[key]} in another file")
+            chunks.setdefault(key, []).append((rank, off, list(entry["shape"])))
+    found: dict[str, dict[str, Any]] = {}
+    mismatches: list[str] = []
+    for key, parts in chunks.items():
+        extent = [max(o[d] + n[d] for _, o, n in parts) for d in range(len(parts[0][1]))]
+        live = expected.get(key) if expected is not None else None
+        want = list(live.shape) if live is not None else extent
+        problem = _cover_problem(parts, want, world)
+        if problem is None:
+            found[key] = {"shape": want, "dtype": dtypes[key]}
+            live_dtype = _ST_DTYPES.get(live.dtype) if live is not None else None
+            if live_dtype is not None and live_dtype != dtypes[key]:
+                mismatches.append(f"{key} is {dtypes[key]} in the checkpoint, {live_dtype} in this run")
+            continue
+        if live is not None and extent != want and _cover_problem(parts, extent, world) is None:
+            # sound chunks of a tensor of another shape: another student, not damage
+            found[key] = {"shape": extent, "dtype": dtypes[key]}
+            mismatches.append(f"{key} is {_fmt(extent)} in the checkpoint, {_fmt(want)} in this run")
+            continue
+        rank, why = problem
+        raise CheckpointCorrupt(f"{where}/{files[rank] if rank in files else shard_file_name(rank)}",
+                                f"tensor {key!r} is not covered: {why}")
+    if expected is not None:
+        absent = sorted(set(expected) - set(chunks))
+        if absent:
+            mismatches.insert(0, f"the checkpoint lacks {len(absent)} of this run's tensors ({', '.join(absent[:2])}"
+                                 f"{', ...' if len(absent) > 2 else ''})")
+    if mismatches:
+        more = f" (and {len(mismatches) - 1} more differences)" if len(mismatches) > 1 else ""
+        raise CheckpointMismatch(f"{mismatches[0]}{more}")
+    return found
 
+
+def _agree(failed: int, tensors: dict[str, torch.Tensor]) -> int:
+    """The largest ``failed`` code over every rank (a collective; 0 where there is no process group of > 1)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return failed
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = next((local(t).device for t in tensors.values() if local(t).device.type == "cuda"),
+                      torch.device("cuda", torch.cuda.current_device()))
+    t = torch.tensor([failed], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def load_sharded(tensors: dict[str, torch.Tensor], folder: str, *, world_size: int | None = None,
+                 where: str | None = None) -> None:
+    """Fill ``tensors`` in place (DTensors: this rank's chunks, whatever world size wrote them) from the DCP
+    safetensors shards under the LOCAL ``folder``; a collective. The files are checked first (``check_sharded``
+    with ``tensors`` as the expected keys, shapes and dtypes; ``world_size``: the state.json's, which lets a
+    missing last rank's file be told from another student): :class:`CheckpointCorrupt` naming a damaged or
+    missing file, :class:`CheckpointMismatch` for another student, both one line and raised on every rank
+    (the ranks agree before torch.distributed.checkpoint runs), nothing loaded."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    where = (where or folder).rstrip("/")
+    error: ValueError | None = None
+    try:
+        check_sharded(folder, tensors, world_size=world_size, where=where)
+    except (CheckpointCorrupt, CheckpointMismatch) as e:
+        error = e
+    except Exception as e:  # noqa: BLE001 - every rank must reach the agreement below, whatever happened
+        error = CheckpointCorrupt(where, f"could not be checked ({type(e).__name__}: {' '.join(str(e).split())[:160]})")
+    agreed = _agree(0 if error is None else 2 if isinstance(error, CheckpointMismatch) else 1, tensors)
+    if error is not None:
+        raise error
+    if agreed == 2:
+        raise CheckpointMismatch("another rank found that this run's student differs from the checkpoint")
+    if agreed == 1:
+        raise CheckpointCorrupt(where, "another rank found a damaged or missing file")
+    try:
+        dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(folder))
+    except CheckpointException as e:  # torch's is a BaseException with every rank's traceback: one line here
+        first = next(iter(getattr(e, "failures", {}).values()), e)
+        detail = " ".join(str(getattr(first, "exc", first)).split())[:200] or type(first).__name__
+        raise CheckpointCorrupt(where, f"torch.distributed.checkpoint could not read it ({detail})") from None

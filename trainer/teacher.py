@@ -13,20 +13,16 @@ storage.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from models import registry
+from models.cache import cache_root
 from storage_schemas import DatasetCard
 from storage_schemas.fetch import fetch_to_local
 from storage_schemas.locations import LocationPolicy
 
-__all__ = ["CACHE_ROOT", "teacher_from_card"]
-
-#: node-local cache for fetched teacher weights and fitted GMM nets (shared by every run and rank)
-CACHE_ROOT = Path(os.environ.get("TRAJFLOW_CACHE", os.path.expanduser("~/.cache/trajflow")))
+__all__ = ["teacher_from_card"]
 
 
 def teacher_from_card(card: DatasetCard, storage_options: dict[str, Any] | None = None, device=None, *,
@@ -39,8 +35,9 @@ def teacher_from_card(card: DatasetCard, storage_options: dict[str, Any] | None 
     policy = LocationPolicy(root, allow, root_what=root_what, source=source)
 
     def fetch(url: str) -> str:
-        policy.check(url, "the teacher's weights")  # the registry checked already; a fetch never skips it
-        return fetch_to_local(url, str(CACHE_ROOT / "teachers"), storage_options)
+        # the registry checked already; a fetch never skips it, and fetches the normalised location it approved
+        approved = policy.check(url, "the teacher's weights")
+        return fetch_to_local(approved, str(cache_root() / "teachers"), storage_options)
 
     return registry.teacher_from_card(card, fetch=fetch, device=device,
                                       check_location=lambda loc: policy.check(loc, "the teacher's weights"))

@@ -19,6 +19,7 @@ the corrected few-step grid of the corpus (``few_step_sigmas(N, shift)``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,10 +27,14 @@ from typing import Any
 import torch
 
 from flowcore.metrics import coupling_error, sliced_wasserstein
+from flowcore.solvers import euler_walk
 from flowcore.windows import stage_boundary_indices
 from storage_schemas.shard import iter_shard_samples
+from storage_schemas.split import check_split_consistency, read_manifest_bytes, validation_guard
 from trainer.data import open_corpus
-from trainer.shard_cache import ShardCache
+from trainer.shard_cache import CorruptShardError, ShardCache
+
+log = logging.getLogger(__name__)
 
 #: at most this many validation trajectories are evaluated (the split's first ones, in shard order)
 MAX_VALIDATION_SAMPLES = 256
@@ -42,6 +47,8 @@ class ValidationSet:
 
     batch: dict[str, Any]
     shard_ids: list[str]
+    skipped: int = 0
+    """Samples left out because they are not validation data (``on_corrupt="skip"``)."""
 
     @property
     def size(self) -> int:
@@ -49,23 +56,60 @@ class ValidationSet:
 
 
 def load_validation(url: str, storage_options: dict[str, Any] | None = None, *, cache_dir: str | None = None,
-                    max_samples: int = MAX_VALIDATION_SAMPLES) -> ValidationSet | None:
+                    max_samples: int = MAX_VALIDATION_SAMPLES, on_corrupt: str = "error") -> ValidationSet | None:
     """The corpus's validation split (sha256-verified fetches through the shard cache), or None when the
-    corpus has none (generated with ``--validation-trajectories 0``, or before the split existed)."""
-    corpus = open_corpus(url, storage_options, split="validation")
-    if not corpus.shards:
+    corpus has none (generated with ``--validation-trajectories 0``, or before the split existed).
+
+    The split must be validation data (``storage_schemas.split``): the card and the manifest's
+    ``trajflow.split`` must agree (else ``SplitError``/``SchemaError``, one line), and a validation shard
+    or sample that is training data (a training shard's bytes, range or indices, a seed not the card's
+    rule gives) raises ``CorruptShardError`` naming the shard, or with ``on_corrupt="skip"`` is left out
+    with a warning (None when nothing is left)."""
+    if on_corrupt not in ("error", "skip"):
+        raise ValueError(f"on_corrupt must be 'error' or 'skip', got {on_corrupt!r}")
+    corpus = open_corpus(url, storage_options, split="all")
+    check_split_consistency(corpus.card, read_manifest_bytes(corpus.url, storage_options))
+    held_out = set(corpus.card.validation_shard_ids)
+    shards = [c for c in corpus.shards if c.shard_id in held_out]
+    if not shards:
         return None
+    guard = validation_guard(corpus.card, corpus.shards)
+
+    def refuse(shard_id: str, reason: str, count: int) -> None:
+        if on_corrupt == "error":
+            raise CorruptShardError(shard_id, f"{reason} (--on-corrupt skip evaluates without it)")
+        log.warning("skipping %d validation sample(s) of %s (on_corrupt='skip'): %s", count, shard_id, reason)
+
     cache = ShardCache(corpus.url, storage_options, cache_dir=cache_dir, verify_sha256=True)
-    records = []
-    for commit in corpus.shards:
+    records, used, skipped = [], [], 0
+    for commit in shards:
+        problem = guard.shard_problem(commit)
+        if problem is not None:
+            refuse(commit.shard_id, problem, commit.num_samples)
+            skipped += commit.num_samples
+            continue
+        used.append(commit.shard_id)
+        if len(records) >= max_samples:
+            continue  # the shard-level checks above still run for every validation shard
         with open(cache.get(commit), "rb") as f:
             data = f.read()
+        bad, first_bad = 0, None
         for rec in iter_shard_samples(data, commit.shard_id, corpus.card):
+            problem = guard.sample_problem(commit, rec.index, rec.seed)
+            if problem is not None:
+                if on_corrupt == "error":
+                    refuse(commit.shard_id, problem, 1)
+                bad, first_bad = bad + 1, first_bad or problem
+                continue
             records.append(rec)
             if len(records) >= max_samples:
                 break
-        if len(records) >= max_samples:
-            break
+        if bad:
+            refuse(commit.shard_id, f"{bad} sample(s) are not validation data; first: {first_bad}", bad)
+            skipped += bad
+    if not records:
+        log.warning("no validation sample is left after skipping %d: no evaluation while training", skipped)
+        return None
     batch: dict[str, Any] = {
         "states": torch.stack([r.states.float() for r in records]),
         "sigmas": torch.stack([r.sigmas.float() for r in records]),
@@ -76,7 +120,7 @@ def load_validation(url: str, storage_options: dict[str, Any] | None = None, *, 
     }
     if corpus.card.conditioning.kind == "prompt":
         batch["prompt"] = [str(r.meta.get("prompt", "")) for r in records]
-    return ValidationSet(batch, [c.shard_id for c in corpus.shards])
+    return ValidationSet(batch, used, skipped)
 
 
 def _rows(batch: dict[str, Any], sl: slice) -> dict[str, Any]:
@@ -95,21 +139,23 @@ def evaluate_student(sampler: Callable[..., torch.Tensor], condition: Callable[[
     K = states.shape[1]
     bounds = stage_boundary_indices(K, num_steps)
     sig = val.batch["sigmas"][0]
+    boundary_sigmas = [float(sig[i]) for i in bounds]
     finals, jump_sq = [], torch.zeros(num_steps, dtype=torch.float64)
     for start in range(0, val.size, chunk):
         rows = _rows(val.batch, slice(start, start + chunk))
         cond = condition(rows)
         st = rows["states"]
         B = st.shape[0]
-        x = st[:, 0]
-        for w in range(num_steps):
-            s0, s1 = float(sig[bounds[w]]), float(sig[bounds[w + 1]])
-            sigma_B = torch.full((B,), s0)
-            x = x + (s1 - s0) * sampler(x, sigma_B, *cond).float().to(x.device)
-            # one jump of window w from the teacher's own state at its start
+
+        def window_jump(w: int, _x, st=st, B=B, cond=cond) -> None:
+            """After the walk's step w: one jump of window w from the teacher's own state at its start."""
+            s0, s1 = boundary_sigmas[w], boundary_sigmas[w + 1]
             x_w = st[:, bounds[w]]
-            jump = x_w + (s1 - s0) * sampler(x_w, sigma_B, *cond).float().to(x_w.device)
+            jump = x_w + (s1 - s0) * sampler(x_w, torch.full((B,), s0), *cond).float().to(x_w.device)
             jump_sq[w] += float(((jump.double() - st[:, bounds[w + 1]].double()) ** 2).flatten(1).mean(1).sum())
+
+        x = euler_walk(lambda x, s, cond=cond: sampler(x, s, *cond).float().to(x.device), st[:, 0], boundary_sigmas,
+                       on_step=window_jump, sigma_dtype=torch.float32)
         finals.append(x)
     x_end = torch.cat(finals)
     ref = states[:, bounds[-1]]

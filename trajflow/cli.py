@@ -9,7 +9,17 @@ import sys
 from collections.abc import Sequence
 
 from trajflow import __version__
-from trajflow.args import UsageError, float_list, int_list, json_object_arg, one_line
+from trajflow.args import (
+    CommandParser,
+    UsageError,
+    check_out_location,
+    float_list,
+    guidance_arg,
+    harden_parser,
+    int_list,
+    json_object_arg,
+    one_line,
+)
 
 EPILOG = """\
 examples:
@@ -52,7 +62,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stages", type=int_list, help="window stages finest first; saved sigmas default to the "
                    "finest's boundaries (default 8,4,2)")
     g.add_argument("--saved-sigmas", type=float_list, help="explicit saved sigmas (solver grid points), e.g. 1,0.5,0")
-    g.add_argument("--guidance", help="CFG weight, fixed (3.0) or a per-trajectory range (1.5:4.5) (default 1.0)")
+    g.add_argument("--guidance", type=guidance_arg, help="CFG weight, fixed (3.0) or a per-trajectory range (1.5:4.5) (default 1.0)")
     g.add_argument("--classes", type=int_list, help="class ids to cycle through (default: all classes)")
     g.add_argument("--prompts", help="prompt file (.jsonl/.parquet with prompt_id, prompt) for prompt teachers")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="stored state dtype (default float32)")
@@ -137,6 +147,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = TrainConfig(**values, resume=not args.no_resume, progress=not args.no_progress)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
+    check_out_location(cfg.out, cfg.data)  # a run never writes into its corpus
     from pipeline.pool import PoolError
     from trainer.data import CorpusNotFinalizedError, CorruptShardError
     from trainer.loop import Trainer
@@ -162,11 +173,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"trajflow train: error: {one_line(e)}", file=sys.stderr)
         return 1
     if exported:
-        ota = ""
-        if trainer.ota is not None:
-            st = trainer.ota.stats
-            ota = (f"; online samples {st['ota_samples']}, shortfall {st['ota_shortfall']} "
-                   f"({st['ota_failures']} failed, {st['ota_timeouts']} timed-out rollouts)")
+        ota = "".join(f"; {phrase}" for phrase in trainer.summaries())  # e.g. the online rollouts' counts
         best = ""
         if trainer.best is not None and trainer.cfg.export == "best":
             best = (f"; exported the best validation weights (step {trainer.best['step']}: {trainer.best['steps']}-step "
@@ -224,7 +231,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="trajflow", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Few-step distillation of flow-matching image models: generate authentic teacher ODE "
                     "trajectories into WebDataset shards on object storage, audit them, and distil few-step "
@@ -454,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--submission-id", help="job id (default: stable hash of the generate arguments)")
     p.add_argument("generate_args", nargs=argparse.REMAINDER, help="-- then the `trajflow generate` arguments")
     p.set_defaults(func=cmd_submit)
-    return parser
+    return harden_parser(parser)  # every float flag finite, every integer flag bounded, no empty location
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from trajflow.args import json_object_arg, one_line
+from trajflow.args import (
+    INT_BOUNDS,
+    CommandParser,
+    bounded_int,
+    finite_float,
+    harden_parser,
+    json_object_arg,
+    one_line,
+)
 
 DESCRIPTION = """\
 Verify a corpus against its dataset card, manifest and commit records, and report every defect
@@ -31,32 +39,19 @@ examples:
 
 def _fraction(text: str) -> float:
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+        value = finite_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a finite number in (0, 1], got {text!r}") from None
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
-
-
-def _count(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
 
 
 def configure_audit_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("url", metavar="URL", help="corpus root: s3://bucket/prefix, gs://..., /local/dir, memory://...")
     p.add_argument("--deep", action="store_true", help="decode every sample and check it against the card "
                    "(shape, dtype, sigmas, finite values, metadata); gathers trajectory statistics")
-    p.add_argument("--replay", type=_count(0), default=0, metavar="N",
+    p.add_argument("--replay", type=bounded_int(*INT_BOUNDS["replay"]), default=0, metavar="N",
                    help="re-solve N random trajectories with the recorded teacher and compare with the stored states")
     p.add_argument("--json", action="store_true", help="print the report as JSON (keys: ok, num_shards, num_samples, "
                    "problems [{kind, shard, detail}], stats); no progress bar")
@@ -66,7 +61,7 @@ def configure_audit_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
                    "tar members are still checked for every shard")
     p.add_argument("--storage-options", type=json_object_arg, default=None, metavar="JSON",
                    help="fsspec storage options as JSON (default: the standard AWS environment for s3://)")
-    p.add_argument("--workers", type=_count(1), default=8, metavar="N",
+    p.add_argument("--workers", type=bounded_int(*INT_BOUNDS["workers"]), default=8, metavar="N",
                    help="shards checked in parallel, and so at most N shards open at once (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed for choosing replayed and sampled samples (default 0)")
     p.add_argument("--replay-teacher", metavar="SPEC", help="replay with this local teacher SPEC (e.g. "
@@ -124,9 +119,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Standalone entry point: ``python -m trajflow.cli_audit URL ...`` (same flags as `trajflow audit`)."""
-    parser = argparse.ArgumentParser(prog="trajflow audit", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     description=DESCRIPTION, epilog=EPILOG)
-    configure_audit_parser(parser)
+    parser = CommandParser(prog="trajflow audit", formatter_class=argparse.RawDescriptionHelpFormatter,
+                           description=DESCRIPTION, epilog=EPILOG)
+    harden_parser(configure_audit_parser(parser))  # the same checked numbers as `trajflow audit`
     args = parser.parse_args(argv)
     return int(args.func(args))
 

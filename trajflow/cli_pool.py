@@ -111,12 +111,12 @@ def rollout_teacher_for(cfg, address: str | None, pool_name: str | None, replica
         return
     from pipeline import pool
     from trainer.data import open_corpus
-    from trainer.students import check_run
+    from trainer.students import check_run, student_class_for
 
     card = open_corpus(cfg.data, cfg.storage_options).card
     # the student family's refusals and the batch split, before any pool is started or reached (the
     # Trainer checks the same again with the machine's defaults)
-    check_run(card, cfg.resolved(card.teacher.kind, cuda=False, bf16_supported=False))
+    check_run(card, cfg.resolved(student_class_for(card), cuda=False, bf16_supported=False))
     name = pool_name or pool.DEFAULT_POOL
     if address:
         pool.connect(address)

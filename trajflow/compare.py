@@ -106,7 +106,7 @@ def resolve_methods(spec: str) -> list[str]:
 
 def train_method(name: str, corpus: str, run_dir: Path, profile: Profile, *, rollout_teacher=None, seed: int = 0,
                  progress: bool = True):
-    """Train (or reuse) one method's student; returns (EMA student net, teacher, summary dict)."""
+    """Train (or reuse) one method's student; returns (EMA student net, summary dict)."""
     from models.flownet import load_flow_net
     from trainer.config import TrainConfig
     from trainer.loop import Trainer
@@ -123,12 +123,8 @@ def train_method(name: str, corpus: str, run_dir: Path, profile: Profile, *, rol
     cfg.out = str(run_dir)  # one directory per recipe + budget: other settings never resume this run
     done = run_dir / "done.json"
     if done.exists() and json.loads(done.read_text()).get("config") == key:  # re-running reuses finished work
-        from trainer.data import open_corpus
-        from trainer.teacher import teacher_from_card
-
         net, _ = load_flow_net(run_dir / "student" / "student.safetensors")
-        return net, teacher_from_card(open_corpus(corpus).card, root=corpus), {**json.loads(done.read_text())["summary"],
-                                                                  "run_dir": str(run_dir)}
+        return net, {**json.loads(done.read_text())["summary"], "run_dir": str(run_dir)}
     if cfg.ota_ratio > 0 and rollout_teacher is None:
         raise ValueError(f"method {name} needs a rollout teacher (pool client or LocalRollout)")
     trainer = Trainer(cfg, rollout_teacher if cfg.ota_ratio > 0 else None)
@@ -138,7 +134,6 @@ def train_method(name: str, corpus: str, run_dir: Path, profile: Profile, *, rol
         trainer.export_student()
         # the exported student (the best validation weights by default), as a re-run that reuses this run loads it
         net, _ = load_flow_net(run_dir / "student" / "student.safetensors")
-        teacher = trainer.teacher
         ota = dict(trainer.ota.stats) if trainer.ota is not None else {}
     finally:
         trainer.close()
@@ -146,7 +141,7 @@ def train_method(name: str, corpus: str, run_dir: Path, profile: Profile, *, rol
     summary = {"steps": trainer.step, "training_samples": samples, "last_loss": last.get("loss"), "run_dir": str(run_dir),
                **ota}
     done.write_text(json.dumps({"config": key, "summary": summary}))
-    return net, teacher, summary
+    return net, summary
 
 
 #: the metrics of each testbed's evaluation, and whether lower is better
@@ -302,8 +297,8 @@ def compare(corpus: str, run_root: Path, methods: list[str], profile: Profile, *
         for j, seed in enumerate(seeds):
             log(f"  method {i * len(seeds) + j + 1}/{total}: {name} (seed {seed})")
             run_dir = run_root / (name.lstrip("+") + (f"-seed{seed}" if seed else ""))
-            net, _, summary = train_method(name, corpus, run_dir, profile, rollout_teacher=rollout_teacher, seed=seed,
-                                           progress=progress)
+            net, summary = train_method(name, corpus, run_dir, profile, rollout_teacher=rollout_teacher, seed=seed,
+                                        progress=progress)
             by_seed.setdefault(name, {})[seed] = summary
             own = (STUDENT_STEPS[name],) if name in STUDENT_STEPS else steps
             r = evaluate(net, teacher, shift=shift, guidance=guidance, steps=own, num_samples=num_samples,

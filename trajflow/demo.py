@@ -208,11 +208,11 @@ def run_demo(args) -> int:
                                         "steady_traj_per_s": round(summary.steady_trajectories_per_second, 1)
                                         if summary.committed_now else "reused"}
         print("[3/6] auditing the corpora (deep checks, 8 replayed trajectories)")
-        from trajflow.demo_audit import audit_corpus
+        from storage_schemas.audit import audit_corpus
 
         all_ok = True
         for name, info in metrics["corpora"].items():
-            report = audit_corpus(info["url"])
+            report = audit_corpus(info["url"], deep=True, replay=8).to_dict()
             info["audit"] = report
             all_ok &= bool(report["ok"])
             info["chord_over_path"] = _corpus_straightness(Path(info["url"]))

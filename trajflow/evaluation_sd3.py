@@ -1,6 +1,9 @@
-"""`trajflow eval` for exported SD3 students: CLIP score, PickScore, HPSv2, FD-CLIP and Inception FID.
+"""`trajflow eval` for exported diffusers students (SD3, SD1.5/SDXL UNet): CLIP score, PickScore, HPSv2, FD-CLIP
+and Inception FID.
 
-The student samples in a stock ``StableDiffusion3Pipeline`` (``trajflow.sample``) at each step count;
+The student samples in its stock pipeline (``trajflow.sample``: ``StableDiffusion3Pipeline``,
+``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``, the folder of ``trainer.students.folder``) at
+each step count, with guidance scale 1 (``STUDENT_GUIDANCE_SCALE``: the teacher's guidance is distilled into it);
 the teacher (the base pipeline, its own scheduler, ``--teacher-steps`` steps, the corpus's guidance)
 samples the same prompts and seeds as the reference. Scores come from evaluation models the user
 supplies by local path (``evaluation.image_metrics``, ``evaluation.fid_inception``); nothing is downloaded.
@@ -71,6 +74,7 @@ def _images(pipe, prompts, steps, guidance, res, seed, extra) -> list:
 def sd3_report(args) -> dict[str, Any]:
     from evaluation.fid_inception import InceptionFID
     from evaluation.image_metrics import CLIPScorer, frechet_distance
+    from trainer.students.folder import STUDENT_GUIDANCE_SCALE
     from trajflow.sample import load_student_pipeline, local_student_dir, teacher_pipeline_from
 
     hpsv2, fid_path, fid_ref = (getattr(args, k, None) for k in ("hpsv2", "fid_inception", "fid_reference"))
@@ -141,7 +145,7 @@ def sd3_report(args) -> dict[str, Any]:
     }
     report["teacher_at_student_steps"] = {}
     for n in args.steps:
-        imgs = _images(pipe, prompts, n, 1.0, res, args.seed, extra)
+        imgs = _images(pipe, prompts, n, STUDENT_GUIDANCE_SCALE, res, args.seed, extra)
         report["student"][f"{n}_steps"] = {**scores(imgs), **distances(imgs, teacher_feats)}
     if meta.get("lora"):
         pipe.disable_lora()

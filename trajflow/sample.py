@@ -1,13 +1,14 @@
 """`trajflow sample`: few-step images from an exported diffusers student in a stock diffusers pipeline.
 
-The student folder (``trainer.students.diffusers.export_sd3_student``,
-``trainer.students.unet.export_unet_student``) names its kind, pipeline class and base
+The student folder (``trainer.students.folder``: written by ``trainer.students.sd3.export_sd3_student``
+and ``trainer.students.unet.export_unet_student``) names its kind, pipeline class and base
 pipeline; this loads the stock pipeline (``StableDiffusion3Pipeline``, ``StableDiffusionPipeline``
 or ``StableDiffusionXLPipeline``) from the base with the student's network (full fine-tune:
-``transformer/`` or ``unet/``) or its LoRA (``pipe.load_lora_weights``) and flowcore's scheduler
-from the student's ``scheduler/`` config (``CorrectedFlowMatchEulerScheduler`` for SD3,
-``FlowUNetScheduler`` for UNets), then samples with ``guidance_scale=1`` (the student was distilled
-from the teacher's guided velocity). Remote student URLs are copied to a local cache first.
+``transformer/`` or ``unet/``) or its LoRA (``pipe.load_lora_weights``) and the kind's scheduler
+(``models.diffusers.schedulers``: ``CorrectedFlowMatchEulerScheduler`` for SD3, ``FlowUNetScheduler``
+for UNets) from the student's ``scheduler/`` config, then samples with ``guidance_scale=1`` (the
+student was distilled from the teacher's guided velocity). Remote student URLs are copied to a local
+cache first.
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ import os
 import sys
 from typing import Any
 
-from trainer.students.diffusers import STUDENT_META
+from trainer.students import folder_kind_of
+from trainer.students.folder import (
+    SCHEDULER_SUBFOLDER,
+    STUDENT_GUIDANCE_SCALE,
+    STUDENT_META,
+    pipeline_class_of,
+    read_student_meta,
+)
 from trajflow.args import one_line
 
 
@@ -38,17 +46,12 @@ def local_student_dir(url: str, storage_options: dict[str, Any] | None = None) -
         return path
     import hashlib
 
-    cache = os.path.join(os.environ.get("TRAJFLOW_CACHE", os.path.expanduser("~/.cache/trajflow")), "students",
+    from models.cache import cache_root
+
+    cache = os.path.join(cache_root(), "students",
                          hashlib.sha256(url.encode()).hexdigest()[:16])
     fs.get(path + "/", cache + "/", recursive=True)
     return cache
-
-
-#: a student's ``kind`` -> (model subfolder of a full fine-tune, its diffusers model class, flowcore scheduler class)
-_STUDENT_PARTS = {
-    "sd3": ("transformer", "SD3Transformer2DModel", "CorrectedFlowMatchEulerScheduler"),
-    "unet": ("unet", "UNet2DConditionModel", "FlowUNetScheduler"),
-}
 
 
 def student_location_policy(student_dir: str, allow=()):
@@ -73,15 +76,9 @@ def load_student_pipeline(student_dir: str, base: str | None = None, device: str
 
     from models.diffusers import schedulers as diffusers_scheduler
 
-    with open(os.path.join(student_dir, STUDENT_META)) as f:
-        meta = json.load(f)
-    kind = meta.get("kind", "sd3")
-    if kind not in _STUDENT_PARTS:
-        raise ValueError(f"unknown student kind {kind!r} in {STUDENT_META} (known: {', '.join(_STUDENT_PARTS)})")
-    subfolder, model_class, scheduler_class = _STUDENT_PARTS[kind]
-    pipeline_class = meta.get("pipeline_class") or "StableDiffusion3Pipeline"
-    if pipeline_class not in ("StableDiffusion3Pipeline", "StableDiffusionPipeline", "StableDiffusionXLPipeline"):
-        raise ValueError(f"unsupported pipeline class {pipeline_class!r} in {STUDENT_META}")
+    meta = read_student_meta(student_dir)
+    layout = folder_kind_of(meta)
+    pipeline_class = pipeline_class_of(meta, layout)
     if not base and meta.get("base_pipeline"):
         policy = student_location_policy(student_dir, allow)
         policy.hint = "pass --base /path/to/the/base/pipeline if you trust it"
@@ -89,13 +86,13 @@ def load_student_pipeline(student_dir: str, base: str | None = None, device: str
     if not base or not os.path.isdir(base):
         raise FileNotFoundError(f"the student's base pipeline {base!r} is not a local folder; pass --base "
                                 "/path/to/the/teacher/pipeline (the folder the corpus was generated from)")
-    kwargs: dict[str, Any] = {
-        "scheduler": getattr(diffusers_scheduler, scheduler_class).from_pretrained(student_dir, subfolder="scheduler")}
+    kwargs: dict[str, Any] = {"scheduler": getattr(diffusers_scheduler, layout.scheduler_class).from_pretrained(
+        student_dir, subfolder=SCHEDULER_SUBFOLDER)}
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
     if not meta.get("lora"):
-        kwargs[subfolder] = getattr(diffusers, model_class).from_pretrained(
-            student_dir, subfolder=subfolder, local_files_only=True, torch_dtype=torch_dtype)
+        kwargs[layout.subfolder] = getattr(diffusers, layout.model_class).from_pretrained(
+            student_dir, subfolder=layout.subfolder, local_files_only=True, torch_dtype=torch_dtype)
     pipe = getattr(diffusers, pipeline_class).from_pretrained(base, local_files_only=True, **kwargs)
     if meta.get("lora"):
         pipe.load_lora_weights(student_dir)
@@ -132,8 +129,8 @@ def run_sample(args) -> int:
         kw = {}
         if meta.get("max_sequence_length"):
             kw["max_sequence_length"] = int(meta["max_sequence_length"])
-        image = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=1.0, height=res, width=res,
-                     generator=g, **kw).images[0]
+        image = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=STUDENT_GUIDANCE_SCALE, height=res,
+                     width=res, generator=g, **kw).images[0]
         path = os.path.join(args.out, f"sample-{args.seed + i:06d}.png")
         image.save(path)
         written.append(path)
@@ -161,8 +158,9 @@ def teacher_pipeline_from(pipe, meta: dict[str, Any], base: str):
     if meta.get("lora"):
         pipe.disable_lora()
     else:
-        subfolder, model_class, _ = _STUDENT_PARTS[meta.get("kind", "sd3")]
-        comps[subfolder] = getattr(diffusers, model_class).from_pretrained(
+        layout = folder_kind_of(meta)
+        subfolder = layout.subfolder
+        comps[subfolder] = getattr(diffusers, layout.model_class).from_pretrained(
             base, subfolder=subfolder, local_files_only=True, torch_dtype=comps[subfolder].dtype).to(comps[subfolder].device)
     cls = type(pipe)
     # registered settings that are constructor arguments (e.g. requires_safety_checker, force_zeros_for_empty_prompt)

@@ -31,6 +31,7 @@ import torch
 
 from flowcore.guidance import combine_cfg
 from flowcore.teacher import as_guidance_batch, as_sigma_batch
+from flowcore.tensors import expand_like
 from models.diffusers.common import DenoiserPlacement, dtype_of, json_clean, vae_scale_factor_of
 from models.diffusers.conditions import PromptCondition
 
@@ -168,7 +169,7 @@ class DiffusersFlowTeacher(DenoiserPlacement):
                 v_uncond, v_cond = v2.chunk(2)  # the pipeline's order: negative first
                 v = combine_cfg(v_uncond, v_cond, g_B)
                 # rows with w == 1 are the conditional velocity exactly
-                keep = (g_B == 1.0).reshape(-1, *([1] * (v.ndim - 1)))
+                keep = expand_like(g_B == 1.0, v)
                 v = torch.where(keep, v_cond, v)
         return v.to(x.dtype)
 

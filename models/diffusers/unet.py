@@ -66,6 +66,7 @@ import torch
 
 from flowcore.guidance import combine_cfg
 from flowcore.teacher import as_guidance_batch
+from flowcore.tensors import expand_like
 from flowcore.vp_flow import VPFlowConversion, sigma_of_alpha_cumprod, vp_scale
 from models.diffusers.common import DenoiserPlacement, dtype_of, json_clean
 from models.diffusers.conditions import UNetCondition
@@ -292,7 +293,7 @@ class DiffusersUNetTeacher(DenoiserPlacement):
                 out2 = self._unet(torch.cat([z, z]), torch.cat([t_B, t_B]), both, negative=False).to(work)
                 out_u, out_c = out2.chunk(2)
                 out = combine_cfg(out_u, out_c, g_B)
-                keep = (g_B == 1.0).reshape(-1, 1, 1, 1)
+                keep = expand_like(g_B == 1.0, out)
                 out = torch.where(keep, out_c, out)
             v = conv.velocity(out, x, s)
         return v.to(x.dtype)

@@ -5,7 +5,6 @@ Everything here works on the listing and the small JSON/Parquet documents; no sh
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -14,22 +13,21 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .._fields import seed63
 from ..card import DatasetCard
 from ..errors import CorpusFormatError, UnsupportedSchemaVersion
 from ..layout import COMMITS_DIR, DATASET_CARD, MANIFEST, SHARDS_DIR, shard_number, validate_shard_id
-from ..manifest import MANIFEST_SCHEMA, ShardCommit, manifest_schema_version
+from ..manifest import MANIFEST_SCHEMA, MANIFEST_SPLIT_KEY, ShardCommit, manifest_schema_version
 from ..version import SUPPORTED_SCHEMA_VERSIONS
 from .problems import Problem
 
-MAX_SEED = 2**63 - 1
 KNOWN_SEED_RULE = "sha256('trajflow-seed:{base_seed}:{index}')[:8] & (2**63-1)"
 """The seed rule trajflow's generator writes into ``card.run.seed_rule``; seeds are verified against it."""
 
 
 def seed_from_rule(base_seed: int, index: int) -> int:
     """The seed ``KNOWN_SEED_RULE`` gives sample ``index``."""
-    digest = hashlib.sha256(f"trajflow-seed:{base_seed}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & MAX_SEED
+    return seed63("trajflow-seed", base_seed, index)
 
 
 def seed_rule_of(card: DatasetCard | None):
@@ -91,6 +89,8 @@ class CorpusIndex:
     manifest_present: bool = False
     manifest_usable: bool = False
     manifest_rows: list[ShardCommit] = field(default_factory=list)
+    manifest_split: bytes | None = None
+    """The raw ``trajflow.split`` value of the manifest's key-value metadata (None: no key)."""
     commits: dict[str, ShardCommit] = field(default_factory=dict)
     commit_files: int = 0
     entries: list[ShardCommit] = field(default_factory=list)
@@ -134,6 +134,7 @@ def read_manifest(index: CorpusIndex, data: bytes) -> None:
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for bad files
         index.add("manifest_invalid", None, f"{where} is not a readable Parquet file: {exc}", MANIFEST)
         return
+    index.manifest_split = (table.schema.metadata or {}).get(MANIFEST_SPLIT_KEY.encode())
     version = manifest_schema_version(table)
     if version not in SUPPORTED_SCHEMA_VERSIONS:
         index.add("schema_version", None, str(UnsupportedSchemaVersion(f"manifest ({where})", version,

@@ -1,4 +1,4 @@
-"""Read-only object access for the auditor: fsspec, with a small retry wrapper.
+"""Read-only object access for the auditor: fsspec, with ``storage_schemas.retry``'s retries.
 
 ``s3://`` goes through s3fs (endpoint and credentials from the standard AWS environment, e.g.
 ``AWS_ENDPOINT_URL``, or ``storage_options``), plain paths and ``file://`` through the local
@@ -7,8 +7,8 @@ filesystem, ``memory://`` in tests. The auditor never writes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import time
 from collections.abc import Callable
 from typing import Any, BinaryIO, TypeVar
 
@@ -29,11 +29,9 @@ class StorageReadError(RuntimeError):
     """An object could not be read after retries (or at all: permissions, bad URL)."""
 
 
-def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 4, base_delay: float = 0.2,
-                 sleep: Callable[[float], None] = time.sleep) -> T:
-    """``storage_schemas.retry.with_retries`` raising :class:`StorageReadError` naming ``what``."""
-    return _with_retries(fn, what=what, attempts=attempts, base_delay=base_delay, max_delay=4.0, sleep=sleep,
-                         error=StorageReadError)
+#: ``storage_schemas.retry.with_retries`` (its policy) raising :class:`StorageReadError` naming ``what``; the
+#: auditor's shorter budget: 4 attempts, backoff capped at 4 s
+with_retries = functools.partial(_with_retries, attempts=4, max_delay=4.0, error=StorageReadError)
 
 
 class HashingReader:

@@ -27,10 +27,12 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import CorpusFormatError
 from ..layout import DATASET_CARD, MANIFEST, shard_number
 from ..limits import MAX_CARD_BYTES, MAX_COMMIT_BYTES
 from ..manifest import ShardCommit
 from ..record import sample_key
+from ..split import manifest_split_ids, split_disagreement
 from ._index import (
     CorpusIndex,
     card_summary,
@@ -132,6 +134,7 @@ def audit_corpus(
                               + (f" ({reasons})" if reasons and index.card_present else ""), t0)
     choose_entries(index)
     check_entries(index)
+    _check_split(index)
     find_orphans(index)
     card = index.card
     report.card = card_summary(card)
@@ -190,6 +193,22 @@ def audit_corpus(
     report.problems = _sorted(problems)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _check_split(index: CorpusIndex) -> None:
+    """The manifest's copy of the validation split (``trajflow.split``) is valid JSON and agrees with the
+    card's: ``storage_schemas.split``, the check the trainer makes too (``manifest_invalid`` otherwise)."""
+    if not index.manifest_present or not index.manifest_usable:
+        return
+    try:
+        ids = manifest_split_ids(raw=index.manifest_split)
+    except CorpusFormatError as exc:
+        index.add("manifest_invalid", None, f"{exc}: the validation split is unknown", MANIFEST)
+        return
+    if index.card is not None:
+        problem = split_disagreement(index.card, ids)
+        if problem is not None:
+            index.add("manifest_invalid", None, problem, MANIFEST)
 
 
 def _read_documents(store: CorpusStore, index: CorpusIndex, workers: int, progress: bool) -> None:

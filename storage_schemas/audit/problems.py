@@ -19,7 +19,8 @@ PROBLEM_KINDS: dict[str, str] = {
     "card_invalid": "dataset.json is not a valid dataset card (unparseable, or a missing/unknown/mistyped field)",
     "schema_version": "a document (card, manifest, commit record) has a schema_version this trajflow cannot read",
     "not_finalized": "manifest.parquet is absent: the run was never finalized (the commit records are audited instead)",
-    "manifest_invalid": "manifest.parquet is unreadable, has the wrong columns, or holds an invalid row",
+    "manifest_invalid": "manifest.parquet is unreadable, has the wrong columns, or holds an invalid row; or its "
+                        "validation split (trajflow.split) is not valid JSON or disagrees with the card's",
     "commit_invalid": "a commit record (commits/<shard_id>.json) is unreadable or invalid",
     "commit_not_in_manifest": "a commit record whose shard is not in the manifest",
     "commit_missing": "a manifest row whose commit record is absent",

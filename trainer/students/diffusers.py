@@ -1,9 +1,9 @@
-"""Students for diffusers corpora: the teacher's network, fully fine-tuned or with LoRA.
+"""What the diffusers students (SD3: ``trainer.students.sd3``; SD1.5/SD2/SDXL UNet: ``trainer.students.unet``) share.
 
-This module holds what every diffusers student shares (``DiffusersStudentNet``: LoRA or full
-fine-tune, gradient checkpointing, the trainable weights; ``PromptEmbeddingCache``; the corpus
-checks; the export metadata) and the SD3 student (``SD3StudentNet``, the teacher's transformer). The
-UNet student (SD1.5 / SDXL) is ``trainer.students.unet``.
+``DiffusersStudentNet``: the teacher's denoiser prepared for training (LoRA or full fine-tune, gradient
+checkpointing, the trainable weights, swapping the EMA in); ``PromptEmbeddingCache``; ``DiffusersStudent``:
+the ``Student`` of diffusers corpora (the corpus checks, conditions from prompts, the export's run
+metadata, the validation previews). The exported folder is ``trainer.students.folder``'s.
 
 The corpus holds the teacher's trajectories, so the trainer needs the teacher only for its frozen
 text encoders (prompt embeddings, computed here from the prompts in the records, no grad) and as
@@ -11,20 +11,12 @@ the student's initial weights. The student *is* the teacher's denoiser module (n
 in memory): with ``lora_rank`` set, its base weights stay frozen in the teacher's dtype and only
 peft LoRA adapters on the attention projections train (optimizer state and EMA cover those only);
 without, every weight trains in float32 (accelerate's ``mixed_precision`` autocasts the forward).
-
-Export (``export_sd3_student``) writes a folder a stock ``StableDiffusion3Pipeline`` consumes:
-
-    student/trajflow_student.json           base pipeline path, LoRA or full, steps, shift, resolution, card
-    student/scheduler/scheduler_config.json CorrectedFlowMatchEulerScheduler (flowcore) on the corpus's shift
-    student/pytorch_lora_weights.safetensors   (LoRA: loads with pipe.load_lora_weights(student_dir))
-    student/transformer/                       (full fine-tune: SD3Transformer2DModel.from_pretrained)
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import sys
 from collections import OrderedDict
@@ -33,14 +25,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from models.diffusers.common import vae_scale_factor_of
-from trainer.students.base import Condition, Sampler, check_capabilities
+from trainer.students.base import Condition, Sampler, StudentBase, check_capabilities
+from trainer.students.folder import base_pipeline_of, run_metadata
 from trainer.teacher import teacher_from_card
-
-STUDENT_META = "trajflow_student.json"
-
-#: teacher kind on the card -> the model class a student of that kind is built around
-DIFFUSERS_STUDENT_MODELS = {"diffusers": ("SD3Transformer2DModel",), "diffusers_unet": ("UNet2DConditionModel",)}
 
 
 class DiffusersStudentNet(torch.nn.Module):
@@ -73,6 +60,10 @@ class DiffusersStudentNet(torch.nn.Module):
     @staticmethod
     def condition_tensors(cond) -> tuple:
         """The condition's tensors in ``forward``'s order (after x and sigma)."""
+        raise NotImplementedError
+
+    def fsdp_units(self) -> list[torch.nn.Module]:
+        """The blocks FSDP2 shards as units of their own (``Student.fsdp_units``)."""
         raise NotImplementedError
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -169,62 +160,23 @@ def student_network(teacher, network: torch.nn.Module, *, init: str, seed: int, 
     return network
 
 
-def base_pipeline_of(card) -> str:
-    """The teacher's pipeline folder as recorded on the card (``teacher.config.source.path``)."""
-    return str((card.teacher.config.get("source") or {}).get("path", ""))
-
-
-def write_student_meta(folder: str, student: DiffusersStudentNet, card, *, fmt: str, kind: str, pipeline_class: str,
-                       shift: float, extra: dict[str, Any]) -> list[str]:
-    """Write ``trajflow_student.json`` (what ``trajflow sample`` / ``eval`` need: kind, pipeline class,
-    base pipeline path, LoRA or full, shift, resolution, the distilled guidance, the card) into
-    ``folder``; returns every file under ``folder`` relative to it."""
-    base = base_pipeline_of(card)
-    source = card.teacher.config.get("source") or {}
-    shape = list(card.sample_shape)
-    try:  # an unreadable VAE config must not fail the export at the end of a run: SD's scale, 8
-        vae_scale = vae_scale_factor_of(base) or 8
-    except (OSError, ValueError):
-        vae_scale = 8
-    meta = {
-        "format": fmt,
-        "kind": kind,
-        "pipeline_class": pipeline_class,
-        "base_pipeline": base,
-        "lora": bool(student.lora_rank),
-        "lora_rank": student.lora_rank,
-        "shift": float(shift),
-        "sample_shape": shape,
-        "resolution": int(shape[-1]) * vae_scale,
-        "guidance_distilled": card.solver.guidance,
-        "max_sequence_length": source.get("max_sequence_length"),
-        "teacher_fingerprint": card.teacher.fingerprint,
-        "card": json.loads(card.to_json()),
-        **extra,
-    }
-    with open(os.path.join(folder, STUDENT_META), "w") as f:
-        json.dump(meta, f, indent=2)
-    return sorted(os.path.relpath(os.path.join(d, n), folder) for d, _, files in os.walk(folder) for n in files)
-
-
-
-
-class DiffusersStudent:
+class DiffusersStudent(StudentBase):
     """What the SD3 and UNet students share: the teacher's own network as the student (no second copy in
-    memory; the teacher object is dropped after build), its frozen text encoders behind a
+    memory; the teacher object is dropped after build: ``teacher`` is None), its frozen text encoders behind a
     ``PromptEmbeddingCache``, EMA over the trainable weights only (LoRA adapters, or the whole network).
-    Subclasses set ``kind``/``capabilities`` and define ``_network`` (and ``_discriminator``) and ``export``.
-    The sampler uses the current weights (swapping an EMA in would copy the weights twice per step)."""
+    Subclasses set ``kind``/``teacher_kinds``/``capabilities``/``folder_kind``/``model_classes`` and define
+    ``_network`` (and ``_discriminator``) and ``_export``. The sampler uses the current weights (swapping an
+    EMA in would copy the weights twice per step)."""
 
-    kind: ClassVar[str]
     display_name: ClassVar[str] = "diffusers students"
-    #: the export is the whole out/student/ folder
-    export_entry: ClassVar[str] = ""
-    capabilities: ClassVar[frozenset[str]]
-    #: teacher kind on the card -> the model class a student of that kind is built around
+    #: an SD3 transformer or an SD/SDXL UNet at 512-1024 px holds its whole network, activations and optimizer
+    #: state on one GPU, so it starts small (measure yours with benchmarks/sd3_scale.py and raise it); bf16
+    #: autocast on GPUs that have it
+    DEFAULT_BUDGET: ClassVar[int] = 20000
+    DEFAULT_BATCH_SIZE: ClassVar[int] = 4
+    DEFAULT_MIXED_PRECISION_ON_BF16_GPU: ClassVar[str] = "bf16"
+    #: the diffusers model classes (the card's ``teacher.config.model_class``) a student of this family is built around
     model_classes: ClassVar[tuple[str, ...]]
-    real_sampler = None
-    teacher = None
 
     def __init__(self, card, network: DiffusersStudentNet, prompts: PromptEmbeddingCache, device,
                  discriminator: torch.nn.Module | None = None):
@@ -318,12 +270,11 @@ class DiffusersStudent:
     def net_config(self) -> dict[str, Any]:
         return self.network.config()
 
+    def fsdp_units(self) -> list[torch.nn.Module]:
+        return self.network.fsdp_units()
+
     def export(self, weights: dict[str, torch.Tensor], folder: str, run: dict[str, Any]) -> list[str]:
-        return self._export(self.network, weights, self.card, folder, extra={
-            "data": run["data"], "train_steps": run["steps"], "stages": list(run["stages"]),
-            "num_inference_steps": run["stages"][-1], "alpha": run["alpha"],
-            "window_points": run["window_points"], "ema": run["ema"],
-            **{k: run[k] for k in ("selected", "best_step", "validation") if k in run}})
+        return self._export(self.network, weights, self.card, folder, extra=run_metadata(run))
 
     @staticmethod
     def _export(network, weights, card, folder, extra) -> list[str]:

@@ -23,12 +23,14 @@ from typing import Any, ClassVar
 
 import torch
 
+from models.cache import cache_root
 from models.flownet import FlowNet, FlowNetConfig, FlowNetTeacher, fit_flow_net, load_flow_net, save_flow_net
 from models.gmm import GMMTeacher
 from storage_schemas import DatasetCard
-from trainer.students.base import Condition, Sampler, check_capabilities
+from trainer.students.base import Condition, Sampler, StudentBase
 from trainer.students.flownet_discriminator import TrajectoryDiscriminator
-from trainer.teacher import CACHE_ROOT, teacher_from_card
+from trainer.students.folder import FLOWNET_STUDENT_FILE, flownet_student_metadata
+from trainer.teacher import teacher_from_card
 
 
 def student_net_config(card: DatasetCard, arch: str, width: int, depth: int) -> FlowNetConfig:
@@ -46,7 +48,7 @@ def pretrained_gmm_net(teacher: GMMTeacher, net_cfg: FlowNetConfig, fit_steps: i
     base_cfg = replace(net_cfg, guidance_cond=False)
     key = hashlib.sha256(json.dumps({"gmm": teacher.fingerprint(), "net": base_cfg.to_dict(), "steps": fit_steps,
                                      "seed": seed}, sort_keys=True).encode()).hexdigest()[:20]
-    path = CACHE_ROOT / "pretrained" / f"gmm-{key}.safetensors"
+    path = cache_root() / "pretrained" / f"gmm-{key}.safetensors"
     if path.exists():
         net, _ = load_flow_net(path)
         return net
@@ -103,20 +105,26 @@ def init_flow_net_student(card: DatasetCard, net_cfg: FlowNetConfig, init: str, 
     return student
 
 
-class FlowNetStudent:
+class FlowNetStudent(StudentBase):
     """The ``Student`` of GMM and flow-net corpora: a ``FlowNet`` v(x, sigma, class, guidance).
 
     Samples (OTA student mode, the adversarial walk) with the EMA weights when an EMA is kept: the EMA
     tensors are the parameters of a shadow copy of the network, so no weights are swapped per step.
     Checkpoint keys and the export (``student/student.safetensors``) are the network's full state_dict.
+    Keeps its teacher (``teacher``: the perflow sampler, evaluation against the teacher); shows no previews.
     """
 
     kind: ClassVar[str] = "flownet"
     display_name: ClassVar[str] = "flow-net students"
-    #: the exported file under out/student/
-    export_entry: ClassVar[str] = "student.safetensors"
+    teacher_kinds: ClassVar[tuple[str, ...]] = ("gmm", "flownet")
     capabilities: ClassVar[frozenset[str]] = frozenset(
-        {"ota:fresh", "ota:student", "ota:perflow", "ota:online_only", "adversarial"})
+        {"ota:fresh", "ota:student", "ota:perflow", "ota:online_only", "adversarial", "objective:unrolled"})
+    #: flow nets are small: big batches, full precision
+    DEFAULT_BUDGET: ClassVar[int] = 1500
+    DEFAULT_BATCH_SIZE: ClassVar[int] = 128
+    DEFAULT_MIXED_PRECISION_ON_BF16_GPU: ClassVar[str] = "no"
+    #: the exported file under out/student/
+    export_entry: ClassVar[str] = FLOWNET_STUDENT_FILE
 
     def __init__(self, card: DatasetCard, network: FlowNet, net_cfg: FlowNetConfig, teacher,
                  starts_from_teacher: bool | None = None):
@@ -139,14 +147,10 @@ class FlowNetStudent:
             self.real_sampler = real_sampler
 
     @classmethod
-    def check_corpus(cls, card, cfg) -> None:
-        check_capabilities(cls, cfg)
-
-    @classmethod
-    def build(cls, card: DatasetCard, cfg, *, device, main_process_first, progress: bool) -> FlowNetStudent:
+    def build(cls, card: DatasetCard, cfg, *, device, main_process_first=None, progress: bool = False) -> FlowNetStudent:
         teacher = teacher_from_card(card, cfg.storage_options, root=cfg.data, allow=cfg.allow_teacher_locations)
         net_cfg = student_net_config(card, cfg.student_arch, cfg.student_width, cfg.student_depth)
-        with main_process_first():  # rank 0 fits (and caches) the GMM teacher's net first
+        with (main_process_first or contextlib.nullcontext)():  # rank 0 fits (and caches) the GMM teacher's net first
             network = init_flow_net_student(card, net_cfg, cfg.init, teacher, cfg.teacher_fit_steps, seed=cfg.seed,
                                             progress=progress)
         return cls(card, network, network.cfg, teacher, starts_from_teacher=cfg.init == "teacher")
@@ -193,23 +197,11 @@ class FlowNetStudent:
         self._shadow = copy.deepcopy(self.network).requires_grad_(False)
         return self._shadow.state_dict()
 
-    def sampling_network(self) -> FlowNet:
-        """The network evaluation samples with: the EMA's when kept, else the trained one."""
-        return self._shadow if self._shadow is not None else self.network
-
     def net_config(self) -> dict[str, Any]:
         return self.network.cfg.to_dict()
 
     def export(self, weights: dict[str, torch.Tensor], folder: str, run: dict[str, Any]) -> list[str]:
         net = copy.deepcopy(self.network)
         net.load_state_dict(weights)
-        save_flow_net(net, os.path.join(folder, "student.safetensors"), extra={
-            "card": json.loads(self.card.to_json()), "data": run["data"], "steps": run["steps"],
-            "stages": list(run["stages"]), "final_stage": run["stages"][-1],
-            "shift": float(self.card.run.get("shift", 1.0)), "alpha": run["alpha"],
-            "window_points": run["window_points"], "num_inference_steps": run["stages"][-1],
-            **{k: run[k] for k in ("objective", "selected", "best_step", "validation") if k in run}})
-        return ["student.safetensors"]
-
-    def step_metrics(self) -> dict[str, float]:
-        return {}
+        save_flow_net(net, os.path.join(folder, FLOWNET_STUDENT_FILE), extra=flownet_student_metadata(self.card, run))
+        return [FLOWNET_STUDENT_FILE]

@@ -3,12 +3,13 @@
 D(x, sigma, class) tells the teacher's states at the student's sigmas (real) from the student's own
 rollout states (fake); its trunk is the first blocks of a flow-net backbone (``load_backbone``: the
 student's or the teacher's weights), and it returns the logit and the per-block features for feature
-matching. The losses are ``flowcore.adversarial``'s.
+matching (the ``trainer.students.base.Discriminator`` protocol). The losses are ``flowcore.adversarial``'s.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,6 +43,14 @@ class TrajectoryDiscriminator(nn.Module):
         src = {k: v for k, v in net.state_dict().items() if k in own and own[k].shape == v.shape}
         self.load_state_dict(src, strict=False)
         return self
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """None of its own (``Discriminator``): flow-net students train with DDP only."""
+        return []
+
+    def upgrade_optimizer_state_dict(self, osd: dict[str, Any]) -> dict[str, Any]:
+        """The identity (``Discriminator``): its parameters never changed."""
+        return osd
 
     def forward(self, x: torch.Tensor, sigma_B: torch.Tensor, class_B: torch.Tensor | None = None):
         B = x.shape[0]

@@ -1,9 +1,11 @@
 """The SD3 student: the teacher's ``SD3Transformer2DModel``, fully fine-tuned or with LoRA, and its export.
 
-Export (``export_sd3_student``) writes a folder a stock ``StableDiffusion3Pipeline`` consumes:
+Export (``export_sd3_student``) writes a folder a stock ``StableDiffusion3Pipeline`` consumes
+(``trainer.students.folder``, kind ``SD3_FOLDER``):
 
     student/trajflow_student.json           base pipeline path, LoRA or full, steps, shift, resolution, card
-    student/scheduler/scheduler_config.json CorrectedFlowMatchEulerScheduler on the corpus's shift
+    student/scheduler/scheduler_config.json CorrectedFlowMatchEulerScheduler (models.diffusers.schedulers) on
+                                            the corpus's shift
     student/pytorch_lora_weights.safetensors   (LoRA: loads with pipe.load_lora_weights(student_dir))
     student/transformer/                       (full fine-tune: SD3Transformer2DModel.from_pretrained)
 """
@@ -18,20 +20,18 @@ import torch
 
 from models.diffusers.conditions import PromptCondition
 from models.diffusers.sd3 import DiffusersFlowTeacher
-from trainer.students.diffusers import (
-    DiffusersStudent,
-    DiffusersStudentNet,
+from trainer.students.diffusers import DiffusersStudent, DiffusersStudentNet, student_network
+from trainer.students.folder import (
+    SCHEDULER_SUBFOLDER,
+    SD3_FOLDER,
+    FolderKind,
     base_pipeline_of,
-    student_network,
     write_student_meta,
 )
 from trainer.students.sd3_discriminator import SD3TrajectoryDiscriminator
 
 #: attention projections of SD3's joint transformer blocks that LoRA adapts (as diffusers' SD3 LoRA recipes)
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-
-
-STUDENT_FORMAT = "trajflow-sd3-student/1"
 
 
 class SD3StudentNet(DiffusersStudentNet):
@@ -92,10 +92,10 @@ def export_sd3_student(student: SD3StudentNet, trainable: dict[str, torch.Tensor
                 folder, transformer_lora_layers=get_peft_model_state_dict(tr),
                 transformer_lora_adapter_metadata=tr.peft_config["default"].to_dict())
         else:
-            tr.save_pretrained(os.path.join(folder, "transformer"))
+            tr.save_pretrained(os.path.join(folder, SD3_FOLDER.subfolder))
     shift = float(card.run.get("shift", 1.0))
     sched_cfg = {}
-    sched_file = os.path.join(base, "scheduler", "scheduler_config.json")
+    sched_file = os.path.join(base, "scheduler", "scheduler_config.json")  # the base pipeline's scheduler
     if os.path.isfile(sched_file):
         with open(sched_file) as f:
             sched_cfg = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
@@ -104,18 +104,20 @@ def export_sd3_student(student: SD3StudentNet, trainable: dict[str, torch.Tensor
                      num_train_timesteps=student.num_train_timesteps)
     for k in CorrectedFlowMatchEulerScheduler._INCOMPATIBLE:
         sched_cfg.pop(k, None)
-    CorrectedFlowMatchEulerScheduler.from_config(sched_cfg).save_pretrained(os.path.join(folder, "scheduler"))
-    return write_student_meta(folder, student, card, fmt=STUDENT_FORMAT, kind="sd3",
-                              pipeline_class="StableDiffusion3Pipeline", shift=shift, extra=extra)
+    CorrectedFlowMatchEulerScheduler.from_config(sched_cfg).save_pretrained(os.path.join(folder, SCHEDULER_SUBFOLDER))
+    return write_student_meta(folder, card, SD3_FOLDER, pipeline_class=StableDiffusion3Pipeline.__name__,
+                              lora_rank=student.lora_rank, shift=shift, extra=extra)
 
 
 class SD3Student(DiffusersStudent):
     """The ``Student`` of SD3-class corpora: the teacher's transformer (full or LoRA); fresh-mode OTA and
     adversarial distillation (``SD3TrajectoryDiscriminator`` on copies of the teacher's first blocks)."""
 
-    kind: ClassVar[str] = "sd3"
+    kind: ClassVar[str] = SD3_FOLDER.kind
+    teacher_kinds: ClassVar[tuple[str, ...]] = ("diffusers",)
     capabilities: ClassVar[frozenset[str]] = frozenset({"ota:fresh", "adversarial", "fsdp2"})
-    model_classes: ClassVar[tuple[str, ...]] = ("SD3Transformer2DModel",)
+    folder_kind: ClassVar[FolderKind] = SD3_FOLDER
+    model_classes: ClassVar[tuple[str, ...]] = (SD3_FOLDER.model_class,)
 
     @classmethod
     def _network(cls, teacher, **kwargs) -> SD3StudentNet:

@@ -1,7 +1,8 @@
 """A discriminator on trajectory states for SD3-class transformer students (LADD-style).
 
-``SD3TrajectoryDiscriminator`` is the diffusers counterpart of
-``flowcore.adversarial.TrajectoryDiscriminator``: same call semantics, returns ``(logit [B],
+``SD3TrajectoryDiscriminator`` is the diffusers counterpart of the flow-net student's
+``trainer.students.flownet_discriminator.TrajectoryDiscriminator``: same call semantics (the
+``trainer.students.base.Discriminator`` protocol), returns ``(logit [B],
 [features per trunk block])``, so the hinge / generator / feature-matching losses of
 ``flowcore.adversarial`` apply unchanged. As in latent adversarial diffusion distillation, its
 trunk is the start of the *teacher's* own network, so it judges states with features of the

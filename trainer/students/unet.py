@@ -11,7 +11,8 @@ timestep ``t(sigma)``, epsilon / v output -> ``eps_hat - x0_hat`` with the range
 an untrained LoRA student *is* the teacher's conditional velocity.
 
 Export (``export_unet_student``) writes a folder a stock ``StableDiffusionPipeline`` (SDXL:
-``StableDiffusionXLPipeline``) consumes with flowcore's ``FlowUNetScheduler``:
+``StableDiffusionXLPipeline``) consumes with ``models.diffusers.schedulers.FlowUNetScheduler``
+(``trainer.students.folder``, kind ``UNET_FOLDER``):
 
     student/trajflow_student.json              kind "unet", pipeline class, base pipeline, LoRA or full, shift, card
     student/scheduler/scheduler_config.json    FlowUNetScheduler: the teacher's noise schedule + the corpus's shift
@@ -29,16 +30,11 @@ import torch
 from flowcore.vp_flow import VPFlowConversion
 from models.diffusers.conditions import UNetCondition
 from models.diffusers.unet import DiffusersUNetTeacher
-from trainer.students.diffusers import (
-    DiffusersStudent,
-    DiffusersStudentNet,
-    student_network,
-    write_student_meta,
-)
+from trainer.students.diffusers import DiffusersStudent, DiffusersStudentNet, student_network
+from trainer.students.folder import SCHEDULER_SUBFOLDER, UNET_FOLDER, FolderKind, write_student_meta
 
 #: attention projections LoRA adapts (diffusers' SD / SDXL LoRA training recipes)
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-UNET_STUDENT_FORMAT = "trajflow-unet-student/1"
 
 
 class UNetStudentNet(DiffusersStudentNet):
@@ -107,22 +103,25 @@ def export_unet_student(student: UNetStudentNet, trainable: dict[str, torch.Tens
             pipeline_cls.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet),
                                            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
         else:
-            unet.save_pretrained(os.path.join(folder, "unet"))
+            unet.save_pretrained(os.path.join(folder, UNET_FOLDER.subfolder))
     # the student was trained on the corpus's windows: few_step_sigmas(N, corpus shift) in the teacher's schedule
     shift = float(card.run.get("shift", 1.0))
-    FlowUNetScheduler(**student.conversion.schedule, shift=shift).save_pretrained(os.path.join(folder, "scheduler"))
-    return write_student_meta(folder, student, card, fmt=UNET_STUDENT_FORMAT, kind="unet",
-                              pipeline_class=pipeline_cls.__name__, shift=shift, extra=extra)
+    FlowUNetScheduler(**student.conversion.schedule, shift=shift).save_pretrained(
+        os.path.join(folder, SCHEDULER_SUBFOLDER))
+    return write_student_meta(folder, card, UNET_FOLDER, pipeline_class=pipeline_cls.__name__,
+                              lora_rank=student.lora_rank, shift=shift, extra=extra)
 
 
 class UNetStudent(DiffusersStudent):
     """The ``Student`` of SD1.5/SD2/SDXL corpora: the teacher's UNet (full or LoRA) through its VP -> flow
     conversion; fresh-mode OTA (no adversarial distillation for UNets yet)."""
 
-    kind: ClassVar[str] = "unet"
+    kind: ClassVar[str] = UNET_FOLDER.kind
     display_name: ClassVar[str] = "diffusers students with a UNet (SD1.5/SDXL)"
+    teacher_kinds: ClassVar[tuple[str, ...]] = ("diffusers_unet",)
     capabilities: ClassVar[frozenset[str]] = frozenset({"ota:fresh", "fsdp2"})
-    model_classes: ClassVar[tuple[str, ...]] = ("UNet2DConditionModel",)
+    folder_kind: ClassVar[FolderKind] = UNET_FOLDER
+    model_classes: ClassVar[tuple[str, ...]] = (UNET_FOLDER.model_class,)
 
     @classmethod
     def _network(cls, teacher, **kwargs) -> UNetStudentNet:
