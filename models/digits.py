@@ -58,7 +58,8 @@ from models.spec import TeacherSpec, parse_teacher_spec
 
 __all__ = ["DIGITS_SPEC", "DEFAULT_FIT_STEPS", "SAMPLE_SHAPE", "NUM_CLASSES", "DigitsTeacher", "digits_data",
            "digits_teacher", "digits_codes", "DigitsCodec", "digits_fit_steps", "cache_root", "is_digits_spec",
-           "CACHE_DIGEST_KEY", "CacheEntryError", "cache_entry_digest", "read_cache_entry", "write_cache_entry"]
+           "CACHE_DIGEST_KEY", "CacheEntryError", "cache_entry_digest", "read_cache_entry", "write_cache_entry",
+           "read_cached_flow_net", "write_cached_flow_net"]
 
 log = logging.getLogger(__name__)
 
@@ -307,13 +308,15 @@ def read_cache_entry(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, meta
 
 
-def _net_from_entry(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> FlowNet | None:
-    """The flow net a verified entry holds (as ``load_flow_net`` builds it), None when it is not the
-    testbed's architecture."""
+def _net_from_entry(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str],
+                    expect: FlowNetConfig | None) -> FlowNet | None:
+    """The flow net a verified entry holds (as ``load_flow_net`` builds it), None (with a warning) when it
+    is not a flow net of the ``expect``-ed architecture."""
     try:
         cfg = FlowNetConfig(**json.loads(meta[META_KEY]))
-        if json.dumps(cfg.to_dict(), sort_keys=True) != json.dumps(NET.to_dict(), sort_keys=True):
-            raise ValueError(f"config {cfg.to_dict()} is not the testbed's")
+        if expect is not None and json.dumps(cfg.to_dict(), sort_keys=True) != json.dumps(expect.to_dict(),
+                                                                                           sort_keys=True):
+            raise ValueError(f"config {cfg.to_dict()} is not the expected {expect.to_dict()}")
         net = FlowNet(cfg)
         missing, unexpected = net.load_state_dict(dict(tensors), strict=False)
         if missing or unexpected:
@@ -322,6 +325,33 @@ def _net_from_entry(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mappi
         log.warning("cache entry %s cannot be used (%s): fitting it again", path, " ".join(str(exc).split())[:200])
         return None
     return net.eval()
+
+
+def read_cached_flow_net(path: str | Path, expect: FlowNetConfig | None = None) -> tuple[FlowNet, dict[str, Any]] | None:
+    """(net in eval mode, extra metadata) of a cached flow net whose digest matches and whose config is
+    ``expect`` (when given); None for a miss (``read_cache_entry``: the caller fits and calls
+    ``write_cached_flow_net``). Builds the net as ``load_flow_net`` does (one ``FlowNet(cfg)``)."""
+    entry = read_cache_entry(path)
+    net = _net_from_entry(Path(path), *entry, expect) if entry is not None else None
+    if net is None:
+        return None
+    try:
+        extra = json.loads(entry[1].get("trajflow_extra", "{}"))
+    except ValueError:
+        extra = {}
+    return net, extra
+
+
+def write_cached_flow_net(path: str | Path, net: FlowNet, extra: dict[str, Any] | None = None) -> FlowNet:
+    """Cache ``net`` at ``path`` (``save_flow_net``'s metadata plus the digest, written atomically) and return
+    the net as every later process loads it from there (bit-identical weights)."""
+    meta = {META_KEY: json.dumps(net.cfg.to_dict(), sort_keys=True),
+            "trajflow_extra": json.dumps(extra or {}, sort_keys=True)}
+    stored = write_cache_entry(path, net.state_dict(), meta)
+    out = _net_from_entry(Path(path), stored, meta, None)
+    if out is None:
+        raise CacheEntryError(f"the cache entry {path} just written cannot be read back")
+    return out
 
 
 def cached_net_path(fit_steps: int) -> Path:
@@ -342,17 +372,11 @@ def digits_teacher(spec: str | TeacherSpec = DIGITS_SPEC, device: str | torch.de
     s = parse_teacher_spec(spec) if isinstance(spec, str) else spec
     steps = digits_fit_steps(s)
     path = cached_net_path(steps)
-    entry = read_cache_entry(path)
-    net = _net_from_entry(path, *entry) if entry is not None else None
-    if net is None:
-        net = _fit(steps)
-        # the metadata save_flow_net writes (config, extra), plus the digest
-        meta = {META_KEY: json.dumps(net.cfg.to_dict(), sort_keys=True),
-                "trajflow_extra": json.dumps({"testbed": str(s), "fit_steps": steps, "seed": FIT_SEED}, sort_keys=True)}
-        stored = write_cache_entry(path, net.state_dict(), meta)
-        net = _net_from_entry(path, stored, meta)  # what every later process loads: bit-identical weights
-        if net is None:
-            raise CacheEntryError(f"the cache entry {path} just written cannot be read back")
+    cached = read_cached_flow_net(path, expect=NET)
+    if cached is not None:
+        net = cached[0]
+    else:  # what every later process loads: bit-identical weights
+        net = write_cached_flow_net(path, _fit(steps), {"testbed": str(s), "fit_steps": steps, "seed": FIT_SEED})
     net = net.to(device)
     if dtype is not None:
         net = net.to(dtype)

@@ -18,6 +18,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+import torch
 import webdataset
 from test_trainer_data import _split, build_corpus, cfg_for, consume, make_card, make_record
 
@@ -25,7 +26,8 @@ import storage_schemas as ss
 from storage_schemas import CorpusFormatError, DatasetCard, ShardCommit, decode_sample, iter_shard_members
 from storage_schemas.audit import audit_corpus
 from storage_schemas.limits import MAX_CARD_BYTES, MAX_JSON_DEPTH, MAX_SAMPLE_JSON_BYTES
-from storage_schemas.record import decode_samples
+from storage_schemas.record import decode_spans_into
+from storage_schemas.shard import index_shard_members
 from trainer.data import CorpusStream, CorruptShardError
 
 pytestmark = pytest.mark.timeout(180)
@@ -117,11 +119,11 @@ def test_sample_json_limits_raise_the_corrupt_data_error():
         with pytest.raises(CorpusFormatError, match=match):
             decode_sample(ss.sample_key(0), {**members, "json": meta}, card)
     # the batch decoder (the trainer's path) returns the same error for that sample, not a RecursionError
-    good = [(ss.sample_key(i), ss.encode_sample(make_record(i, card))) for i in range(4)]
-    good[2] = (good[2][0], {**good[2][1], "json": deep_json(50_000)})
-    out = decode_samples(good, card)
+    data = shard_with_meta(card, range(4), {2: deep_json(50_000)})
+    out = decode_spans_into(data, index_shard_members(data, "shard-000000"), card,
+                            torch.empty((4, *card.states_shape)), torch.empty((4, len(card.saved_sigmas))))
     assert isinstance(out[2], CorpusFormatError) and "nested deeper" in str(out[2])
-    assert all(isinstance(r, ss.SampleRecord) for i, r in enumerate(out) if i != 2)
+    assert all(isinstance(r, dict) for i, r in enumerate(out) if i != 2)
     assert len(big) > MAX_SAMPLE_JSON_BYTES
 
 

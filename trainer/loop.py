@@ -38,6 +38,7 @@ import torch
 
 from flowcore.losses import aligned_v_loss
 from flowcore.windows import stage_boundary_indices
+from storage_schemas._fields import seed63
 from trainer.checkpoint import CheckpointStore, public_config, redact_url
 from trainer.checkpointer import Checkpointer
 from trainer.config import WARN_EPOCHS, TrainConfig
@@ -62,10 +63,6 @@ from trainer.trackers import start_trackers, tracker_names
 
 class NonFiniteLossError(ValueError):
     """Training stopped at a non-finite loss or gradient (the weights of the step before are kept)."""
-
-
-def _seed_of(*parts) -> int:
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big") & (2**63 - 1)
 
 
 def _regression_loss(v: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -317,7 +314,7 @@ class Trainer:
         if batches is None or isinstance(batches, dict):
             batches = [batches]
         cfg, acc = self.cfg, self.accelerator
-        g = torch.Generator().manual_seed(_seed_of(cfg.seed, self.step, self.rank))
+        g = torch.Generator().manual_seed(seed63(cfg.seed, self.step, self.rank))
         stage = self.stage_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
@@ -443,6 +440,12 @@ class Trainer:
             if self.fsdp is not None:
                 acc.wait_for_everyone()
             return None
+        bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:  # never hand a user NaN weights that a stock pipeline would load without a word
+            if self.fsdp is not None:
+                acc.wait_for_everyone()  # the other ranks wait for the export
+            raise NonFiniteLossError(f"not exporting: {len(bad)} of {len(weights)} weight tensors are non-finite "
+                                     f"(first: {bad[0]}); the run diverged")
         student = self.student
         if self.fsdp is not None:
             from dataclasses import replace

@@ -44,11 +44,8 @@ from flowcore.ota import (
 )
 from flowcore.windows import WindowBatch, sample_windows, windows_from_endpoints
 from storage_schemas import DatasetCard
+from storage_schemas._fields import seed63
 from storage_schemas.prompts import parse_prompt_file
-
-
-def _seed(*parts) -> int:
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big") & (2**63 - 1)
 
 
 def load_card_prompts(card: DatasetCard, storage_options: dict[str, Any] | None = None, *,
@@ -155,7 +152,7 @@ class OTAMixer:
     def _submit(self, stage: int, student_fn) -> None:
         number = self.requested
         self.requested += 1
-        g = torch.Generator().manual_seed(_seed(self.seed, "ota", self.rank, number))
+        g = torch.Generator().manual_seed(seed63(self.seed, "ota", self.rank, number))
         cls, guid = self._conditions(g)
         noise = torch.randn((self.n, *self.card.sample_shape), generator=g)
         p = _Pending(number, None, self.mode, stage, time.monotonic(), None, None, guid, None, None, None)

@@ -134,7 +134,8 @@ def train_method(name: str, corpus: str, run_dir: Path, profile: Profile, *, rol
         trainer.export_student()
         # the exported student (the best validation weights by default), as a re-run that reuses this run loads it
         net, _ = load_flow_net(run_dir / "student" / "student.safetensors")
-        ota = dict(trainer.ota.stats) if trainer.ota is not None else {}
+        online = trainer.part("online")
+        ota = dict(online.stats) if online is not None else {}
     finally:
         trainer.close()
     samples = profile.steps * trainer.cfg.corpus_batch_size * (0 if cfg.ota_ratio >= 1 else 1) + ota.get("ota_samples", 0)

@@ -17,6 +17,7 @@ from flowcore.adversarial import (
     step_probabilities,
     student_last_step_inputs,
 )
+from flowcore.tensors import expand_like
 from flowcore.windows import stage_boundary_indices
 from trainer.objectives.base import AuxState, MicroBatch, Objective, Rows
 from trainer.students.base import Condition, condition_to, select_condition
@@ -114,7 +115,7 @@ class AdversarialObjective(Objective):
         cfg, acc = self.cfg, self.ctx.accelerator
         device = acc.device
         v_fake = v_BX.float()
-        h = (adv.sigma_to_B - adv.sigma_from_B).to(device).reshape(-1, *([1] * (v_fake.ndim - 1)))
+        h = expand_like((adv.sigma_to_B - adv.sigma_from_B).to(device), v_fake)
         fake = adv.start_BX.to(device) + h * v_fake
         d = acc.unwrap_model(self.disc)  # no DDP hooks: the generator's loss must not train D
         trainable = [p for p in d.parameters() if p.requires_grad]

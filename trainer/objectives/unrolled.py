@@ -8,6 +8,7 @@ from typing import ClassVar
 
 import torch
 
+from flowcore.solvers import euler_walk
 from flowcore.windows import stage_boundary_indices
 from trainer.objectives.base import MicroBatch, Objective, Rows
 from trainer.students.base import UNROLLED_REFUSAL, condition_to
@@ -50,12 +51,13 @@ class UnrolledObjective(Objective):
         states, sig = batch["states"], batch["sigmas"][0].float()
         bounds = stage_boundary_indices(states.shape[1], stage)
         rows = condition_to(cond, device)
-        x = states[:, 0].to(device).float()
-        for i0, i1 in zip(bounds[:-1], bounds[1:]):
-            s0, s1 = float(sig[i0]), float(sig[i1])
+
+        def velocity(x, sigma_B):
             with acc.autocast():
-                v = model(x, torch.full((x.shape[0],), s0, device=device), *rows)
-            x = x + (s1 - s0) * v.float()
+                v = model(x, sigma_B, *rows)
+            return v.float()
+
+        x = euler_walk(velocity, states[:, 0].to(device).float(), [float(sig[i]) for i in bounds])
         err = ((x - states[:, bounds[-1]].to(device).float()) ** 2).flatten(1).mean(1)
         mask = valid.to(device)
         if bool(mask.all()):
