@@ -113,3 +113,20 @@ def prompt_corpus(tmp_path_factory, tiny_pipeline_dir, ray_cluster):
         return made[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def gmm_corpus(tmp_path_factory):
+    """(n, shard_size, **make_gmm_corpus flags) -> a finalized latent10 corpus (``fixtures.make_gmm_corpus``),
+    generated once per session and distinct arguments. Tests must not modify it (copy it first)."""
+    from fixtures import make_gmm_corpus
+
+    made: dict[tuple, str] = {}
+
+    def get(n: int, shard_size: int, **flags) -> str:
+        key = (n, shard_size, tuple(sorted(flags.items())))
+        if key not in made:
+            made[key] = make_gmm_corpus(str(tmp_path_factory.mktemp("gmm-corpus") / "latent10"), n, shard_size, **flags)
+        return made[key]
+
+    return get

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from test_trainer import make_corpus
 
 from flowcore.windows import stage_boundary_indices
 from models.flownet import SOLVER_KNOTS, FlowNet, FlowNetConfig, FlowNetTeacher, load_flow_net, save_flow_net
@@ -82,8 +81,8 @@ def test_objective_and_init_are_validated():
         TrainConfig(data="memory://c", out="memory://o", init="pretrained")
 
 
-def test_unrolled_loss_is_the_few_step_endpoint_error_and_reaches_every_step(tmp_path):
-    data = make_corpus(str(tmp_path / "corpus"), 64, 32, guidance=1.0, stages=(4,), num_steps=16)
+def test_unrolled_loss_is_the_few_step_endpoint_error_and_reaches_every_step(tmp_path, gmm_corpus):
+    data = gmm_corpus(64, 32, guidance=1.0, stages=(4,), num_steps=16)
     cfg = TrainConfig(data=data, out=str(tmp_path / "run"), stages=(4,), max_steps=1, batch_size=32,
                       progress=False, num_workers=0)
     t = Trainer(cfg).build()
@@ -112,8 +111,8 @@ def test_unrolled_loss_is_the_few_step_endpoint_error_and_reaches_every_step(tmp
         t.close()
 
 
-def test_windows_objective_still_trains_the_solver_student(tmp_path):
-    data = make_corpus(str(tmp_path / "corpus"), 64, 32, guidance=1.0, stages=(4,), num_steps=16)
+def test_windows_objective_still_trains_the_solver_student(tmp_path, gmm_corpus):
+    data = gmm_corpus(64, 32, guidance=1.0, stages=(4,), num_steps=16)
     cfg = TrainConfig(data=data, out=str(tmp_path / "run"), stages=(4,), max_steps=3, batch_size=32,
                       progress=False, num_workers=0, objective="windows", ema_decay=0.0)
     t = Trainer(cfg).build()

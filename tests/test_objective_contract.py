@@ -9,7 +9,6 @@ from typing import ClassVar
 
 import pytest
 import torch
-from fixtures import make_gmm_corpus
 from safetensors.torch import load_file
 
 from flowcore.rollout import LocalRollout
@@ -22,8 +21,8 @@ from trainer.teacher import teacher_from_card
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_gmm_corpus(str(tmp_path_factory.mktemp("objc") / "latent10"), 128, 64, stages=(4,))
+def corpus(gmm_corpus):
+    return gmm_corpus(128, 64, stages=(4,))
 
 
 def _cfg(data, out, **kw):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_trainer import make_corpus
 
 from flowcore.rollout import LocalRollout
 from models.gmm import GMMTeacher, load_preset
@@ -15,8 +14,8 @@ from trainer.teacher import teacher_from_card
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(str(tmp_path_factory.mktemp("otat") / "latent10"), 192, 64)
+def corpus(gmm_corpus):
+    return gmm_corpus(192, 64)
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,13 @@ import time
 
 import pytest
 import torch
-from test_trainer import make_corpus
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(str(tmp_path_factory.mktemp("pool") / "latent10"), 256, 64)
+def corpus(gmm_corpus):
+    return gmm_corpus(256, 64)
 
 
 def _train_cfg(data, out, **kw):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_trainer import make_corpus
+from fixtures import make_gmm_corpus as make_corpus
 
 pytestmark = pytest.mark.slow
 

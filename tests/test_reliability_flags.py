@@ -244,7 +244,7 @@ def test_train_config_refuses_non_finite_and_unbounded_values():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from test_trainer import make_corpus
+    from fixtures import make_gmm_corpus as make_corpus
 
     return make_corpus(str(tmp_path_factory.mktemp("flags") / "corpus"), 64, 32, stages=(8, 4))
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures import make_gmm_corpus
 from safetensors.torch import load_file
 
 from trainer.config import TrainConfig
@@ -21,8 +20,8 @@ TRAJFLOW = str(Path(sys.executable).parent / "trajflow")
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_gmm_corpus(str(tmp_path_factory.mktemp("nonfinite") / "latent10"), 64, 32, stages=(4,))
+def corpus(gmm_corpus):
+    return gmm_corpus(64, 32, stages=(4,))
 
 
 def test_a_diverging_run_stops_with_one_line_and_exports_nothing(corpus, tmp_path):

@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_trainer import make_corpus
+from fixtures import make_gmm_corpus as make_corpus
 
 from storage_schemas import CorpusFormatError, DatasetCard
 from storage_schemas.audit import audit_corpus

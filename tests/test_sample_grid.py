@@ -143,7 +143,7 @@ def test_grid_layout_units():
 
 
 def test_flow_net_students_make_no_grid(tmp_path):
-    from test_trainer import make_corpus
+    from fixtures import make_gmm_corpus as make_corpus
 
     data = make_corpus(str(tmp_path / "corpus"), 96, 32, stages=(8, 4), validation=32)
     out = tmp_path / "run"

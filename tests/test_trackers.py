@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_trainer import make_corpus
+from fixtures import make_gmm_corpus as make_corpus
 
 from trainer.config import TrainConfig
 from trainer.loop import Trainer

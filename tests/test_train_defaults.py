@@ -99,7 +99,7 @@ def test_default_budget_fits_the_corpus():
 
 
 def test_a_run_of_many_epochs_says_so_before_it_starts(tmp_path, capsys):
-    from test_trainer import make_corpus
+    from fixtures import make_gmm_corpus as make_corpus
 
     from trainer.loop import Trainer
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fixtures import make_gmm_corpus as make_corpus
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -21,19 +22,6 @@ TRAJFLOW = str(BIN / "trajflow")
 # joins as DistributedType.MULTI_CPU over gloo: real 2-process CPU DDP (the test asserts both ranks ran).
 ACCELERATE = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trajflow"]
-
-
-def make_corpus(out: str, n: int, shard_size: int, *, guidance=2.0, stages=(8, 4), num_steps=16,
-                validation: int = 0) -> str:
-    """A real corpus written by the generation worker and committer (no Ray needed); ``validation``: its
-    validation split in trajectories (0: every shard trains, as these tests' sample counts assume)."""
-    from pipeline.config import GenerateConfig
-    from pipeline.driver import generate_in_process
-
-    return generate_in_process(GenerateConfig(teacher="gmm:latent10", out=out, num_trajectories=n,
-                                              shard_size=shard_size, num_steps=num_steps, stages=stages,
-                                              guidance=guidance, progress=False,
-                                              validation_trajectories=validation))
 
 
 def train_args(data, out, *extra):
@@ -74,8 +62,8 @@ def test_two_process_training_on_moto_uses_each_sample_once(s3_bucket, s3_env, t
     assert fs.exists(f"{s3_bucket}/runs/r1/checkpoints/latest.json")
 
 
-def test_kill_and_resume_replays_the_same_order_and_weights(tmp_path):
-    data = make_corpus(str(tmp_path / "corpus"), 512, 64)
+def test_kill_and_resume_replays_the_same_order_and_weights(tmp_path, gmm_corpus):
+    data = gmm_corpus(512, 64)
     common = ["--max-steps", "24", "--checkpoint-every", "4"]
     ra = run([TRAJFLOW, *train_args(data, str(tmp_path / "a"), *common, "--consumed-log", str(tmp_path / "la"))])
     assert ra.returncode == 0, ra.stderr[-3000:]
@@ -109,8 +97,8 @@ def test_kill_and_resume_replays_the_same_order_and_weights(tmp_path):
         assert (wa[k] - wb[k]).abs().max() < 1e-5, k
 
 
-def test_resume_with_a_different_world_size_covers_the_epoch_once(tmp_path):
-    data = make_corpus(str(tmp_path / "corpus"), 512, 64)
+def test_resume_with_a_different_world_size_covers_the_epoch_once(tmp_path, gmm_corpus):
+    data = gmm_corpus(512, 64)
     log = tmp_path / "log"
     out = str(tmp_path / "run")
     # 1 process x 32: 4 steps consume positions 0..127; then 2 processes x 32 finish the epoch in 6 steps
@@ -160,12 +148,12 @@ def _train_in_process(data, out, **kw):
     return load_file(str(out / "student" / "student.safetensors"))
 
 
-def test_gradient_accumulation_matches_the_larger_batch_and_resumes_on_a_step_boundary(tmp_path):
+def test_gradient_accumulation_matches_the_larger_batch_and_resumes_on_a_step_boundary(tmp_path, gmm_corpus):
     """K=2 micro-batches of 32 = one batch of 64: the same samples per optimizer step, the same windows,
     the same weights (float tolerance); a run stopped after step 2 and resumed equals an uninterrupted one."""
     import torch
 
-    data = make_corpus(str(tmp_path / "corpus"), 512, 64, stages=(8, 4))
+    data = gmm_corpus(512, 64)
     big = _train_in_process(data, tmp_path / "big", batch_size=64, max_steps=4, consumed_log=str(tmp_path / "lb"))
     acc = _train_in_process(data, tmp_path / "acc", batch_size=32, gradient_accumulation_steps=2, max_steps=4,
                             consumed_log=str(tmp_path / "la"))
@@ -184,12 +172,12 @@ def test_gradient_accumulation_matches_the_larger_batch_and_resumes_on_a_step_bo
     assert all(torch.equal(resumed[k], acc[k]) for k in acc)
 
 
-def test_a_checkpoint_from_before_partitioned_streaming_resumes_with_default_flags(tmp_path):
+def test_a_checkpoint_from_before_partitioned_streaming_resumes_with_default_flags(tmp_path, gmm_corpus):
     """A run saved with the global order and a version-1 stream state (trajflow before partitioned streaming)
     resumes with no new flag: the order comes from the checkpoint, and the run equals an uninterrupted one."""
     import torch
 
-    data = make_corpus(str(tmp_path / "corpus"), 256, 64, stages=(8, 4))
+    data = gmm_corpus(256, 64)
     whole = _train_in_process(data, tmp_path / "whole", batch_size=32, max_steps=4, stream_order="global")
     _train_in_process(data, tmp_path / "old", batch_size=32, max_steps=2, stream_order="global")
     state_file = tmp_path / "old" / "checkpoints" / "step-00000002" / "state.json"

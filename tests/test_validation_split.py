@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from test_trainer import make_corpus
+from fixtures import make_gmm_corpus as make_corpus
 
 from models.flownet import load_flow_net
 from storage_schemas import manifest_validation_ids

@@ -26,7 +26,8 @@ The modules, one concept each:
 - :mod:`.order`: the sample orders (:class:`Order`, :class:`PartitionedOrder`, :class:`GlobalOrder`).
 - :mod:`.state`: :class:`StreamState`, the resume state.
 - :mod:`.buffers`: a batch's tensors as views of one buffer, the buffers' reuse, packed items (a leaf).
-- :mod:`.reader`: a worker's shard reader, the decoded samples of a shuffle block, and batches gathered from them.
+- :mod:`.reader`: a worker's shard reader, the decoded samples of a shuffle block, the batches
+  gathered from them.
 - :mod:`.stream`: :class:`CorpusStream`, the ``IterableDataset``.
 - :mod:`.transport`: :func:`make_dataloader` and how its workers' batches cross to the main process.
 
