@@ -14,7 +14,7 @@ import pytest
 import safetensors.torch
 import torch
 import webdataset
-from test_trainer_data import build_corpus, cfg_for, consume, make_card, make_record
+from synthetic_corpus import build_corpus, cfg_for, consume, make_card, make_record
 
 import storage_schemas as ss
 import storage_schemas.shard as shard_module

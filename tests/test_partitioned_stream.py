@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from fsspec.core import url_to_fs
-from test_trainer_data import build_corpus, consume
+from synthetic_corpus import build_corpus, consume
 
 import storage_schemas as ss
 from trainer.data import (

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset
-from test_trainer_data import _split, build_corpus, cfg_for, consume, make_card, make_record
+from synthetic_corpus import build_corpus, cfg_for, consume, make_card, make_record, split_batch
 
 import storage_schemas as ss
 from storage_schemas import CorpusFormatError, DatasetCard, ShardCommit, decode_sample, iter_shard_members
@@ -136,7 +136,7 @@ def test_trainer_stream_skips_an_oversized_or_deep_sample_json(tmp_path, meta):
     with pytest.raises(CorruptShardError, match=r"shard-000001.*0000000013"):
         consume(CorpusStream(cfg_for(url, tmp_path, shuffle_buffer=4), 0, 1), 0)
     stream = CorpusStream(cfg_for(url, tmp_path, shuffle_buffer=4, on_corrupt="skip"), 0, 1)
-    items = [x for s in consume(stream, 0) for x in _split(s)]
+    items = [x for s in consume(stream, 0) for x in split_batch(s)]
     assert [int(x["index"]) for x in items if not x["valid"]] == [13]
     assert stream.skipped_samples == 1
     report = audit_corpus(url, deep=True)

@@ -1,4 +1,4 @@
-"""The trainer's streaming dataset (trainer/data.py) and shard cache (trainer/shard_cache.py).
+"""The trainer's streaming dataset (trainer/data/) and shard cache (trainer/shard_cache.py).
 
 Corpora are built here with storage_schemas directly (the same bytes the pipeline writes: card,
 deterministic shards, commit records, manifest), on local disk or on moto's S3 server.
@@ -6,7 +6,6 @@ deterministic shards, commit records, manifest), on local disk or on moto's S3 s
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -19,9 +18,17 @@ import safetensors.torch
 import torch
 import webdataset
 from fsspec.core import url_to_fs
+from synthetic_corpus import (
+    build_corpus,
+    cfg_for,
+    consume,
+    make_card,
+    make_record,
+    split_batch,
+)
 
 import storage_schemas as ss
-from storage_schemas import DatasetCard, SampleRecord, ShardCommit
+from storage_schemas import SampleRecord
 from trainer.data import (
     CorpusNotFinalizedError,
     CorpusStream,
@@ -30,7 +37,6 @@ from trainer.data import (
     StreamConfig,
     StreamState,
     StreamStateMismatch,
-    make_dataloader,
     open_corpus,
     rank_positions,
     usable_end,
@@ -39,101 +45,11 @@ from trainer.shard_cache import ShardCache
 
 pytestmark = pytest.mark.timeout(120)
 
-SIGMAS = [1.0, 0.5, 0.0]
-
-
-def make_card(num: int, shard_size: int, base_seed: int = 7) -> DatasetCard:
-    return DatasetCard(
-        teacher={"kind": "gmm", "fingerprint": "test-gmm-2d", "config": {"preset": "ring2d"}},
-        solver={"name": "euler", "num_steps": 2, "sigmas": SIGMAS, "guidance": {"min": 1.0, "max": 3.0}},
-        saved_sigmas=SIGMAS,
-        sample_shape=[2],
-        dtype="float32",
-        conditioning={"kind": "class", "num_classes": 4},
-        run={"num_trajectories": num, "shard_size": shard_size, "base_seed": base_seed},
-        created_by="trajflow tests",
-    )
-
-
-def sample_states(index: int) -> torch.Tensor:
-    """The states of sample ``index``: states[0, 0] == index, so a batch shows what it holds."""
-    states = torch.randn(3, 2, generator=torch.Generator().manual_seed(index))
-    states[0, 0] = float(index)
-    return states
-
-
-def make_record(index: int, card: DatasetCard) -> SampleRecord:
-    meta = {"index": index, "seed": card.base_seed + index, "guidance": 2.0, "class_id": index % 4}
-    return SampleRecord(key=ss.sample_key(index), states=sample_states(index), sigmas=SIGMAS, meta=meta)
-
-
-def build_corpus(url: str, num: int = 103, shard_size: int = 8, *, finalize: bool = True, base_seed: int = 7,
-                 shard_bytes: dict[int, bytes] | None = None) -> DatasetCard:
-    """Write a corpus as the pipeline does: card, shards, commit records, then (finalize) the manifest.
-
-    ``shard_bytes`` replaces the bytes of some shards (the commit records then describe those bytes:
-    storage is consistent, the data inside is bad).
-    """
-    fs, root = url_to_fs(url)
-    card = make_card(num, shard_size, base_seed)
-    fs.makedirs(f"{root}/shards", exist_ok=True)
-    fs.makedirs(f"{root}/commits", exist_ok=True)
-    fs.pipe_file(f"{root}/{ss.DATASET_CARD}", card.to_json().encode())
-    commits = []
-    for n, start in enumerate(range(0, num, shard_size)):
-        indices = range(start, min(start + shard_size, num))
-        data = (shard_bytes or {}).get(n) or ss.write_shard_bytes([make_record(i, card) for i in indices], card)
-        sid = ss.shard_id(n)
-        fs.pipe_file(f"{root}/{ss.shard_relpath(sid)}", data)
-        commit = ShardCommit(shard_id=sid, path=ss.shard_relpath(sid), sha256=hashlib.sha256(data).hexdigest(),
-                             num_bytes=len(data), num_samples=len(indices), first_index=indices[0],
-                             last_index=indices[-1], seed=card.base_seed + indices[0],
-                             card_fingerprint=card.fingerprint(), committed_at=ss.utc_now_iso())
-        fs.pipe_file(f"{root}/{ss.commit_relpath(sid)}", commit.to_json().encode())
-        commits.append(commit)
-    if finalize:
-        fs.pipe_file(f"{root}/{ss.MANIFEST}", ss.manifest_to_parquet_bytes(commits))
-    return card
-
-
-def cfg_for(url: str, tmp_path, **kw) -> StreamConfig:
-    """The tests of this file check the global order (every W-th position to a rank): the
-    partitioned default is tested in tests/test_partitioned_stream.py."""
-    kw.setdefault("order", "global")
-    kw.setdefault("batch_size", 2)
-    kw.setdefault("shuffle_buffer", 16)
-    kw.setdefault("cache_dir", str(tmp_path / "cache"))
-    return StreamConfig(url, **kw)
-
-
 @pytest.fixture(scope="module")
 def corpus_url(tmp_path_factory) -> str:
     url = str(tmp_path_factory.mktemp("corpus") / "c")
     build_corpus(url)  # 103 samples in 13 shards of 8 (the last one holds 7)
     return url
-
-
-def consume(stream: CorpusStream, num_workers: int, max_steps: int | None = None) -> list[dict]:
-    """Iterate a rank's loader like a trainer does; returns one {position, index, ...} list per step."""
-    iterator = iter(make_dataloader(stream, num_workers=num_workers))
-    steps, pending = [], []
-    try:
-        for item in iterator:
-            if stream.batched:
-                steps.append(item)
-            else:  # single samples: b consecutive ones form the rank's batch of a step
-                pending.append(item)
-                if len(pending) == stream.cfg.batch_size:
-                    steps.append(torch.utils.data.default_collate(pending))
-                    pending = []
-            if max_steps is not None and len(steps) == max_steps:
-                break
-    finally:
-        # stop the workers now: an iterator left to the garbage collector after a worker raised
-        # waits 2 x 5 s for workers that never get their stop message (torch's shutdown order)
-        getattr(iterator, "_shutdown_workers", lambda: None)()
-    assert not pending
-    return steps
 
 
 def run_ranks(cfg: StreamConfig, world: int, num_workers: int, *, batched: bool, state=None,
@@ -352,7 +268,7 @@ def test_sha_mismatch_raises_naming_the_shard(flipped_corpus, tmp_path, workers)
 def test_sha_mismatch_skip_yields_counted_placeholders(flipped_corpus, tmp_path):
     cfg = cfg_for(flipped_corpus, tmp_path, shuffle_buffer=8, on_corrupt="skip")
     stream = CorpusStream(cfg, 0, 1)
-    items = [x for s in consume(stream, 0) for x in _split(s)]
+    items = [x for s in consume(stream, 0) for x in split_batch(s)]
     bad = [x for x in items if not x["valid"]]
     assert len(items) == 40 and sorted(x["index"] for x in bad) == list(range(16, 24))
     assert all(x["shard"] == 2 and x["seed"] == -1 and x["class_id"] == -1 and not x["states"].any() for x in bad)
@@ -363,10 +279,6 @@ def test_sha_mismatch_skip_yields_counted_placeholders(flipped_corpus, tmp_path)
     ranks = run_ranks(cfg, 2, 2, batched=True)
     assert positions_of(ranks) == list(range(40))
     assert sum(int((~s["valid"]).sum()) for r in ranks for s in r) == 8
-
-
-def _split(batch: dict) -> list[dict]:
-    return [{k: v[i] for k, v in batch.items()} for i in range(len(batch["index"]))]
 
 
 def test_bad_sample_inside_a_verified_shard(tmp_path):
@@ -387,7 +299,7 @@ def test_bad_sample_inside_a_verified_shard(tmp_path):
     with pytest.raises(CorruptShardError, match=r"shard-000001.*0000000013.*non-finite"):
         consume(CorpusStream(cfg_for(url, tmp_path, shuffle_buffer=4), 0, 1), 0)
     stream = CorpusStream(cfg_for(url, tmp_path, shuffle_buffer=4, on_corrupt="skip"), 0, 1)
-    items = [x for s in consume(stream, 0) for x in _split(s)]
+    items = [x for s in consume(stream, 0) for x in split_batch(s)]
     assert [int(x["index"]) for x in items if not x["valid"]] == [13]  # only the bad sample
     assert stream.skipped_samples == 1 and stream.corrupt_shards == ["shard-000001"]
 
