@@ -125,8 +125,11 @@ def teacher_from_config(kind: str, config: Mapping[str, Any], run: Mapping[str, 
     before it is fetched or opened (it raises to refuse; the trainer and the audit refuse what is not under
     the corpus root or an allowed prefix)."""
     def allowed(location: str) -> str:
+        """The location to open: the one the caller's policy approved (normalised), never another spelling."""
         if check_location is not None:
-            check_location(location)
+            approved = check_location(location)
+            if isinstance(approved, str):
+                return approved
         return location
 
     run = run or {}
@@ -138,7 +141,7 @@ def teacher_from_config(kind: str, config: Mapping[str, Any], run: Mapping[str, 
         source = config.get("source") or {}
         path = str(source.get("path") or "") if isinstance(source, Mapping) else ""
         if path:
-            allowed(path)
+            path = allowed(path)
         if not path or not os.path.isdir(path):
             raise ValueError(f"the corpus's diffusers teacher folder {path!r} is not on this machine: it is loaded "
                              "(text encoders, initial weights) from the path recorded in the card's "

@@ -140,7 +140,7 @@ def test_location_policy_rules(tmp_path, monkeypatch):
     with pytest.raises(LocationRefused) as e:
         local.check("http://h/x\nforged line", "the teacher's weights")
     assert "\n" not in str(e.value) and "--allow-teacher-location" in str(e.value)
-    monkeypatch.setenv(ALLOW_ENV, "http://h/ /opt/models")
+    monkeypatch.setenv(ALLOW_ENV, os.pathsep.join(["http://h/", "/opt/models"]))
     assert LocationPolicy(str(tmp_path / "c")).allows("http://h/x")
 
 

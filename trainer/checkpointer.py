@@ -13,17 +13,30 @@ the discriminator as ``disc``). Two writers over the same parts (torchtitan's ``
 
 The run-level state (the data cursor, skipped samples, the stage, the public config) is the Trainer's and
 comes in as a dict; ``resume`` loads the parts and returns (rng, state.json) for the Trainer to restore it.
+
+Resume never takes part of a checkpoint: every file of a candidate is checked (whole safetensors, bounded
+JSON, a sane step, sharded tensors covered exactly once) before anything is loaded into the live parts, and a
+damaged candidate (``CheckpointCorrupt``) is skipped with a warning naming the file for the one before it
+(``CheckpointStore.candidates``, newest first). Every rank walks the same candidates over the same bytes, and
+the sharded loader agrees across ranks before it loads, so the ranks resume from the same step. A sound
+checkpoint of another student (``CheckpointMismatch``, or a load error) is one line naming the settings that
+differ. When no candidate is usable the run stops with the first one's error.
 """
 
 from __future__ import annotations
 
-import json
+import sys
 from typing import Any
 
 import torch
-from safetensors.torch import load as st_load
 
-from trainer.checkpoint import CheckpointStore, public_config, redact_url
+from trainer.checkpoint import (
+    CheckpointCorrupt,
+    CheckpointMismatch,
+    CheckpointStore,
+    public_config,
+    redact_url,
+)
 from trainer.objectives.base import AuxState
 
 #: TrainConfig fields that do not change what a checkpoint holds (ignored when explaining a mismatch)
@@ -40,22 +53,23 @@ class Checkpointer:
     def __init__(self, cfg, store: CheckpointStore | None = None):
         self.cfg = cfg
         self.store = store or CheckpointStore(cfg.out, cfg.storage_options)
-        self._point: tuple[dict[str, Any], dict[str, Any]] | None = None
-        self._point_read = False
+        self._candidates: list[tuple[dict[str, Any], dict[str, Any]]] | None = None
         self.parts: dict[str, AuxState] = {}
         self.accelerator = self.fsdp = self.student = self.model = self.optimizer = self.ema = None
 
     # -- before the student is built ---------------------------------------------------------------
+    def candidates(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """The committed checkpoints this run may resume from, newest first: ({"step", "path"}, its checked
+        state.json); [] for a new run or an empty --out. Listed once (on object storage each read is a round
+        trip, and an unusable latest.json would warn each time)."""
+        if self._candidates is None:
+            self._candidates = list(self.store.candidates()) if self.cfg.resume else []
+        return self._candidates
+
     def resume_point(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        """(``CheckpointStore.latest()``, its state.json) of the checkpoint this run resumes from; None for a new
-        run or an empty --out. Read once: the format check, the stream order and the resume all use it (on
-        object storage each read is a round trip, and an unusable latest.json would warn each time)."""
-        if not self._point_read:
-            self._point_read = True
-            latest = self.store.latest() if self.cfg.resume else None
-            if latest is not None:
-                self._point = (latest, json.loads(self.store.read(f"{latest['path']}/state.json")))
-        return self._point
+        """The newest candidate (its format and stream order are the run's), None for a new run."""
+        found = self.candidates()
+        return found[0] if found else None
 
     def stream_order(self) -> str | None:
         """The sample order of the checkpoint this run resumes from (runs saved before partitioned streaming
@@ -130,6 +144,9 @@ class Checkpointer:
         acc = self.accelerator
         acc.wait_for_everyone()
         rel = f"checkpoints/step-{step:08d}"
+        if acc.is_main_process and self.store.exists(rel):  # a step passed again after a fallback resume: a
+            self.store.clear(rel)  # larger world's shard files must not stay beside this one's
+        acc.wait_for_everyone()
         tensors, scalars, _ = self._sharded_tensors()
         with self.store.local_folder(f"{rel}/{SHARDS_DIR}", "w") as folder:
             save_sharded(tensors, folder)
@@ -142,16 +159,28 @@ class Checkpointer:
 
     # -- resume ------------------------------------------------------------------------------------
     def resume(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], str] | None:
-        """Load every part from the resume point: (its RNG state, its state.json, its path), or None for a new
-        run. A checkpoint of another student than this run's is a one-line ValueError naming what differs."""
+        """Load every part from the newest usable candidate: (its RNG state, its state.json, its path), or None
+        for a new run (see the module docstring for the fallback)."""
         from trainer.fsdp import SHARDED_FORMAT
 
-        point = self.resume_point()
-        if point is None:
-            return None
-        latest, st = point
-        rng = self._resume_sharded(latest, st) if st.get("format") == SHARDED_FORMAT else self._resume_full(latest)
-        return rng, st, latest["path"]
+        first: CheckpointCorrupt | None = None
+        for latest, st in self.candidates():
+            try:
+                if st.get("format") == SHARDED_FORMAT:
+                    rng = self._resume_sharded(latest, st)
+                else:
+                    rng = self._resume_full(latest)
+            except CheckpointCorrupt as e:
+                first = first or e
+                print(f"warning: {e}; trying the checkpoint before {latest['path']}", file=sys.stderr, flush=True)
+                continue
+            if first is not None:
+                print(f"warning: resuming from {latest['path']}, older than the newest checkpoint (its file "
+                      f"{first.path} is unusable)", file=sys.stderr, flush=True)
+            return rng, st, latest["path"]
+        if first is not None:
+            raise first
+        return None
 
     def misfit(self, latest: dict[str, Any], state: dict[str, Any], e: BaseException) -> ValueError:
         """The error for a checkpoint of another student than this run's, naming the settings that differ."""
@@ -166,7 +195,8 @@ class Checkpointer:
         return ValueError(part.missing.format(out=self.cfg.out))
 
     def _resume_full(self, latest: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Weights, EMA and optimizers of a DDP checkpoint (full tensors); returns its RNG state."""
+        """Weights, EMA and optimizers of a DDP checkpoint (full tensors); returns its RNG state. Every file is
+        read and checked before any part is loaded (``CheckpointCorrupt``: nothing changed)."""
         ck = self.store.load(latest["path"])
         try:
             self.student.load_trainable_state_dict(ck["model"])
@@ -193,15 +223,19 @@ class Checkpointer:
         for name, part in self.parts.items():
             if name not in st.get("extra", []):
                 raise self._missing(part)
+        rng = self.store.read_weights(f"{latest['path']}/rng.safetensors")  # checked before anything loads
         tensors, _, part_sds = self._sharded_tensors()
+        rel = f"{latest['path']}/{SHARDS_DIR}"
         try:
-            with self.store.local_folder(f"{latest['path']}/{SHARDS_DIR}", "r") as folder:
-                load_sharded(tensors, folder)
-        except (RuntimeError, ValueError, KeyError, AssertionError) as e:  # another student than this run's
+            with self.store.local_folder(rel, "r") as folder:
+                load_sharded(tensors, folder, world_size=st.get("world_size"), where=self.store.where(rel))
+        except CheckpointCorrupt:
+            raise  # damaged files: the caller falls back to an older checkpoint
+        except (CheckpointMismatch, RuntimeError, ValueError, KeyError, AssertionError) as e:  # another student
             raise self.misfit(latest, st, e) from None
         scalars = st.get("optimizer_scalars", {})
         restore_optimizer(self.model, self.optimizer, tensors, scalars)
         for name, part in self.parts.items():
             part.module.load_state_dict(part_sds[name])
             restore_optimizer(part.module, part.optimizer, tensors, scalars, prefix=f"{name}.")
-        return st_load(self.store.read(f"{latest['path']}/rng.safetensors"))
+        return rng

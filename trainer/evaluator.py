@@ -15,10 +15,9 @@ import sys
 from typing import Any
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from trainer.checkpoint import redact_url
+from trainer.checkpoint import MAX_SMALL_JSON_BYTES, CheckpointCorrupt, check_step, redact_url
 from trainer.samples import GRID_SAMPLES, encode_png, log_to_trackers, sample_grid, sample_png_path
 from trainer.validation import evaluate_student, load_validation
 
@@ -40,19 +39,40 @@ class Evaluator:
         # FSDP2: every rank evaluates (each forward all-gathers the weights), the main process reports
         if (not acc.is_main_process and trainer.fsdp is None) or cfg.eval_every == 0:
             return
-        self.validation = load_validation(cfg.data, cfg.storage_options, cache_dir=cfg.cache_dir)
+        self.validation = load_validation(cfg.data, cfg.storage_options, cache_dir=cfg.cache_dir,
+                                          on_corrupt=cfg.on_corrupt)
         if self.validation is None:
             print(f"note: {redact_url(cfg.data)} has no validation split (generate with --validation-trajectories): "
                   "no evaluation while training; the export holds the last weights", file=sys.stderr)
 
     def resume(self, step: int) -> None:
-        """A resumed run keeps the best weights of its first part (those up to ``step``)."""
+        """A resumed run keeps the best weights of its first part (those up to ``step``). Damaged best files (a
+        run killed while writing them, before writes were atomic) are ignored with a warning naming the file:
+        the next evaluation writes new ones. The main process decides and (FSDP2) tells the other ranks, which
+        must agree on the best so far (a new best is a collective)."""
         t = self.trainer
-        if self.validation is None or not t.ckpt.exists(BEST_META):
+        acc = t.accelerator
+        if self.validation is None:
             return
-        meta = json.loads(t.ckpt.read(BEST_META))
-        if meta.get("step", 0) <= step:
-            self.best = {**meta, "weights": st_load(t.ckpt.read(BEST_WEIGHTS)) if t.accelerator.is_main_process else {}}
+        best, error = None, None
+        if acc.is_main_process and t.ckpt.exists(BEST_META):
+            try:
+                meta = t.ckpt.read_json(BEST_META, max_bytes=MAX_SMALL_JSON_BYTES)
+                if not isinstance(meta, dict) or not isinstance(meta.get("coupling_error"), (int, float)):
+                    raise CheckpointCorrupt(t.ckpt.where(BEST_META), "not a best-weights record")
+                if check_step(meta.get("step", 0), t.ckpt.where(BEST_META)) <= step:
+                    best = {**meta, "weights": t.ckpt.read_weights(BEST_WEIGHTS)}
+            except CheckpointCorrupt as e:
+                error = str(e)
+        if error is not None:
+            print(f"warning: {error}; the best weights so far are ignored (the next evaluation writes new ones)",
+                  file=sys.stderr)
+        if t.fsdp is not None and acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            meta = broadcast_object_list([None if best is None else {k: v for k, v in best.items() if k != "weights"}])[0]
+            best = best if acc.is_main_process else (None if meta is None else {**meta, "weights": {}})
+        self.best = best
 
     def due(self, step: int, total_steps: int) -> bool:
         return self.validation is not None and (step % self.every == 0 or step == total_steps)

@@ -21,6 +21,7 @@ from storage_schemas import (
     manifest_from_parquet_bytes,
     shard_number,
 )
+from storage_schemas.split import check_split_consistency
 
 from ..shard_cache import with_retries
 
@@ -92,7 +93,8 @@ def open_corpus(url: str, storage_options: dict[str, Any] | None = None, *, atte
             f"{url} is not a trajflow corpus: there is no {DATASET_CARD} (check the URL)"
         ) from None
     try:
-        shards = manifest_from_parquet_bytes(read(MANIFEST))
+        manifest_bytes = read(MANIFEST)
+        shards = manifest_from_parquet_bytes(manifest_bytes)
     except FileNotFoundError:
         def list_commits() -> list[str]:
             try:
@@ -121,6 +123,12 @@ def open_corpus(url: str, storage_options: dict[str, Any] | None = None, *, atte
                 f"corpus {url}: manifest row {commit.shard_id!r} belongs to a corpus with card fingerprint "
                 f"{commit.card_fingerprint[:12]}…, but {DATASET_CARD} has {card_fp[:12]}…"
             )
+    # the card's validation split and the manifest's copy of it agree (a card saying "no validation" over a
+    # manifest naming one would train on the validation shards)
+    try:
+        check_split_consistency(card, manifest_bytes)
+    except CorpusFormatError as e:  # SplitError / SchemaError: one line
+        raise type(e)(f"corpus {url}: {e}") from None
     total = sum(c.num_samples for c in shards)
     if total != card.num_trajectories:
         log.warning("corpus %s: the manifest lists %d samples, the card plans %d", url, total,

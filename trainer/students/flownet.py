@@ -24,7 +24,8 @@ from typing import Any, ClassVar
 import torch
 
 from models.cache import cache_root
-from models.flownet import FlowNet, FlowNetConfig, FlowNetTeacher, fit_flow_net, load_flow_net, save_flow_net
+from models.digits import read_cached_flow_net, write_cached_flow_net
+from models.flownet import FlowNet, FlowNetConfig, FlowNetTeacher, fit_flow_net, save_flow_net
 from models.gmm import GMMTeacher
 from storage_schemas import DatasetCard
 from trainer.students.base import Condition, Sampler, StudentBase
@@ -49,9 +50,9 @@ def pretrained_gmm_net(teacher: GMMTeacher, net_cfg: FlowNetConfig, fit_steps: i
     key = hashlib.sha256(json.dumps({"gmm": teacher.fingerprint(), "net": base_cfg.to_dict(), "steps": fit_steps,
                                      "seed": seed}, sort_keys=True).encode()).hexdigest()[:20]
     path = cache_root() / "pretrained" / f"gmm-{key}.safetensors"
-    if path.exists():
-        net, _ = load_flow_net(path)
-        return net
+    cached = read_cached_flow_net(path, expect=base_cfg)  # None: a miss, or an entry whose digest does not match
+    if cached is not None:
+        return cached[0]
     torch.manual_seed(seed)
     net = FlowNet(base_cfg)
     bar = None
@@ -69,11 +70,8 @@ def pretrained_gmm_net(teacher: GMMTeacher, net_cfg: FlowNetConfig, fit_steps: i
                  progress=tick)
     if bar is not None:
         bar.close()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".part{os.getpid()}")
-    save_flow_net(net, tmp, extra={"fitted_to": teacher.fingerprint(), "steps": fit_steps})
-    os.replace(tmp, path)
-    return net
+    # digest in the entry, written atomically; returned as later processes load it (bit-identical weights)
+    return write_cached_flow_net(path, net, extra={"fitted_to": teacher.fingerprint(), "steps": fit_steps})
 
 
 def init_flow_net_student(card: DatasetCard, net_cfg: FlowNetConfig, init: str, teacher, fit_steps: int,
