@@ -273,6 +273,9 @@ def check_sharded(folder: str, expected: dict[str, torch.Tensor] | None = None, 
                                                        "(shard-NNNNN-model-00001-of-00001.safetensors)")
         files[int(m.group(1)) - 1] = name
     if not files:
+        if isinstance(world_size, int) and not isinstance(world_size, bool) and world_size >= 1:
+            raise CheckpointCorrupt(f"{where}/{shard_file_name(0)}",
+                                    f"missing (the folder holds none of its {world_size} shard files)")
         raise CheckpointCorrupt(where, "holds no shard files")
     world = world_size if world_size is not None else max(files) + 1
     if not isinstance(world, int) or isinstance(world, bool) or world < 1:
