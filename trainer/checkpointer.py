@@ -34,6 +34,7 @@ from trainer.checkpoint import (
     CheckpointCorrupt,
     CheckpointMismatch,
     CheckpointStore,
+    RunLocked,
     public_config,
     redact_url,
 )
@@ -55,6 +56,7 @@ class Checkpointer:
         self.store = store or CheckpointStore(cfg.out, cfg.storage_options)
         self._candidates: list[tuple[dict[str, Any], dict[str, Any]]] | None = None
         self.parts: dict[str, AuxState] = {}
+        self.lock = None  # trainer.checkpoint.RunLock of the main process, from own() to release()
         self.accelerator = self.fsdp = self.student = self.model = self.optimizer = self.ema = None
 
     # -- before the student is built ---------------------------------------------------------------
@@ -94,6 +96,34 @@ class Checkpointer:
                              f"{written} run; resume it with --parallelism {'fsdp2' if sharded else 'ddp'} (any number "
                              "of processes), or use a new --out / --no-resume")
 
+    # -- the run owns --out ------------------------------------------------------------------------
+    def own(self, accelerator) -> None:
+        """Take the run lock on the main process (``CheckpointStore.acquire_run_lock``: checkpoints/owner.json);
+        a live run that owns --out already stops every rank with one line (``RunLocked``)."""
+        error = None
+        if accelerator.is_main_process:
+            try:
+                self.lock = self.store.acquire_run_lock()
+            except RunLocked as e:
+                error = str(e)
+        if accelerator.num_processes > 1:  # every rank stops, not only the main one
+            from accelerate.utils import broadcast_object_list
+
+            error = broadcast_object_list([error])[0]
+        if error is not None:
+            raise RunLocked(error)
+
+    def heartbeat(self) -> None:
+        """Refresh the lock's heartbeat when due (cheap: call every step)."""
+        if self.lock is not None:
+            self.lock.maybe_refresh()
+
+    def release(self) -> None:
+        """Give --out up (idempotent)."""
+        lock, self.lock = self.lock, None
+        if lock is not None:
+            lock.release()
+
     # -- the parts ---------------------------------------------------------------------------------
     def attach(self, *, accelerator, fsdp, student, model, optimizer, ema) -> None:
         """The student's parts (after it is built and prepared)."""
@@ -109,6 +139,8 @@ class Checkpointer:
     # -- save --------------------------------------------------------------------------------------
     def save(self, step: int, state: dict[str, Any]) -> None:
         """One checkpoint at ``step`` with the run-level ``state`` (every rank calls it)."""
+        if self.lock is not None:
+            self.lock.refresh()  # RunLocked if another run took --out over: stop before writing
         if self.fsdp is not None:
             return self._save_sharded(step, state)
         acc = self.accelerator

@@ -88,12 +88,12 @@ class FSDP2:
         self.policy = MixedPrecisionPolicy(param_dtype=None if param == "fp32" else self.param_dtype,
                                            reduce_dtype=self.reduce_dtype)
 
-    def shard(self, module: torch.nn.Module) -> torch.nn.Module:
-        """``fully_shard`` each of ``module.fsdp_units()`` then ``module`` itself (in place: the same object,
-        its parameters now DTensors sharded on dim 0 over the mesh)."""
+    def shard(self, module: torch.nn.Module, units: list[torch.nn.Module] = ()) -> torch.nn.Module:
+        """``fully_shard`` each of ``units`` (``Student.fsdp_units()``, ``Discriminator.fsdp_units()``: the blocks
+        sharded as units of their own) then ``module`` itself (in place: the same object, its parameters now
+        DTensors sharded on dim 0 over the mesh)."""
         from torch.distributed.fsdp import fully_shard
 
-        units = module.fsdp_units() if hasattr(module, "fsdp_units") else []
         for unit in units:
             fully_shard(unit, mesh=self.mesh, mp_policy=self.policy)
         fully_shard(module, mesh=self.mesh, mp_policy=self.policy)

@@ -39,7 +39,7 @@ import torch
 from flowcore.losses import aligned_v_loss
 from flowcore.windows import stage_boundary_indices
 from storage_schemas._fields import seed63
-from trainer.checkpoint import CheckpointStore, RunLocked, public_config, redact_url
+from trainer.checkpoint import CheckpointStore, public_config, redact_url
 from trainer.checkpointer import Checkpointer
 from trainer.config import WARN_EPOCHS, TrainConfig
 from trainer.data import CorpusStream, StreamConfig, make_dataloader, open_corpus
@@ -91,7 +91,7 @@ class Trainer:
         self.objectives: list[Objective] = []
         self.fsdp = None  # trainer.fsdp.FSDP2 with --parallelism fsdp2
         self.evaluator: Evaluator | None = None
-        self.run_lock = None  # trainer.checkpoint.RunLock of the main process, from build() to close()
+        self.checkpointer: Checkpointer | None = None
         check_config(cfg, rollout_teacher)
 
     # -- build -----------------------------------------------------------------------------------
@@ -118,34 +118,13 @@ class Trainer:
         self.rank, self.world = acc.process_index, acc.num_processes
         self.checkpointer = Checkpointer(cfg)
         self.ckpt = self.checkpointer.store
-        self._own_out()  # this run owns --out (checkpoints/owner.json) before it writes anything there
+        self.checkpointer.own(acc)  # this run owns --out (checkpoints/owner.json) before it writes anything there
         try:
             self._build(card, corpus, student_cls, log_with)
         except BaseException:
-            self._release_out()  # a failed build leaves --out to the next run
+            self.checkpointer.release()  # a failed build leaves --out to the next run
             raise
         return self
-
-    def _own_out(self) -> None:
-        """Take the run lock on the main process (``CheckpointStore.acquire_run_lock``); a live run that owns
-        --out already stops every rank with one line (``RunLocked``)."""
-        acc, error = self.accelerator, None
-        if acc.is_main_process:
-            try:
-                self.run_lock = self.ckpt.acquire_run_lock()
-            except RunLocked as e:
-                error = str(e)
-        if self.world > 1:  # every rank stops, not only the main one
-            from accelerate.utils import broadcast_object_list
-
-            error = broadcast_object_list([error])[0]
-        if error is not None:
-            raise RunLocked(error)
-
-    def _release_out(self) -> None:
-        lock, self.run_lock = self.run_lock, None
-        if lock is not None:
-            lock.release()
 
     def _build(self, card, corpus, student_cls, log_with) -> None:
         cfg, acc = self.cfg, self.accelerator
@@ -181,7 +160,7 @@ class Trainer:
         network = self.student.network
         self.objective = cfg.objective or self.student.default_objective  # the corpus objective's name
         if self.fsdp is not None:  # sharded in place before the EMA and the optimizer see its parameters
-            self.fsdp.shard(network)
+            self.fsdp.shard(network, self.student.fsdp_units())
         self.ema = EMA(self.student.ema_tensors(), cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.trainable = [p for p in network.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -333,8 +312,8 @@ class Trainer:
             self.evaluator.evaluate()
         if self.step % cfg.checkpoint_every == 0 or self.step == self.total_steps:
             self.save_checkpoint()
-        elif self.run_lock is not None:
-            self.run_lock.maybe_refresh()  # the heartbeat that tells a live run from a killed one
+        else:
+            self.checkpointer.heartbeat()  # tells a live run from a killed one
 
     # -- one step --------------------------------------------------------------------------------
     def train_step(self, batches: list[dict[str, Any] | None] | dict[str, Any] | None) -> dict[str, float]:
@@ -450,8 +429,6 @@ class Trainer:
         return {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
 
     def save_checkpoint(self) -> None:
-        if self.run_lock is not None:
-            self.run_lock.refresh()  # RunLocked if another run took --out over: stop before writing
         self.checkpointer.save(self.step, {"data": self.stream.state_dict(), "skipped_samples": self.skipped_samples,
                                            "stage": self.stage_at(max(0, self.step - 1)),
                                            "train_config": public_config(self.cfg.to_dict())})  # no secrets at rest
@@ -515,4 +492,5 @@ class Trainer:
             self.accelerator.end_training()
         if self.fsdp is not None:
             self.fsdp.close()
-        self._release_out()
+        if self.checkpointer is not None:
+            self.checkpointer.release()

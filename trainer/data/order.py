@@ -22,18 +22,15 @@ from typing import ClassVar
 
 import torch
 
+from storage_schemas._fields import seed63
+
 ORDER_VERSION = "trajflow-order-v1"
 """Names the order algorithm; part of every generator seed, so a new algorithm gets new seeds."""
 
 
-def _rng_seed(*parts: object) -> int:
-    text = ":".join([ORDER_VERSION, *(str(p) for p in parts)])
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") & (2**63 - 1)
-
-
 def _randperm(n: int, *parts: object) -> list[int]:
     generator = torch.Generator()
-    generator.manual_seed(_rng_seed(*parts))
+    generator.manual_seed(seed63(ORDER_VERSION, *parts))
     return torch.randperm(n, generator=generator).tolist()
 
 

@@ -64,7 +64,7 @@ class AdversarialObjective(Objective):
         torch.manual_seed(cfg.seed + 1)
         disc = ctx.student.build_discriminator(cfg)
         if ctx.fsdp is not None:
-            ctx.fsdp.shard(disc)
+            ctx.fsdp.shard(disc, disc.fsdp_units())
         d_opt = torch.optim.AdamW([p for p in disc.parameters() if p.requires_grad], lr=cfg.disc_lr,
                                   betas=(0.0, 0.99))
         self.disc, self.disc_optimizer = (disc, d_opt) if ctx.fsdp is not None else acc.prepare(disc, d_opt)
