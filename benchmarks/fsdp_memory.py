@@ -129,10 +129,10 @@ def build_corpus(root: Path, args) -> tuple[str, dict]:
                  "caption_projection_dim": width}
     pipe = make_tiny_sd3_pipeline(root / "tiny-sd3", seed=0, transformer_overrides=overrides)
     # the card names the pipeline folder, which lies outside the corpus root: allow it (as --allow-teacher-location)
-    os.environ[ALLOW_ENV] = " ".join([*os.environ.get(ALLOW_ENV, "").split(), str(pipe)])
+    os.environ[ALLOW_ENV] = os.pathsep.join([e for e in os.environ.get(ALLOW_ENV, "").split(os.pathsep) if e] + [str(pipe)])
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt_id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
-    os.environ[ALLOW_ENV] += f" {prompts}"
+    os.environ[ALLOW_ENV] += f"{os.pathsep}{prompts}"
     n = args.batch_size * args.num_processes * args.steps
     url = generate_in_process(GenerateConfig(
         teacher=f"diffusers:{pipe}", out=str(root / "corpus"), num_trajectories=n, shard_size=max(1, n // 2),
