@@ -201,13 +201,19 @@ def manifest_to_parquet_bytes(commits: Iterable[ShardCommit], validation: Iterab
     return sink.getvalue()
 
 
-def manifest_validation_ids(data: bytes) -> list[str]:
-    """The validation split's shard ids recorded in ``manifest.parquet`` bytes ([] when none is marked)."""
+def manifest_split_raw(data: bytes) -> bytes | None:
+    """The raw value of the ``trajflow.split`` key of ``manifest.parquet`` bytes (None when absent); a file
+    that is not Parquet is a ``CorpusFormatError``."""
     try:
         meta = pq.read_schema(pa.BufferReader(data)).metadata or {}
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise CorpusFormatError(f"{_MANIFEST_WHERE}: not a readable Parquet file: {exc}") from None
-    raw = meta.get(MANIFEST_SPLIT_KEY.encode())
+    return meta.get(MANIFEST_SPLIT_KEY.encode())
+
+
+def manifest_validation_ids(data: bytes) -> list[str]:
+    """The validation split's shard ids recorded in ``manifest.parquet`` bytes ([] when none is marked)."""
+    raw = manifest_split_raw(data)
     if raw is None:
         return []
     try:

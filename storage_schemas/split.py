@@ -27,13 +27,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from .card import DatasetCard
 from .errors import CorpusFormatError, SchemaError
 from .layout import MANIFEST, shard_number
-from .manifest import MANIFEST_SPLIT_KEY, ShardCommit
+from .manifest import MANIFEST_SPLIT_KEY, ShardCommit, manifest_split_raw
 
 __all__ = ["SplitError", "ValidationGuard", "check_split_consistency", "manifest_split_ids", "read_manifest_bytes",
            "split_disagreement", "validation_guard"]
@@ -50,11 +47,7 @@ def manifest_split_ids(manifest: bytes | None = None, *, raw: bytes | str | None
     as the validation split; None when the key is absent. Invalid JSON or a wrong shape: ``SchemaError``,
     one line naming the key."""
     if manifest is not None:
-        try:
-            meta = pq.read_schema(pa.BufferReader(manifest)).metadata or {}
-        except (pa.ArrowException, OSError, ValueError) as exc:
-            raise CorpusFormatError(f"manifest.parquet: not a readable Parquet file: {exc}") from None
-        raw = meta.get(MANIFEST_SPLIT_KEY.encode())
+        raw = manifest_split_raw(manifest)
     if raw is None:
         return None
     try:

@@ -278,16 +278,21 @@ def fsync_dir(path: str) -> None:
             os.close(fd)
 
 
+def write_new_file(path: str, data: bytes) -> None:
+    """``data`` written and fsynced to ``path``, which must not exist yet (``FileExistsError`` if it does)."""
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def local_temp_file(path: str, data: bytes) -> str:
     """``data`` written and fsynced to a new temporary file next to ``path`` (the umask's permissions)."""
     folder, base = os.path.split(path)
     os.makedirs(folder or ".", exist_ok=True)
     tmp = os.path.join(folder, temp_name(f".{base}.") + ".tmp")
     try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write_new_file(tmp, data)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

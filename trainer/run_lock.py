@@ -29,6 +29,7 @@ from trainer.checkpoint_files import (
     retry_io,
     temp_name,
     write_local_atomic,
+    write_new_file,
 )
 
 #: the run lock: who owns this --out (created create-only; see ``CheckpointStore.acquire_run_lock``)
@@ -136,10 +137,7 @@ class RunLockMixin:
                         return False
                     except OSError:  # no hard links here (some FUSE/SMB mounts): an exclusive create
                         try:
-                            with open(path, "xb") as f:
-                                f.write(data)
-                                f.flush()
-                                os.fsync(f.fileno())
+                            write_new_file(path, data)
                         except FileExistsError:
                             return False
                     fsync_dir(os.path.dirname(path))
