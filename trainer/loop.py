@@ -39,7 +39,7 @@ import torch
 from flowcore.losses import aligned_v_loss
 from flowcore.windows import stage_boundary_indices
 from storage_schemas._fields import seed63
-from trainer.checkpoint import CheckpointStore, public_config, redact_url
+from trainer.checkpoint import public_config, redact_url
 from trainer.checkpointer import Checkpointer
 from trainer.config import WARN_EPOCHS, TrainConfig
 from trainer.data import CorpusStream, StreamConfig, make_dataloader, open_corpus
@@ -106,7 +106,9 @@ class Trainer:
                                            bf16_supported=cuda and torch.cuda.is_bf16_supported())
         student_cls = check_run(card, cfg)  # every refusal of this family, before anything is built
         check_requirements(student_cls, cfg)  # every objective's required capability, before anything is built
-        CheckpointStore(cfg.out, cfg.storage_options).check_writable()  # an unwritable --out fails before training
+        self.checkpointer = Checkpointer(cfg)
+        self.ckpt = self.checkpointer.store
+        self.ckpt.check_writable()  # an unwritable --out fails before training
         # TensorBoard writes local files: next to the checkpoints for a local --out, else under ./runs/<hash>
         if "://" not in cfg.out or cfg.out.startswith("file://"):
             self.log_dir = cfg.out.removeprefix("file://")
@@ -116,8 +118,6 @@ class Trainer:
         self.accelerator = acc = Accelerator(cpu=not cuda, mixed_precision=cfg.mixed_precision, log_with=log_with,
                                              project_dir=str(Path(self.log_dir) / "logs"))
         self.rank, self.world = acc.process_index, acc.num_processes
-        self.checkpointer = Checkpointer(cfg)
-        self.ckpt = self.checkpointer.store
         self.checkpointer.own(acc)  # this run owns --out (checkpoints/owner.json) before it writes anything there
         try:
             self._build(card, corpus, student_cls, log_with)
